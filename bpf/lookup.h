@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Rule lookup: classify each field, then probe only the shapes that can
+ * still match.  The cost is bounded by the number of shapes (16 per
+ * protocol), never by the number of rules.  See sfunnel.h for the layout.
+ */
+#ifndef SFUNNEL_LOOKUP_H
+#define SFUNNEL_LOOKUP_H
+
+#include "maps.h"
+#include "parse.h"
+
+struct match {
+	const struct sfunnel_rule_val *rule;
+	__u32 gen;
+};
+
+static __always_inline int addr_class(void *trie, __u8 field, __be32 addr, __u32 *class,
+				      __u32 *shapes)
+{
+	struct sfunnel_addr_key k = {
+		.prefixlen = 64, /* field + pad + all 32 address bits */
+		.field = field,
+		.addr = addr,
+	};
+	struct sfunnel_addr_class *c = bpf_map_lookup_elem(trie, &k);
+
+	/* The trie always holds 0.0.0.0/0 for a field in use. */
+	if (!c)
+		return -1;
+	*class = c->class;
+	*shapes = c->shapes;
+	return 0;
+}
+
+/* Returns 0 and the first matching rule, or -1 on a miss. */
+static __always_inline int lookup_rule(const struct pkt *p, struct match *out)
+{
+	__u32 zero = 0;
+	__u32 *active_gen = bpf_map_lookup_elem(&active, &zero);
+	if (!active_gen)
+		return -1;
+	__u32 gen = *active_gen & 1;
+
+	struct sfunnel_params *prm = bpf_map_lookup_elem(&params, &gen);
+	if (!prm)
+		return -1;
+	__u32 slot = p->proto == IPPROTO_TCP ? 0 : SHAPES_PER_PROTO;
+	__u32 shapes = prm->shapes >> slot;
+
+	__u32 idx = gen * PORT_SPACE + p->sport;
+	struct sfunnel_port_class *sp = bpf_map_lookup_elem(&ports, &idx);
+	idx = gen * PORT_SPACE + p->dport;
+	struct sfunnel_port_class *dp = bpf_map_lookup_elem(&ports, &idx);
+	if (!sp || !dp)
+		return -1;
+	shapes &= (sp->sport_shapes >> slot) & (dp->dport_shapes >> slot) & 0xffff;
+	if (!shapes)
+		return -1;
+
+	__u32 sa = 0, da = 0, s;
+	if (shapes & (SHAPESET_WITH_SADDR | SHAPESET_WITH_DADDR) & 0xffff) {
+		void *trie = bpf_map_lookup_elem(&addr_maps, &gen);
+		if (!trie)
+			return -1;
+		if (shapes & SHAPESET_WITH_SADDR & 0xffff) {
+			if (addr_class(trie, SFUNNEL_FIELD_SADDR, p->saddr, &sa, &s))
+				return -1;
+			shapes &= s >> slot;
+		}
+		if (shapes & SHAPESET_WITH_DADDR & 0xffff) {
+			if (addr_class(trie, SFUNNEL_FIELD_DADDR, p->daddr, &da, &s))
+				return -1;
+			shapes &= s >> slot;
+		}
+		shapes &= 0xffff;
+		if (!shapes)
+			return -1;
+	}
+
+	void *rules = bpf_map_lookup_elem(&rule_maps, &gen);
+	if (!rules)
+		return -1;
+
+	struct sfunnel_rule_key key = {};
+	const struct sfunnel_rule_val *best = NULL;
+	key.proto = p->proto;
+	for (__u32 shape = 0; shape < SHAPES_PER_PROTO; shape++) {
+		if (!(shapes >> shape))
+			break;
+		if (!((shapes >> shape) & 1))
+			continue;
+		key.saddr_class = shape & SHAPE_SADDR ? sa : 0;
+		key.daddr_class = shape & SHAPE_DADDR ? da : 0;
+		key.sport_class = shape & SHAPE_SPORT ? sp->sport_class : 0;
+		key.dport_class = shape & SHAPE_DPORT ? dp->dport_class : 0;
+		key.shape = shape;
+		const struct sfunnel_rule_val *v = bpf_map_lookup_elem(rules, &key);
+		if (v && (!best || v->index < best->index))
+			best = v;
+	}
+	if (!best)
+		return -1;
+	out->rule = best;
+	out->gen = gen;
+	return 0;
+}
+
+static __always_inline void count_rule(const struct match *m, __u32 bytes)
+{
+	void *counters = bpf_map_lookup_elem(&counter_maps, &m->gen);
+	if (!counters)
+		return;
+	__u32 idx = m->rule->index;
+	struct sfunnel_counter *c = bpf_map_lookup_elem(counters, &idx);
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline void count_stat(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &reason);
+	if (v)
+		(*v)++;
+}
+
+#endif /* SFUNNEL_LOOKUP_H */

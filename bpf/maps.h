@@ -1,0 +1,100 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The maps of one attachment (one netns/interface/direction).  User space
+ * writes them; the datapath only reads them, except for the counters.
+ */
+#ifndef SFUNNEL_MAPS_H
+#define SFUNNEL_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "sfunnel.h"
+
+/* The generation in use (0 or 1).  Flipping it swaps rulesets atomically. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} active SEC(".maps");
+
+/* Per generation: which shapes its rules use. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, GENERATIONS);
+	__type(key, __u32);
+	__type(value, struct sfunnel_params);
+} params SEC(".maps");
+
+/* Per generation and port: the port's class and the shapes it allows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, GENERATIONS * PORT_SPACE);
+	__type(key, __u32);
+	__type(value, struct sfunnel_port_class);
+} ports SEC(".maps");
+
+/*
+ * The per-generation tables below are inner maps, sized by user space for
+ * the ruleset it loads.  Replacing a slot waits for running programs
+ * (synchronize_rcu), so the old generation can be dropped safely.
+ *
+ * Verifier/BTF workaround: the templates are real (1-entry) maps because
+ * clang emits only forward declarations for the key and value types of an
+ * inner map definition that has no instance, and libbpf then cannot size
+ * the inner map.
+ */
+struct addr_trie {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct sfunnel_addr_key);
+	__type(value, struct sfunnel_addr_class);
+} addr_trie_template SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, GENERATIONS);
+	__type(key, __u32);
+	__array(values, struct addr_trie);
+} addr_maps SEC(".maps");
+
+struct rule_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct sfunnel_rule_key);
+	__type(value, struct sfunnel_rule_val);
+} rule_table_template SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, GENERATIONS);
+	__type(key, __u32);
+	__array(values, struct rule_table);
+} rule_maps SEC(".maps");
+
+/* BPF_F_INNER_MAP: each generation's counter array has its own size. */
+struct counter_table {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sfunnel_counter);
+} counter_table_template SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, GENERATIONS);
+	__type(key, __u32);
+	__array(values, struct counter_table);
+} counter_maps SEC(".maps");
+
+/* Per-CPU counts of packets the datapath left alone, by reason. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SFUNNEL_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+#endif /* SFUNNEL_MAPS_H */

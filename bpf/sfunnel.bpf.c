@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * sfunnel's datapath: one TC program for TCX and clsact.
+ *
+ *   parse (parse.h) → look the packet up (lookup.h) → act (funnel.h)
+ *
+ * Verdicts: a miss returns TC_ACT_UNSPEC (-1), which is "next program" for
+ * TCX (TCX_NEXT) and "continue" for a cls_bpf filter; a funnel, unfunnel
+ * or accept returns TC_ACT_OK; drop returns TC_ACT_SHOT.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "sfunnel.h"
+#include "maps.h"
+#include "parse.h"
+#include "lookup.h"
+#include "funnel.h"
+
+SEC("tc")
+int sfunnel(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct match m;
+	int rc = parse_ipv4(skb, &p);
+
+	if (rc != PARSE_OK) {
+		count_stat(rc == PARSE_FRAGMENT    ? SFUNNEL_STAT_FRAGMENT :
+			   rc == PARSE_NOT_IPV4 ? SFUNNEL_STAT_NOT_IPV4 :
+						  SFUNNEL_STAT_MALFORMED);
+		return TC_ACT_UNSPEC;
+	}
+	if (lookup_rule(&p, &m)) {
+		count_stat(SFUNNEL_STAT_MISS);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* Copy what we need: the rule's memory belongs to the map. */
+	__u8 action = m.rule->action, proto = m.rule->proto;
+	__be16 sport = m.rule->sport, dport = m.rule->dport;
+	__u32 len = skb->len;
+
+	switch (action) {
+	case SFUNNEL_ACT_ACCEPT:
+		count_rule(&m, len);
+		return TC_ACT_OK;
+	case SFUNNEL_ACT_DROP:
+		count_rule(&m, len);
+		return TC_ACT_SHOT;
+	case SFUNNEL_ACT_FUNNEL:
+		rc = funnel(skb, &p, proto, sport, dport);
+		break;
+	case SFUNNEL_ACT_UNFUNNEL:
+		rc = unfunnel(skb, &p, proto);
+		break;
+	default:
+		return TC_ACT_UNSPEC;
+	}
+
+	if (rc == 0) {
+		count_rule(&m, len);
+		return TC_ACT_OK;
+	}
+	count_stat(SFUNNEL_STAT_ERROR);
+	/* Untouched: let it go on as it was.  Half-rewritten: never send it. */
+	return rc == FUNNEL_UNTOUCHED ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

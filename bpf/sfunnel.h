@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every struct and constant that crosses between the datapath and user space.
+ * Rust sees these through the libbpf-cargo skeleton (`types::`); there is no
+ * hand-written mirror.  Byte order is in the field types; padding is explicit.
+ *
+ * How a ruleset is laid out (see src/ruleset/compile.rs for the compiler):
+ *
+ *  - Each field a rule can constrain (saddr, daddr, sport, dport) is first
+ *    mapped to a small *class* id: ports through a 65536-entry array, addresses
+ *    through an LPM trie holding every prefix the ruleset names.
+ *  - A rule's *shape* is the set of fields it constrains (SHAPE_* bits).  For
+ *    each shape there is one exact-match key space in the rules hash map,
+ *    keyed by the classes of the fields of that shape and the protocol.
+ *  - Every class also carries the set of shapes that can still match a packet
+ *    in that class, so a packet only probes the shapes that can hit, and a
+ *    miss usually ends after the array lookups.
+ *  - A packet therefore costs at most 2 array + 2 LPM + 16 hash lookups,
+ *    whatever the number of rules.  First match wins: each entry holds the
+ *    index of the first rule that produced it, and the smallest index over the
+ *    probed shapes is the answer.
+ *
+ * Two generations of everything exist; `active` names the one in use.  A
+ * rerun fills the other one and flips `active` with a single 4-byte write.
+ */
+#ifndef SFUNNEL_H
+#define SFUNNEL_H
+
+#include <linux/types.h>
+
+#define SFUNNEL_ABI_VERSION 1
+
+/* Shape bits: which fields besides the protocol a rule constrains. */
+#define SHAPE_SADDR 0x1
+#define SHAPE_DADDR 0x2
+#define SHAPE_SPORT 0x4
+#define SHAPE_DPORT 0x8
+#define SHAPES_PER_PROTO 16
+
+/*
+ * A shape set is a __u32: bit (slot * 16 + shape), slot 0 for TCP and 1 for
+ * UDP.  These masks pick the shapes that need an address lookup.
+ */
+#define SHAPESET_WITH_SADDR 0xAAAAAAAAu
+#define SHAPESET_WITH_DADDR 0xCCCCCCCCu
+
+#define PORT_SPACE 65536
+#define GENERATIONS 2
+
+enum sfunnel_action {
+	SFUNNEL_ACT_FUNNEL = 1,
+	SFUNNEL_ACT_UNFUNNEL = 2,
+	SFUNNEL_ACT_ACCEPT = 3,
+	SFUNNEL_ACT_DROP = 4,
+};
+
+enum sfunnel_addr_field {
+	SFUNNEL_FIELD_SADDR = 0,
+	SFUNNEL_FIELD_DADDR = 1,
+};
+
+/* `params[gen]`: what a generation's ruleset needs to be walked. */
+struct sfunnel_params {
+	__u32 shapes;  /* shape set of every rule in the ruleset */
+	__u32 nrules;
+};
+
+/* `ports[gen * PORT_SPACE + port]`, port in host order. */
+struct sfunnel_port_class {
+	__u16 sport_class;
+	__u16 dport_class;
+	__u32 sport_shapes; /* shapes that can match with this source port */
+	__u32 dport_shapes; /* shapes that can match with this destination port */
+};
+
+/*
+ * Key of the address LPM trie.  The trie compares `field`, `pad` and `addr`
+ * as one bit string, so prefixlen = 32 + the address prefix length.
+ */
+struct sfunnel_addr_key {
+	__u32 prefixlen;
+	__u8 field;  /* enum sfunnel_addr_field */
+	__u8 pad[3]; /* zero */
+	__be32 addr;
+};
+
+struct sfunnel_addr_class {
+	__u32 class;
+	__u32 shapes; /* shapes that can match with an address in this class */
+};
+
+/* Key of the rules hash map.  Fields outside `shape` are zero. */
+struct sfunnel_rule_key {
+	__u32 saddr_class;
+	__u32 daddr_class;
+	__u16 sport_class;
+	__u16 dport_class;
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP: the packet's L4 protocol */
+	__u8 shape;
+	__u8 pad[2];
+};
+
+struct sfunnel_rule_val {
+	__u32 index;  /* the rule's position in the ruleset: smaller wins */
+	__u8 action;  /* enum sfunnel_action */
+	__u8 proto;   /* funnel: header to insert; unfunnel: inner protocol */
+	__be16 sport; /* funnel header source port */
+	__be16 dport; /* funnel header destination port */
+	__u8 pad[2];
+};
+
+/* Index of the per-CPU `stats` array: why a packet was left alone. */
+enum sfunnel_stat {
+	SFUNNEL_STAT_NOT_IPV4 = 0,   /* not IPv4 TCP/UDP */
+	SFUNNEL_STAT_FRAGMENT = 1,   /* an IP fragment: no L4 header to trust */
+	SFUNNEL_STAT_MALFORMED = 2,  /* truncated or inconsistent headers */
+	SFUNNEL_STAT_MISS = 3,       /* no rule matched */
+	SFUNNEL_STAT_TOO_BIG = 4,    /* funneling would overflow tot_len */
+	SFUNNEL_STAT_ERROR = 5,      /* a helper failed; see the verdict */
+	SFUNNEL_STAT_MAX = 6,
+};
+
+/* Per-CPU, per-rule: `counters[rule index]`. */
+struct sfunnel_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* SFUNNEL_H */
