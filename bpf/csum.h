@@ -46,44 +46,65 @@ static __always_inline __u16 csum_segment_zero_addrs(__u8 proto, __u16 len)
 }
 
 #define CSUM_CHUNK 256
-/* 64 KiB, the largest IPv4 packet, in CSUM_CHUNK pieces. */
-#define CSUM_MAX_CHUNKS 256
+
+struct csum_walk {
+	struct __sk_buff *skb;
+	__u32 off;
+	__u32 len;
+	__u64 sum;
+	int err;
+};
+
+static long csum_chunk(__u64 i, void *data)
+{
+	struct csum_walk *w = data;
+	__u8 buf[CSUM_CHUNK];
+	__u64 done = i * CSUM_CHUNK;
+
+	if (done >= w->len)
+		return 1;
+	__u64 n = w->len - done;
+	if (n > CSUM_CHUNK)
+		n = CSUM_CHUNK;
+	/* Pad the last piece with zeros to a multiple of 4. */
+	__builtin_memset(buf, 0, sizeof(buf));
+	/*
+	 * Verifier workaround: the empty asm keeps clang from dropping a bounds
+	 * check it can prove redundant but the verifier cannot.
+	 */
+	asm volatile("" : "+r"(n));
+	if (n == 0 || n > CSUM_CHUNK)
+		goto fail;
+	if (bpf_skb_load_bytes(w->skb, w->off + done, buf, n))
+		goto fail;
+	__u64 words = (n + 3) & ~3ull;
+	if (words > CSUM_CHUNK)
+		goto fail;
+	__s64 s = bpf_csum_diff(NULL, 0, (__be32 *)buf, words, 0);
+	if (s < 0)
+		goto fail;
+	w->sum += (__u32)s;
+	return 0;
+fail:
+	w->err = 1;
+	return 1;
+}
 
 /*
  * Sum of `len` bytes of the packet from `off`, read through
  * bpf_skb_load_bytes so paged data counts too.  Only needed for a UDP
- * segment sent without a checksum, whose sum is not implied by any field.
- * Returns -1 if the bytes could not be read.
+ * segment sent without a checksum, whose sum no header field implies.
+ * Returns -1 if the bytes could not be read.  bpf_loop keeps the verifier
+ * to one pass over the chunk code.
  */
-static __always_inline __s64 csum_skb_bytes(struct __sk_buff *skb, __u32 off, __u32 len)
+static __always_inline int csum_skb_bytes(struct __sk_buff *skb, __u32 off, __u32 len)
 {
-	__u8 buf[CSUM_CHUNK];
-	__u64 sum = 0;
+	struct csum_walk w = { .skb = skb, .off = off, .len = len };
+	__u32 chunks = (len + CSUM_CHUNK - 1) / CSUM_CHUNK;
 
-	for (int i = 0; i < CSUM_MAX_CHUNKS; i++) {
-		if (len == 0)
-			break;
-		__u32 n = len < CSUM_CHUNK ? len : CSUM_CHUNK;
-		/* Pad the last piece with zeros to a multiple of 4. */
-		__builtin_memset(buf, 0, sizeof(buf));
-		/* Verifier workaround: restate n's bounds after the min(). */
-		if (n == 0 || n > CSUM_CHUNK)
-			return -1;
-		if (bpf_skb_load_bytes(skb, off, buf, n))
-			return -1;
-		__u32 words = (n + 3) & ~3u;
-		if (words > CSUM_CHUNK)
-			return -1;
-		__s64 s = bpf_csum_diff(NULL, 0, (__be32 *)buf, words, 0);
-		if (s < 0)
-			return -1;
-		sum += (__u32)s;
-		off += n;
-		len -= n;
-	}
-	if (len)
+	if (bpf_loop(chunks, csum_chunk, &w, 0) < 0 || w.err)
 		return -1;
-	return csum_fold(sum);
+	return csum_fold(w.sum);
 }
 
 #endif /* SFUNNEL_CSUM_H */

@@ -73,10 +73,13 @@ struct {
 	__array(values, struct rule_table);
 } rule_maps SEC(".maps");
 
-/* BPF_F_INNER_MAP: each generation's counter array has its own size. */
+/*
+ * A per-CPU hash, not a per-CPU array: an inner per-CPU array cannot vary
+ * in size (no BPF_F_INNER_MAP for per-CPU maps).  User space creates an
+ * entry for every rule, so the datapath only looks up and adds.
+ */
 struct counter_table {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct sfunnel_counter);

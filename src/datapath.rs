@@ -1,5 +1,16 @@
-//! The BPF skeleton and the constants of bpf/sfunnel.h.  Nothing outside
-//! this module names generated items except through these re-exports.
+//! The BPF side seen from Rust: the skeleton, the constants of
+//! bpf/sfunnel.h, and the ruleset maps with their atomic update.  Nothing
+//! outside this module touches the skeleton.
+
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenObject};
+
+use crate::ruleset::Compiled;
 
 #[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports)]
 mod skel {
@@ -12,4 +23,294 @@ pub mod consts {
     include!(concat!(env!("OUT_DIR"), "/sfunnel_consts.rs"));
 }
 
-pub use skel::*;
+pub use skel::types;
+use skel::*;
+use types::*;
+
+/// Types of bpf/sfunnel.h that cross the boundary as raw bytes.  Their
+/// sizes here must be their C sizes: no implicit padding on either side.
+///
+/// # Safety
+/// Implement only for `#[repr(C)]` types with no padding bytes.
+pub unsafe trait Pod: Copy + Default {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: Self is repr(C) without padding (the trait's contract), so
+        // every byte is initialised.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+    }
+
+    fn from_bytes(b: &[u8]) -> Self {
+        let mut v = Self::default();
+        let n = b.len().min(size_of::<Self>());
+        // SAFETY: the copy stays within both buffers, and any byte pattern is
+        // a valid value of these integer-only structs.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut Self).cast::<u8>(), n) };
+        v
+    }
+}
+
+macro_rules! pod {
+    ($($t:ty = $size:expr),* $(,)?) => {$(
+        const _: () = assert!(size_of::<$t>() == $size, "C and Rust disagree on a shared struct's size");
+        // SAFETY: checked above to have the C size, whose layout sfunnel.h
+        // spells out with explicit padding.
+        unsafe impl Pod for $t {}
+    )*};
+}
+
+pod! {
+    sfunnel_params = 8,
+    sfunnel_port_class = 12,
+    sfunnel_addr_key = 12,
+    sfunnel_addr_class = 8,
+    sfunnel_rule_key = 16,
+    sfunnel_rule_val = 12,
+    sfunnel_counter = 16,
+}
+
+/// A loaded (not attached, not pinned) instance of the program and maps.
+pub struct Loaded {
+    skel: SfunnelSkel<'static>,
+}
+
+/// One PROG_TEST_RUN result.
+#[derive(Debug, Clone)]
+pub struct TestRun {
+    /// The program's return value as a TC verdict (-1 = TC_ACT_UNSPEC).
+    pub verdict: i32,
+    pub data: Vec<u8>,
+    /// The kernel's average time per repetition.
+    pub duration: Duration,
+}
+
+impl Loaded {
+    /// Opens and loads the embedded object.  This runs the verifier.
+    pub fn load() -> Result<Loaded> {
+        // The skeleton borrows its object storage for as long as it lives;
+        // one small allocation per loaded instance is kept for that.
+        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let open = SfunnelSkelBuilder::default()
+            .open(storage)
+            .context("opening the embedded BPF object")?;
+        let skel = open.load().context(
+            "loading the BPF program (the kernel refused it: needs CAP_BPF and CAP_NET_ADMIN, \
+             and a kernel with BTF and bpf_skb_adjust_room, 5.10 or newer)",
+        )?;
+        Ok(Loaded { skel })
+    }
+
+    /// Handles on this instance's maps.
+    pub fn maps(&self) -> Result<RulesetMaps> {
+        let m = &self.skel.maps;
+        let h = |map: &libbpf_rs::Map<'_>| MapHandle::try_from(map).context("duplicating a map fd");
+        Ok(RulesetMaps {
+            active: h(&m.active)?,
+            params: h(&m.params)?,
+            ports: h(&m.ports)?,
+            addr_maps: h(&m.addr_maps)?,
+            rule_maps: h(&m.rule_maps)?,
+            counter_maps: h(&m.counter_maps)?,
+            stats: h(&m.stats)?,
+        })
+    }
+
+    pub fn program(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.sfunnel
+    }
+
+    /// Runs the program on `frame` (Ethernet onwards) with PROG_TEST_RUN.
+    /// The kernel reuses one skb across `repeat` runs.
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRun> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut input = libbpf_rs::ProgramInput::default();
+        input.data_in = Some(frame);
+        input.data_out = Some(&mut out);
+        input.repeat = repeat;
+        let output = self.program().test_run(input).context("BPF_PROG_TEST_RUN failed")?;
+        let n = output.data.as_ref().map_or(0, |d| d.len());
+        let verdict = output.return_value as i32;
+        let duration = output.duration;
+        out.truncate(n);
+        Ok(TestRun { verdict, data: out, duration })
+    }
+}
+
+/// The maps that hold a ruleset, however they were obtained (a fresh load
+/// or pins from an earlier run).
+pub struct RulesetMaps {
+    pub active: MapHandle,
+    pub params: MapHandle,
+    pub ports: MapHandle,
+    pub addr_maps: MapHandle,
+    pub rule_maps: MapHandle,
+    pub counter_maps: MapHandle,
+    pub stats: MapHandle,
+}
+
+/// Packets and bytes of one rule, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RuleCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn u32_key(k: u32) -> [u8; 4] {
+    k.to_ne_bytes()
+}
+
+fn create_inner(ty: MapType, name: &str, key: u32, value: u32, entries: usize, flags: u32) -> Result<MapHandle> {
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        map_flags: flags,
+        ..Default::default()
+    };
+    let entries = u32::try_from(entries.max(1)).context("too many entries for one map")?;
+    MapHandle::create(ty, Some(name), key, value, entries, &opts)
+        .with_context(|| format!("creating the {name} map with {entries} entries (is the memlock limit or memory cgroup too small?)"))
+}
+
+/// Fills `map` with `count` fixed-size entries, in batches where the
+/// kernel supports that and one by one where it does not.
+fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    const BATCH: usize = 8192;
+    let (ks, vs) = (keys.len() / count, values.len() / count);
+    for start in (0..count).step_by(BATCH) {
+        let n = BATCH.min(count - start);
+        let k = &keys[start * ks..(start + n) * ks];
+        let v = &values[start * vs..(start + n) * vs];
+        if map.update_batch(k, v, n as u32, MapFlags::ANY, MapFlags::ANY).is_err() {
+            for i in 0..n {
+                map.update(&k[i * ks..(i + 1) * ks], &v[i * vs..(i + 1) * vs], MapFlags::ANY)
+                    .context("writing a ruleset entry")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl RulesetMaps {
+    /// The generation in use.
+    pub fn active_gen(&self) -> Result<u32> {
+        let v = self.active.lookup(&u32_key(0), MapFlags::ANY)?.context("the active map has no entry")?;
+        Ok(u32::from_ne_bytes(v[..4].try_into()?) & 1)
+    }
+
+    /// Installs `c` as the new ruleset.
+    ///
+    /// The inactive generation is filled completely, then made active by
+    /// one 4-byte write; a packet sees either the old ruleset or the new one,
+    /// whole.  Removing the old generation's inner maps waits for running
+    /// programs (the kernel's synchronize_rcu on map-in-map updates), so no
+    /// packet still walking them loses them.  Counters start at zero.
+    pub fn install(&self, c: &Compiled) -> Result<()> {
+        use consts::*;
+        let old = self.active_gen()?;
+        let new = old ^ 1;
+
+        let addrs = create_inner(
+            MapType::LpmTrie,
+            "sfunnel_addrs",
+            size_of::<sfunnel_addr_key>() as u32,
+            size_of::<sfunnel_addr_class>() as u32,
+            c.addrs.len(),
+            libbpf_sys::BPF_F_NO_PREALLOC,
+        )?;
+        for (k, v) in &c.addrs {
+            addrs.update(k.as_bytes(), v.as_bytes(), MapFlags::ANY).context("writing an address class")?;
+        }
+        let rules = create_inner(
+            MapType::Hash,
+            "sfunnel_rules",
+            size_of::<sfunnel_rule_key>() as u32,
+            size_of::<sfunnel_rule_val>() as u32,
+            c.rules.len(),
+            0,
+        )?;
+        let keys: Vec<u8> = c.rules.iter().flat_map(|(k, _)| k.as_bytes().to_vec()).collect();
+        let vals: Vec<u8> = c.rules.iter().flat_map(|(_, v)| v.as_bytes().to_vec()).collect();
+        fill(&rules, &keys, &vals, c.rules.len())?;
+        let counters = create_inner(
+            MapType::PercpuHash,
+            "sfunnel_counts",
+            4,
+            size_of::<sfunnel_counter>() as u32,
+            c.params.nrules as usize,
+            0,
+        )?;
+        let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
+        let zero = vec![sfunnel_counter::default().as_bytes().to_vec(); ncpus];
+        for i in 0..c.params.nrules {
+            counters.update_percpu(&u32_key(i), &zero, MapFlags::ANY).context("creating a rule counter")?;
+        }
+
+        let port_keys: Vec<u8> = (0..PORT_SPACE).flat_map(|p| u32_key(new * PORT_SPACE + p)).collect();
+        let port_vals: Vec<u8> = c.ports.iter().flat_map(|p| p.as_bytes().to_vec()).collect();
+        fill(&self.ports, &port_keys, &port_vals, PORT_SPACE as usize)?;
+        self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
+        for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)] {
+            let fd = inner.as_fd().as_raw_fd();
+            outer
+                .update(&u32_key(new), &fd.to_ne_bytes(), MapFlags::ANY)
+                .context("placing a ruleset table in its generation slot")?;
+        }
+
+        // The switch: one aligned 4-byte write.
+        self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
+
+        for outer in [&self.addr_maps, &self.rule_maps, &self.counter_maps] {
+            match outer.delete(&u32_key(old)) {
+                Ok(()) => {}
+                // An empty slot (the first load) is fine.
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context("releasing the previous ruleset's tables"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-rule counters of the active generation, summed over CPUs.
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
+        let gen = self.active_gen()?;
+        let Some(id) = self.counter_maps.lookup(&u32_key(gen), MapFlags::ANY)? else {
+            return Ok(Vec::new());
+        };
+        let id = u32::from_ne_bytes(id[..4].try_into()?);
+        let counters = MapHandle::from_map_id(id).context("opening the counters map")?;
+        let n = self.params.lookup(&u32_key(gen), MapFlags::ANY)?.map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
+        let mut out = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let per_cpu = counters.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
+            let mut total = RuleCounter::default();
+            for v in per_cpu {
+                let c = sfunnel_counter::from_bytes(&v);
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+            }
+            out.push(total);
+        }
+        Ok(out)
+    }
+
+    /// The per-CPU `stats` array summed over CPUs, indexed by SFUNNEL_STAT_*.
+    pub fn stats(&self) -> Result<Vec<u64>> {
+        let n = consts::SFUNNEL_STAT_MAX;
+        let mut out = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let per_cpu = self.stats.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
+            out.push(per_cpu.iter().map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8]))).sum());
+        }
+        Ok(out)
+    }
+}
+
+/// Fails with a clear message when the kernel lacks something the
+/// datapath needs.  Call before loading on an unknown host.
+pub fn check_kernel() -> Result<()> {
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux): sfunnel needs CONFIG_DEBUG_INFO_BTF=y");
+    }
+    Ok(())
+}

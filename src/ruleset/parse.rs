@@ -5,16 +5,17 @@
 use pest::error::{ErrorVariant, InputLocation};
 use pest::iterators::Pair;
 use pest::{Parser as _, Span};
-use pest_derive::Parser;
 
 use super::ast::{Action, AddrMatch, Ipv4Net, Match, PortMatch, PortSet, Proto, Rule, Ruleset, SourcePos};
 use super::error::RulesetError;
 
-#[derive(Parser)]
-#[grammar = "../grammar/sfunnel.pest"]
-struct Grammar;
+mod grammar {
+    #[derive(pest_derive::Parser)]
+    #[grammar = "../grammar/sfunnel.pest"]
+    pub struct Grammar;
+}
 
-type G = self::Rule;
+use grammar::{Grammar, Rule as G};
 
 /// Every keyword of the language, for "did you mean" suggestions.
 const KEYWORDS: &[&str] = &[
@@ -238,8 +239,8 @@ fn build_net(input: &str, pair: Pair<'_, G>) -> Result<Ipv4Net, RulesetError> {
 }
 
 /// What a grammar rule means to a user, for "expected …" messages.
-fn describe(rule: G) -> &'static str {
-    match rule {
+fn describe(r: G) -> &'static str {
+    match r {
         G::port | G::port_set | G::port_range | G::funnel_port => "a port number (1-65535)",
         G::ipv4_net | G::ipv4 | G::octet => "an IPv4 address or prefix (like 10.0.0.0/8)",
         G::prefix_len => "a prefix length (0-32)",
@@ -266,13 +267,13 @@ fn describe(rule: G) -> &'static str {
         | G::kw_drop => "an action (funnel, unfunnel, accept, drop)",
         G::rule => "a rule",
         G::EOI => "the end of the rule",
-        G::ruleset | G::WHITESPACE | G::COMMENT | G::word_end => "more input",
+        _ => "more input",
     }
 }
 
-fn is_keyword_rule(rule: G) -> bool {
+fn is_keyword_rule(r: G) -> bool {
     !matches!(
-        rule,
+        r,
         G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::octet | G::prefix_len | G::neq | G::EOI
     )
 }
