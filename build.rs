@@ -26,7 +26,8 @@ fn main() {
         .expect("compiling the BPF program failed (is clang installed? see README: Building)");
 
     let header = fs::read_to_string(SHARED_HEADER).expect("bpf/sfunnel.h is readable");
-    fs::write(out_dir.join("sfunnel_consts.rs"), header_constants(&header)).expect("OUT_DIR is writable");
+    fs::write(out_dir.join("sfunnel_consts.rs"), header_constants(&header))
+        .expect("OUT_DIR is writable");
     println!("cargo:rerun-if-changed=bpf");
 }
 
@@ -43,7 +44,13 @@ fn header_constants(header: &str) -> String {
                 _ => continue,
             }
         } else if let Some((n, v)) = line.split_once(" = ") {
-            (n, v.split_whitespace().next().unwrap_or("").trim_end_matches(','))
+            (
+                n,
+                v.split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_end_matches(','),
+            )
         } else {
             continue;
         };
@@ -52,7 +59,11 @@ fn header_constants(header: &str) -> String {
             Some(hex) => u32::from_str_radix(hex, 16).ok(),
             None => value.parse::<u32>().ok(),
         };
-        if let (true, Some(v)) = (name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'), parsed) {
+        if let (true, Some(v)) = (
+            name.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+            parsed,
+        ) {
             writeln!(out, "pub const {name}: u32 = {v:#x};").expect("writing to a String");
         }
     }

@@ -12,7 +12,13 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenObject};
 
 use crate::ruleset::Compiled;
 
-#[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports)]
+#[allow(
+    clippy::all,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    unused_imports
+)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/sfunnel.skel.rs"));
 }
@@ -88,7 +94,8 @@ impl Loaded {
     pub fn load() -> Result<Loaded> {
         // The skeleton borrows its object storage for as long as it lives;
         // one small allocation per loaded instance is kept for that.
-        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let storage: &'static mut MaybeUninit<OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
         let open = SfunnelSkelBuilder::default()
             .open(storage)
             .context("opening the embedded BPF object")?;
@@ -126,12 +133,19 @@ impl Loaded {
         input.data_in = Some(frame);
         input.data_out = Some(&mut out);
         input.repeat = repeat;
-        let output = self.program().test_run(input).context("BPF_PROG_TEST_RUN failed")?;
+        let output = self
+            .program()
+            .test_run(input)
+            .context("BPF_PROG_TEST_RUN failed")?;
         let n = output.data.as_ref().map_or(0, |d| d.len());
         let verdict = output.return_value as i32;
         let duration = output.duration;
         out.truncate(n);
-        Ok(TestRun { verdict, data: out, duration })
+        Ok(TestRun {
+            verdict,
+            data: out,
+            duration,
+        })
     }
 }
 
@@ -158,7 +172,14 @@ fn u32_key(k: u32) -> [u8; 4] {
     k.to_ne_bytes()
 }
 
-fn create_inner(ty: MapType, name: &str, key: u32, value: u32, entries: usize, flags: u32) -> Result<MapHandle> {
+fn create_inner(
+    ty: MapType,
+    name: &str,
+    key: u32,
+    value: u32,
+    entries: usize,
+    flags: u32,
+) -> Result<MapHandle> {
     let opts = libbpf_sys::bpf_map_create_opts {
         sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
         map_flags: flags,
@@ -181,10 +202,17 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
         let n = BATCH.min(count - start);
         let k = &keys[start * ks..(start + n) * ks];
         let v = &values[start * vs..(start + n) * vs];
-        if map.update_batch(k, v, n as u32, MapFlags::ANY, MapFlags::ANY).is_err() {
+        if map
+            .update_batch(k, v, n as u32, MapFlags::ANY, MapFlags::ANY)
+            .is_err()
+        {
             for i in 0..n {
-                map.update(&k[i * ks..(i + 1) * ks], &v[i * vs..(i + 1) * vs], MapFlags::ANY)
-                    .context("writing a ruleset entry")?;
+                map.update(
+                    &k[i * ks..(i + 1) * ks],
+                    &v[i * vs..(i + 1) * vs],
+                    MapFlags::ANY,
+                )
+                .context("writing a ruleset entry")?;
             }
         }
     }
@@ -194,7 +222,10 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
 impl RulesetMaps {
     /// The generation in use.
     pub fn active_gen(&self) -> Result<u32> {
-        let v = self.active.lookup(&u32_key(0), MapFlags::ANY)?.context("the active map has no entry")?;
+        let v = self
+            .active
+            .lookup(&u32_key(0), MapFlags::ANY)?
+            .context("the active map has no entry")?;
         Ok(u32::from_ne_bytes(v[..4].try_into()?) & 1)
     }
 
@@ -219,7 +250,9 @@ impl RulesetMaps {
             libbpf_sys::BPF_F_NO_PREALLOC,
         )?;
         for (k, v) in &c.addrs {
-            addrs.update(k.as_bytes(), v.as_bytes(), MapFlags::ANY).context("writing an address class")?;
+            addrs
+                .update(k.as_bytes(), v.as_bytes(), MapFlags::ANY)
+                .context("writing an address class")?;
         }
         let rules = create_inner(
             MapType::Hash,
@@ -229,8 +262,16 @@ impl RulesetMaps {
             c.rules.len(),
             0,
         )?;
-        let keys: Vec<u8> = c.rules.iter().flat_map(|(k, _)| k.as_bytes().to_vec()).collect();
-        let vals: Vec<u8> = c.rules.iter().flat_map(|(_, v)| v.as_bytes().to_vec()).collect();
+        let keys: Vec<u8> = c
+            .rules
+            .iter()
+            .flat_map(|(k, _)| k.as_bytes().to_vec())
+            .collect();
+        let vals: Vec<u8> = c
+            .rules
+            .iter()
+            .flat_map(|(_, v)| v.as_bytes().to_vec())
+            .collect();
         fill(&rules, &keys, &vals, c.rules.len())?;
         let counters = create_inner(
             MapType::PercpuHash,
@@ -243,14 +284,23 @@ impl RulesetMaps {
         let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
         let zero = vec![sfunnel_counter::default().as_bytes().to_vec(); ncpus];
         for i in 0..c.params.nrules {
-            counters.update_percpu(&u32_key(i), &zero, MapFlags::ANY).context("creating a rule counter")?;
+            counters
+                .update_percpu(&u32_key(i), &zero, MapFlags::ANY)
+                .context("creating a rule counter")?;
         }
 
-        let port_keys: Vec<u8> = (0..PORT_SPACE).flat_map(|p| u32_key(new * PORT_SPACE + p)).collect();
+        let port_keys: Vec<u8> = (0..PORT_SPACE)
+            .flat_map(|p| u32_key(new * PORT_SPACE + p))
+            .collect();
         let port_vals: Vec<u8> = c.ports.iter().flat_map(|p| p.as_bytes().to_vec()).collect();
         fill(&self.ports, &port_keys, &port_vals, PORT_SPACE as usize)?;
-        self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
-        for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)] {
+        self.params
+            .update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
+        for (outer, inner) in [
+            (&self.addr_maps, &addrs),
+            (&self.rule_maps, &rules),
+            (&self.counter_maps, &counters),
+        ] {
             let fd = inner.as_fd().as_raw_fd();
             outer
                 .update(&u32_key(new), &fd.to_ne_bytes(), MapFlags::ANY)
@@ -258,7 +308,9 @@ impl RulesetMaps {
         }
 
         // The switch: one aligned 4-byte write.
-        self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
+        self.active
+            .update(&u32_key(0), &u32_key(new), MapFlags::ANY)
+            .context("activating the new ruleset")?;
 
         for outer in [&self.addr_maps, &self.rule_maps, &self.counter_maps] {
             match outer.delete(&u32_key(old)) {
@@ -279,10 +331,15 @@ impl RulesetMaps {
         };
         let id = u32::from_ne_bytes(id[..4].try_into()?);
         let counters = MapHandle::from_map_id(id).context("opening the counters map")?;
-        let n = self.params.lookup(&u32_key(gen), MapFlags::ANY)?.map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
+        let n = self
+            .params
+            .lookup(&u32_key(gen), MapFlags::ANY)?
+            .map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
         let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let per_cpu = counters.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
+            let per_cpu = counters
+                .lookup_percpu(&u32_key(i), MapFlags::ANY)?
+                .unwrap_or_default();
             let mut total = RuleCounter::default();
             for v in per_cpu {
                 let c = sfunnel_counter::from_bytes(&v);
@@ -299,8 +356,16 @@ impl RulesetMaps {
         let n = consts::SFUNNEL_STAT_MAX;
         let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let per_cpu = self.stats.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
-            out.push(per_cpu.iter().map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8]))).sum());
+            let per_cpu = self
+                .stats
+                .lookup_percpu(&u32_key(i), MapFlags::ANY)?
+                .unwrap_or_default();
+            out.push(
+                per_cpu
+                    .iter()
+                    .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
+                    .sum(),
+            );
         }
         Ok(out)
     }

@@ -91,7 +91,10 @@ impl Ipv4Net {
     /// The prefix `addr/len`, with host bits cleared.
     pub fn new(addr: u32, len: u8) -> Ipv4Net {
         assert!(len <= 32, "prefix length {len} > 32");
-        Ipv4Net { addr: addr & Self::mask(len), len }
+        Ipv4Net {
+            addr: addr & Self::mask(len),
+            len,
+        }
     }
 
     pub fn mask(len: u8) -> u32 {
@@ -177,9 +180,15 @@ impl PortMatch {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Action {
     /// Insert a `proto` header with these ports (host order).
-    Funnel { proto: Proto, sport: u16, dport: u16 },
+    Funnel {
+        proto: Proto,
+        sport: u16,
+        dport: u16,
+    },
     /// Remove the funnel header; `proto` is the inner protocol.
-    Unfunnel { proto: Proto },
+    Unfunnel {
+        proto: Proto,
+    },
     Accept,
     Drop,
 }
@@ -280,14 +289,17 @@ impl fmt::Display for PortMatch {
 
 impl fmt::Display for Match {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ip")?;
+        // `ip` only introduces addresses: IPv4 is the family of every rule.
+        if self.saddr.is_some() || self.daddr.is_some() {
+            f.write_str("ip ")?;
+        }
         if let Some(m) = &self.saddr {
-            write!(f, " saddr {m}")?;
+            write!(f, "saddr {m} ")?;
         }
         if let Some(m) = &self.daddr {
-            write!(f, " daddr {m}")?;
+            write!(f, "daddr {m} ")?;
         }
-        write!(f, " {}", self.proto)?;
+        write!(f, "{}", self.proto)?;
         if let Some(m) = &self.sport {
             write!(f, " sport {m}")?;
         }
@@ -301,7 +313,11 @@ impl fmt::Display for Match {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Funnel { proto, sport, dport } => {
+            Action::Funnel {
+                proto,
+                sport,
+                dport,
+            } => {
                 write!(f, "funnel {proto} sport {sport} dport {dport}")
             }
             Action::Unfunnel { proto } => write!(f, "unfunnel {proto}"),
