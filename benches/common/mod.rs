@@ -1,0 +1,51 @@
+//! Rulesets shared by the benchmarks.
+#![allow(dead_code)]
+
+/// Rule number `i` of a decoy set: a mix of the shapes real rulesets use
+/// (exact addresses, /24 prefixes, port sets, funnel and unfunnel), none of
+/// which matches the benchmark packets (192.168.1.1 → 192.168.1.2).
+pub fn decoy(i: u32) -> String {
+    let (a, b, c) = ((i >> 16) & 255, (i >> 8) & 255, i & 255);
+    match i % 4 {
+        0 => {
+            format!("ip daddr 10.{a}.{b}.{c} udp dport 4739 actions funnel tcp sport 540 dport 179")
+        }
+        1 => format!(
+            "ip saddr 172.{}.{b}.{c} tcp dport 443 actions accept",
+            16 + a % 16
+        ),
+        2 => format!("ip daddr 10.{a}.{b}.{c} tcp sport 540 dport 179 actions unfunnel udp"),
+        _ => format!(
+            "ip saddr 10.{a}.{b}.0/24 udp dport {{ {}, {} }} actions drop",
+            1 + i % 30000,
+            30001 + i % 30000
+        ),
+    }
+}
+
+/// `n` rules: `n - real.len()` decoys, then the real ones.
+pub fn ruleset_with_decoys(n: usize, real: &[&str]) -> String {
+    let mut text = String::with_capacity(n * 80);
+    for i in 0..n.saturating_sub(real.len()) {
+        text.push_str(&decoy(i as u32));
+        text.push('\n');
+    }
+    for r in real {
+        text.push_str(r);
+        text.push('\n');
+    }
+    text
+}
+
+/// Median of `runs` timings of `f`, in seconds.
+pub fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).expect("timings are finite"));
+    t[t.len() / 2]
+}
