@@ -10,7 +10,12 @@ use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-const SRC: &str = "bpf/sfunnel.bpf.c";
+/// Each program and the skeleton generated for it.
+const PROGRAMS: &[(&str, &str)] = &[
+    ("bpf/sfunnel.bpf.c", "sfunnel.skel.rs"),
+    // The benchmarks' floor: a program that does nothing.
+    ("bpf/noop.bpf.c", "noop.skel.rs"),
+];
 const SHARED_HEADER: &str = "bpf/sfunnel.h";
 
 fn main() {
@@ -19,11 +24,15 @@ fn main() {
     // Debian keeps asm/ headers in the multiarch directory.
     let multiarch = format!("-I/usr/include/{arch}-linux-gnu");
 
-    SkeletonBuilder::new()
-        .source(SRC)
-        .clang_args(["-O2", "-g", "-Wall", "-Werror", "-Ibpf", multiarch.as_str()])
-        .build_and_generate(out_dir.join("sfunnel.skel.rs"))
-        .expect("compiling the BPF program failed (is clang installed? see README: Building)");
+    for (src, skel) in PROGRAMS {
+        SkeletonBuilder::new()
+            .source(src)
+            .clang_args(["-O2", "-g", "-Wall", "-Werror", "-Ibpf", multiarch.as_str()])
+            .build_and_generate(out_dir.join(skel))
+            .unwrap_or_else(|e| {
+                panic!("compiling {src} failed (is clang installed? see README: Building): {e:#}")
+            });
+    }
 
     let header = fs::read_to_string(SHARED_HEADER).expect("bpf/sfunnel.h is readable");
     fs::write(out_dir.join("sfunnel_consts.rs"), header_constants(&header))

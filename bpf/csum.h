@@ -8,6 +8,7 @@
 
 #include <linux/bpf.h>
 #include <linux/in.h>
+#include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 static __always_inline __u16 csum_fold(__u64 sum)
@@ -19,14 +20,21 @@ static __always_inline __u16 csum_fold(__u64 sum)
 	return (__u16)sum;
 }
 
-/* The 12-byte IPv4 pseudo-header of RFC 768/793. */
-struct pseudo_hdr4 {
-	__be32 saddr;
-	__be32 daddr;
-	__u8 zero;
-	__u8 proto;
-	__be16 len;
-};
+/* Both 16-bit halves of a 32-bit word, for adding to a sum. */
+static __always_inline __u32 csum_word32(__be32 w)
+{
+	return (w & 0xffff) + (w >> 16);
+}
+
+/*
+ * Sum of the IPv4 pseudo-header of RFC 768/793, without the addresses.
+ * proto is a byte at an odd offset of its 16-bit word: bpf_htons() puts
+ * it there in memory order.
+ */
+static __always_inline __u32 csum_pseudo_proto_len(__u8 proto, __u16 len)
+{
+	return bpf_htons(proto) + bpf_htons(len);
+}
 
 /*
  * Sum of an L4 segment (header and payload) whose checksum is valid for
@@ -36,13 +44,13 @@ struct pseudo_hdr4 {
  */
 static __always_inline __u16 csum_segment_zero_addrs(__u8 proto, __u16 len)
 {
-	struct {
-		__u8 zero;
-		__u8 proto;
-		__be16 len;
-	} ph = { 0, proto, bpf_htons(len) };
+	return ~csum_fold(csum_pseudo_proto_len(proto, len));
+}
 
-	return ~csum_fold((__u32)bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0));
+/* RFC 1624 eqn. 3: the checksum after one 16-bit word changes. */
+static __always_inline __sum16 csum_replace16(__sum16 check, __be16 from, __be16 to)
+{
+	return ~csum_fold((__u32)(__u16)~check + (__u16)~from + to);
 }
 
 #define CSUM_CHUNK 256

@@ -3,7 +3,23 @@
  * The funnel and unfunnel rewrites (wire format of sfunnel 0.0.11; see the
  * README).  Each returns 0 when the packet was rewritten, FUNNEL_UNTOUCHED
  * when it was left exactly as it was, and FUNNEL_BROKEN when a helper
- * failed after the packet was already changed (the caller must drop it).
+ * failed after the packet had changed (the caller must drop it).
+ *
+ * Checksums without reading the payload (see README, "Checksums"):
+ *  - the inner L4 checksum moves between the real and the zero-address
+ *    pseudo-header with bpf_l4_csum_replace(BPF_F_PSEUDO_HDR), which is
+ *    right whether the skb is CHECKSUM_PARTIAL (the field holds the seed)
+ *    or complete;
+ *  - a segment with a valid checksum sums to the complement of its
+ *    pseudo-header, so the funnel header's checksum follows from the
+ *    header, the outer pseudo-header and the inner length alone.
+ * Only an inner UDP datagram sent without a checksum has its payload
+ * summed.
+ *
+ * The IPv4 header is edited in place with RFC 1624 updates: a header whose
+ * checksum stays valid keeps its sum, so skb->csum (CHECKSUM_COMPLETE on
+ * ingress) stays right.  Bytes that change the sum go through helpers that
+ * keep skb->csum in step.
  */
 #ifndef SFUNNEL_FUNNEL_H
 #define SFUNNEL_FUNNEL_H
@@ -21,6 +37,7 @@
 #define FUNNEL_SEQ 0xCAFEBABE
 #define FUNNEL_ACK 0xBABECAFE
 #define FUNNEL_WINDOW 1024
+#define FUNNEL_DOFF_FLAGS 0x5002 /* data offset 5, SYN */
 
 static __always_inline __u32 l4_csum_off(__u8 proto)
 {
@@ -28,9 +45,9 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 }
 
 /*
- * Moves the IPv4 options (if any) `delta` bytes: bpf_skb_adjust_room(NET)
- * adds or removes room right after the fixed 20-byte header, but the L4
- * header belongs after the options.
+ * Moves the IPv4 options (if any): bpf_skb_adjust_room(NET) adds or
+ * removes room right after the fixed 20-byte header, but the L4 header
+ * belongs after the options.  BPF_F_RECOMPUTE_CSUM keeps skb->csum right.
  */
 static __always_inline int move_ip_options(struct __sk_buff *skb, __u32 l3, __u32 ihl_len,
 					   __u32 from_delta, __u32 to_delta)
@@ -39,58 +56,44 @@ static __always_inline int move_ip_options(struct __sk_buff *skb, __u32 l3, __u3
 	__u32 n = ihl_len - sizeof(struct iphdr);
 	__u32 base = l3 + sizeof(struct iphdr);
 
-	if (n == 0)
-		return 0;
 	/* Verifier workaround: restate that n fits the buffer. */
-	if (n > IP_OPTS_MAX)
+	if (n == 0 || n > IP_OPTS_MAX)
 		return -1;
 	if (bpf_skb_load_bytes(skb, base + from_delta, opts, n))
 		return -1;
-	return bpf_skb_store_bytes(skb, base + to_delta, opts, n, 0);
+	return bpf_skb_store_bytes(skb, base + to_delta, opts, n, BPF_F_RECOMPUTE_CSUM);
 }
 
-/* Rewrites the IPv4 protocol and total length, keeping the header checksum. */
-static __always_inline int set_ip_proto_len(struct __sk_buff *skb, const struct pkt *p, __u8 proto,
-					    __u16 tot_len)
+/* Sets the IPv4 protocol and total length in place, checksum kept valid. */
+static __always_inline int set_ip_proto_len(struct __sk_buff *skb, __u8 proto, __u16 tot_len)
 {
-	__u32 csum_off = p->l3 + offsetof(struct iphdr, check);
-	__be16 old_len = bpf_htons(p->tot_len), new_len = bpf_htons(tot_len);
-	/* protocol shares a 16-bit word with ttl; replace only its byte. */
-	__u8 old_proto = p->proto;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
 
-	if (bpf_l3_csum_replace(skb, csum_off, old_len, new_len, sizeof(__be16)))
+	if ((void *)(ip + 1) > data_end)
 		return -1;
-	if (bpf_skb_store_bytes(skb, p->l3 + offsetof(struct iphdr, tot_len), &new_len,
-				sizeof(new_len), 0))
-		return -1;
-	/* A byte at an odd offset in its word weighs as the low byte. */
-	if (bpf_l3_csum_replace(skb, csum_off, bpf_htons(old_proto), bpf_htons(proto),
-				sizeof(__be16)))
-		return -1;
-	return bpf_skb_store_bytes(skb, p->l3 + offsetof(struct iphdr, protocol), &proto,
-				   sizeof(proto), 0);
+	__be16 old_len = ip->tot_len, new_len = bpf_htons(tot_len);
+	/* protocol is the odd byte of its 16-bit word: bpf_htons() puts it there. */
+	__be16 old_proto = bpf_htons(ip->protocol), new_proto = bpf_htons(proto);
+	__sum16 check = csum_replace16(ip->check, old_len, new_len);
+
+	ip->check = csum_replace16(check, old_proto, new_proto);
+	ip->tot_len = new_len;
+	ip->protocol = proto;
+	return 0;
 }
 
-/* Sum of saddr and daddr, as a checksum diff (memory byte order). */
-static __always_inline __s64 addrs_sum(const struct pkt *p)
-{
-	__be32 addrs[2] = { p->saddr, p->daddr };
-
-	return bpf_csum_diff(NULL, 0, addrs, sizeof(addrs), 0);
-}
-
-/* Moves the inner L4 checksum's pseudo-header to or from zero addresses. */
+/* Moves the inner L4 checksum's pseudo-header to (add) or from zero addresses. */
 static __always_inline int inner_csum_addrs(struct __sk_buff *skb, const struct pkt *p,
 					    __u32 inner_l4, __u8 inner_proto, int add)
 {
-	/* A UDP checksum of 0 means "none": it stays 0. */
-	if (inner_proto == IPPROTO_UDP && p->l4_csum == 0 && !add)
-		return 0;
-	__s64 sum = addrs_sum(p);
-	if (sum < 0)
-		return -1;
-	__u32 diff = add ? (__u32)sum : ~(__u32)sum;
+	__u32 sum = csum_word32(p->saddr) + csum_word32(p->daddr);
+	__u32 diff = add ? sum : ~sum;
 	__u64 flags = BPF_F_PSEUDO_HDR;
+
+	/* BPF_F_MARK_MANGLED_0: a UDP checksum of 0 ("none") stays 0, and a
+	 * computed 0 is written as 0xffff. */
 	if (inner_proto == IPPROTO_UDP)
 		flags |= BPF_F_MARK_MANGLED_0;
 	return bpf_l4_csum_replace(skb, inner_l4 + l4_csum_off(inner_proto), 0, diff, flags);
@@ -107,37 +110,30 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 		return FUNNEL_UNTOUCHED;
 
 	/* The inner segment's sum, before anything changes. */
-	__u16 inner_sum;
+	__u32 sum;
 	if (p->proto == IPPROTO_UDP && p->l4_csum == 0) {
-		__s64 s = csum_skb_bytes(skb, p->l4, inner_len);
+		int s = csum_skb_bytes(skb, p->l4, inner_len);
 		if (s < 0)
 			return FUNNEL_UNTOUCHED;
-		inner_sum = (__u16)s;
+		sum = s;
 	} else {
-		inner_sum = csum_segment_zero_addrs(p->proto, inner_len);
+		sum = csum_segment_zero_addrs(p->proto, inner_len);
 	}
+	/* The outer pseudo-header and the funnel header's ports. */
+	sum += csum_word32(p->saddr) + csum_word32(p->daddr) + csum_pseudo_proto_len(proto, new_l4_len);
+	sum += sport + dport;
 
 	if (bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_NET, 0))
 		return FUNNEL_UNTOUCHED;
 
 	/* From here on the packet has changed: any failure is FUNNEL_BROKEN. */
-	if (move_ip_options(skb, p->l3, p->ihl_len, hlen, 0))
+	if (p->ihl_len > sizeof(struct iphdr) && move_ip_options(skb, p->l3, p->ihl_len, hlen, 0))
 		return FUNNEL_BROKEN;
-	if (inner_csum_addrs(skb, p, p->l4 + hlen, p->proto, 0))
-		return FUNNEL_BROKEN;
-	if (set_ip_proto_len(skb, p, proto, p->tot_len + hlen))
-		return FUNNEL_BROKEN;
-
-	struct pseudo_hdr4 ph = {
-		.saddr = p->saddr,
-		.daddr = p->daddr,
-		.proto = proto,
-		.len = bpf_htons(new_l4_len),
-	};
-	__s64 sum = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), inner_sum);
-	if (sum < 0)
+	if (!(p->proto == IPPROTO_UDP && p->l4_csum == 0) &&
+	    inner_csum_addrs(skb, p, p->l4 + hlen, p->proto, 0))
 		return FUNNEL_BROKEN;
 
+	int err;
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr th = {
 			.source = sport,
@@ -148,45 +144,55 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 			.syn = 1,
 			.window = bpf_htons(FUNNEL_WINDOW),
 		};
-		sum = bpf_csum_diff(NULL, 0, (__be32 *)&th, sizeof(th), (__u32)sum);
-		if (sum < 0)
-			return FUNNEL_BROKEN;
-		th.check = ~csum_fold((__u32)sum);
-		if (bpf_skb_store_bytes(skb, p->l4, &th, sizeof(th), 0))
-			return FUNNEL_BROKEN;
+		sum += csum_word32(th.seq) + csum_word32(th.ack_seq) + bpf_htons(FUNNEL_DOFF_FLAGS) +
+		       th.window;
+		th.check = ~csum_fold(sum);
+		err = bpf_skb_store_bytes(skb, p->l4, &th, sizeof(th), BPF_F_RECOMPUTE_CSUM);
 	} else {
 		struct udphdr uh = {
 			.source = sport,
 			.dest = dport,
 			.len = bpf_htons(new_l4_len),
 		};
-		/* udphdr is 8 bytes: a multiple of 4, as csum_diff needs. */
-		sum = bpf_csum_diff(NULL, 0, (__be32 *)&uh, sizeof(uh), (__u32)sum);
-		if (sum < 0)
-			return FUNNEL_BROKEN;
-		uh.check = ~csum_fold((__u32)sum);
+		sum += uh.len;
+		uh.check = ~csum_fold(sum);
 		if (uh.check == 0)
 			uh.check = 0xffff;
-		if (bpf_skb_store_bytes(skb, p->l4, &uh, sizeof(uh), 0))
-			return FUNNEL_BROKEN;
+		err = bpf_skb_store_bytes(skb, p->l4, &uh, sizeof(uh), BPF_F_RECOMPUTE_CSUM);
 	}
+	if (err || set_ip_proto_len(skb, proto, p->tot_len + hlen))
+		return FUNNEL_BROKEN;
 	bpf_set_hash_invalid(skb);
 	return 0;
+}
+
+/* The inner L4 checksum field, from linear data if it is there. */
+static __always_inline int read_inner_csum(struct __sk_buff *skb, __u32 off, __be16 *csum)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	/* Verifier workaround: a bounded offset for direct access. */
+	if (off < 0xffff) {
+		__be16 *f = data + off;
+		if ((void *)(f + 1) <= data_end) {
+			*csum = *f;
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, csum, sizeof(*csum));
 }
 
 static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, __u8 inner_proto)
 {
 	__u32 hlen = p->l4_hlen;
 	__u32 inner_min = inner_proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+	__be16 inner_csum;
 
 	/* The inner header must be there in full. */
 	if (p->l4_len < hlen + inner_min)
 		return FUNNEL_UNTOUCHED;
-
-	/* Read the inner checksum now: 0 means an inner UDP sent without one. */
-	struct pkt inner = *p;
-	if (bpf_skb_load_bytes(skb, p->l4 + hlen + l4_csum_off(inner_proto), &inner.l4_csum,
-			       sizeof(inner.l4_csum)))
+	/* 0 means an inner UDP datagram sent without a checksum. */
+	if (read_inner_csum(skb, p->l4 + hlen + l4_csum_off(inner_proto), &inner_csum))
 		return FUNNEL_UNTOUCHED;
 
 	if (p->ihl_len > sizeof(struct iphdr)) {
@@ -199,12 +205,11 @@ static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, 
 		return FUNNEL_UNTOUCHED;
 	}
 
-	if (set_ip_proto_len(skb, p, inner_proto, p->tot_len - hlen))
+	if (set_ip_proto_len(skb, inner_proto, p->tot_len - hlen))
 		return FUNNEL_BROKEN;
-	if (inner.l4_csum != 0 || inner_proto == IPPROTO_TCP) {
-		if (inner_csum_addrs(skb, &inner, p->l4, inner_proto, 1))
-			return FUNNEL_BROKEN;
-	}
+	if (!(inner_proto == IPPROTO_UDP && inner_csum == 0) &&
+	    inner_csum_addrs(skb, p, p->l4, inner_proto, 1))
+		return FUNNEL_BROKEN;
 	bpf_set_hash_invalid(skb);
 	return 0;
 }

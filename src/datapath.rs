@@ -23,6 +23,17 @@ mod skel {
     include!(concat!(env!("OUT_DIR"), "/sfunnel.skel.rs"));
 }
 
+#[allow(
+    clippy::all,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    unused_imports
+)]
+mod noop_skel {
+    include!(concat!(env!("OUT_DIR"), "/noop.skel.rs"));
+}
+
 /// Constants shared with the datapath, generated from bpf/sfunnel.h.
 #[allow(dead_code)]
 pub mod consts {
@@ -146,6 +157,39 @@ impl Loaded {
             data: out,
             duration,
         })
+    }
+}
+
+/// A TC program that returns TC_ACT_UNSPEC and nothing else: the floor
+/// that benchmarks compare the datapath against.
+pub struct Noop {
+    skel: noop_skel::NoopSkel<'static>,
+}
+
+impl Noop {
+    pub fn load() -> Result<Noop> {
+        use noop_skel::NoopSkelBuilder;
+        let storage: &'static mut MaybeUninit<OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let skel = NoopSkelBuilder::default()
+            .open(storage)?
+            .load()
+            .context("loading the no-op program")?;
+        Ok(Noop { skel })
+    }
+
+    /// Average time per run of `repeat` PROG_TEST_RUN repetitions on `frame`.
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<Duration> {
+        let mut input = libbpf_rs::ProgramInput::default();
+        input.data_in = Some(frame);
+        input.repeat = repeat;
+        Ok(self
+            .skel
+            .progs
+            .noop
+            .test_run(input)
+            .context("BPF_PROG_TEST_RUN failed")?
+            .duration)
     }
 }
 
