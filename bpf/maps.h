@@ -100,4 +100,12 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+/* Loader bookkeeping; the datapath never reads it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sfunnel_meta);
+} meta SEC(".maps");
+
 #endif /* SFUNNEL_MAPS_H */

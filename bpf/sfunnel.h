@@ -126,4 +126,24 @@ struct sfunnel_counter {
 	__u64 bytes;
 };
 
+/* How an attachment is hooked in. */
+enum sfunnel_attach_mode {
+	SFUNNEL_MODE_TCX = 1,
+	SFUNNEL_MODE_CLSACT = 2,
+};
+
+/*
+ * `meta[0]`: what the loader recorded about this attachment.  The datapath
+ * never reads it; a rerun checks it before reusing the pins.
+ */
+struct sfunnel_meta {
+	__u32 abi_version; /* SFUNNEL_ABI_VERSION of the loader that pinned it */
+	__u32 ifindex;
+	__u32 mode;        /* enum sfunnel_attach_mode */
+	__u32 egress;      /* 0: ingress, 1: egress */
+	__u32 tc_handle;   /* clsact only */
+	__u32 tc_prio;     /* clsact only */
+	__u64 netns_ino;   /* inode of the network namespace */
+};
+
 #endif /* SFUNNEL_H */

@@ -3,8 +3,12 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::attach::{AttachChoice, Direction};
 
 /// Where rules come from when none are given: the original container's
 /// default file.
@@ -22,6 +26,100 @@ pub enum Command {
     /// Parse and compile a ruleset, and print it in canonical form with the
     /// map entries each rule compiles to.  Exit status 0: valid; 2: invalid.
     Check(CheckArgs),
+    /// Load a ruleset onto interfaces, or update it in place where sfunnel
+    /// is already attached (same program, no detach).  Exit status 2: the
+    /// ruleset is invalid and nothing was changed.
+    Load(LoadArgs),
+    /// Detach from interfaces and remove everything sfunnel pinned for them.
+    Unload(UnloadArgs),
+    /// Show every attachment sfunnel manages, with per-rule counters.
+    Status(StatusArgs),
+    /// Build throwaway namespaces, funnel UDP and TCP through them, show
+    /// what happened, and remove everything.  Needs root.
+    Demo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DirectionArg {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl DirectionArg {
+    pub fn directions(self) -> Vec<Direction> {
+        match self {
+            DirectionArg::Ingress => vec![Direction::Ingress],
+            DirectionArg::Egress => vec![Direction::Egress],
+            DirectionArg::Both => vec![Direction::Ingress, Direction::Egress],
+        }
+    }
+}
+
+/// Where to act.  Each flag falls back to the original container's
+/// environment variable; a flag wins over its variable.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// An interface; repeat for more.  Default: every interface in the
+    /// namespace.
+    #[arg(short, long = "iface", value_name = "IFACE", env = "IFACES", value_delimiter = ' ')]
+    pub ifaces: Vec<String>,
+
+    /// Which hook: ingress, egress or both.
+    #[arg(short, long, value_enum, env = "DIRECTION", default_value = "ingress")]
+    pub direction: DirectionArg,
+
+    /// A named network namespace (/var/run/netns/NAME) or a path to one.
+    #[arg(short, long, env = "NETNS")]
+    pub netns: Option<String>,
+
+    /// Log what is attached, pinned and updated.
+    #[arg(short, long, env = "DEBUG")]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub source: RulesSource,
+
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// How to hook in: TCX if the kernel has it, else clsact.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub attach: AttachChoice,
+
+    /// Tries at finding an interface that does not exist yet.
+    #[arg(long, env = "N_ATTEMPTS", default_value_t = 6)]
+    pub attempts: u32,
+
+    /// Seconds between those tries.
+    #[arg(long, env = "RETRY_DELAY", default_value_t = 3.0)]
+    pub retry_delay: f64,
+}
+
+impl LoadArgs {
+    pub fn retry_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.retry_delay.max(0.0))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct UnloadArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Print again every this many seconds, until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub interval: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -57,30 +155,18 @@ impl RulesSource {
     /// default file.  `None` when there are none anywhere.
     pub fn resolve(&self) -> Result<Option<RulesText>> {
         if let Some(text) = &self.rules {
-            return Ok(Some(RulesText {
-                text: text.clone(),
-                origin: "the command line".into(),
-            }));
+            return Ok(Some(RulesText { text: text.clone(), origin: "the command line".into() }));
         }
         if let Some(path) = &self.file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the ruleset file {}", path.display()))?;
-            return Ok(Some(RulesText {
-                text,
-                origin: path.display().to_string(),
-            }));
+            return Ok(Some(RulesText { text, origin: path.display().to_string() }));
         }
         if let Ok(text) = std::env::var("SFUNNEL_RULESET") {
-            return Ok(Some(RulesText {
-                text,
-                origin: "$SFUNNEL_RULESET".into(),
-            }));
+            return Ok(Some(RulesText { text, origin: "$SFUNNEL_RULESET".into() }));
         }
         match std::fs::read_to_string(DEFAULT_RULESET_FILE) {
-            Ok(text) => Ok(Some(RulesText {
-                text,
-                origin: DEFAULT_RULESET_FILE.into(),
-            })),
+            Ok(text) => Ok(Some(RulesText { text, origin: DEFAULT_RULESET_FILE.into() })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {DEFAULT_RULESET_FILE}")),
         }

@@ -12,24 +12,12 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenObject};
 
 use crate::ruleset::Compiled;
 
-#[allow(
-    clippy::all,
-    non_camel_case_types,
-    non_snake_case,
-    dead_code,
-    unused_imports
-)]
+#[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/sfunnel.skel.rs"));
 }
 
-#[allow(
-    clippy::all,
-    non_camel_case_types,
-    non_snake_case,
-    dead_code,
-    unused_imports
-)]
+#[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports)]
 mod noop_skel {
     include!(concat!(env!("OUT_DIR"), "/noop.skel.rs"));
 }
@@ -83,7 +71,13 @@ pod! {
     sfunnel_rule_key = 16,
     sfunnel_rule_val = 12,
     sfunnel_counter = 16,
+    sfunnel_meta = 32,
 }
+
+/// The names under which an attachment's maps are pinned, in the order
+/// `RulesetMaps` holds them.
+pub const MAP_PINS: [&str; 8] =
+    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "stats", "meta"];
 
 /// A loaded (not attached, not pinned) instance of the program and maps.
 pub struct Loaded {
@@ -103,13 +97,19 @@ pub struct TestRun {
 impl Loaded {
     /// Opens and loads the embedded object.  This runs the verifier.
     pub fn load() -> Result<Loaded> {
+        Self::load_for(None)
+    }
+
+    /// Like `load`, for a TCX hook when `tcx` names one: the kernel links a
+    /// program only to the attach type it was loaded for.
+    pub fn load_for(tcx: Option<libbpf_rs::ProgramAttachType>) -> Result<Loaded> {
         // The skeleton borrows its object storage for as long as it lives;
         // one small allocation per loaded instance is kept for that.
-        let storage: &'static mut MaybeUninit<OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let open = SfunnelSkelBuilder::default()
-            .open(storage)
-            .context("opening the embedded BPF object")?;
+        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = SfunnelSkelBuilder::default().open(storage).context("opening the embedded BPF object")?;
+        if let Some(t) = tcx {
+            open.progs.sfunnel.set_attach_type(t);
+        }
         let skel = open.load().context(
             "loading the BPF program (the kernel refused it: needs CAP_BPF and CAP_NET_ADMIN, \
              and a kernel with BTF and bpf_skb_adjust_room, 5.10 or newer)",
@@ -129,7 +129,32 @@ impl Loaded {
             rule_maps: h(&m.rule_maps)?,
             counter_maps: h(&m.counter_maps)?,
             stats: h(&m.stats)?,
+            meta: h(&m.meta)?,
         })
+    }
+
+    /// Pins the program as `dir/prog` and the maps under their `MAP_PINS`
+    /// names.  On failure, what was pinned is unpinned again.
+    pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
+        let mut done: Vec<std::path::PathBuf> = Vec::new();
+        let result = (|| -> Result<()> {
+            let prog = dir.join("prog");
+            self.skel.progs.sfunnel.pin(&prog).with_context(|| format!("pinning {}", prog.display()))?;
+            done.push(prog);
+            let maps = self.maps()?;
+            for (name, mut map) in MAP_PINS.iter().zip(maps.all_mut()) {
+                let path = dir.join(name);
+                map.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                done.push(path);
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for p in done {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        result
     }
 
     pub fn program(&self) -> &libbpf_rs::ProgramMut<'static> {
@@ -144,19 +169,12 @@ impl Loaded {
         input.data_in = Some(frame);
         input.data_out = Some(&mut out);
         input.repeat = repeat;
-        let output = self
-            .program()
-            .test_run(input)
-            .context("BPF_PROG_TEST_RUN failed")?;
+        let output = self.program().test_run(input).context("BPF_PROG_TEST_RUN failed")?;
         let n = output.data.as_ref().map_or(0, |d| d.len());
         let verdict = output.return_value as i32;
         let duration = output.duration;
         out.truncate(n);
-        Ok(TestRun {
-            verdict,
-            data: out,
-            duration,
-        })
+        Ok(TestRun { verdict, data: out, duration })
     }
 }
 
@@ -169,12 +187,8 @@ pub struct Noop {
 impl Noop {
     pub fn load() -> Result<Noop> {
         use noop_skel::NoopSkelBuilder;
-        let storage: &'static mut MaybeUninit<OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let skel = NoopSkelBuilder::default()
-            .open(storage)?
-            .load()
-            .context("loading the no-op program")?;
+        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let skel = NoopSkelBuilder::default().open(storage)?.load().context("loading the no-op program")?;
         Ok(Noop { skel })
     }
 
@@ -183,13 +197,7 @@ impl Noop {
         let mut input = libbpf_rs::ProgramInput::default();
         input.data_in = Some(frame);
         input.repeat = repeat;
-        Ok(self
-            .skel
-            .progs
-            .noop
-            .test_run(input)
-            .context("BPF_PROG_TEST_RUN failed")?
-            .duration)
+        Ok(self.skel.progs.noop.test_run(input).context("BPF_PROG_TEST_RUN failed")?.duration)
     }
 }
 
@@ -203,6 +211,7 @@ pub struct RulesetMaps {
     pub rule_maps: MapHandle,
     pub counter_maps: MapHandle,
     pub stats: MapHandle,
+    pub meta: MapHandle,
 }
 
 /// Packets and bytes of one rule, summed over CPUs.
@@ -216,22 +225,16 @@ fn u32_key(k: u32) -> [u8; 4] {
     k.to_ne_bytes()
 }
 
-fn create_inner(
-    ty: MapType,
-    name: &str,
-    key: u32,
-    value: u32,
-    entries: usize,
-    flags: u32,
-) -> Result<MapHandle> {
+fn create_inner(ty: MapType, name: &str, key: u32, value: u32, entries: usize, flags: u32) -> Result<MapHandle> {
     let opts = libbpf_sys::bpf_map_create_opts {
         sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
         map_flags: flags,
         ..Default::default()
     };
     let entries = u32::try_from(entries.max(1)).context("too many entries for one map")?;
-    MapHandle::create(ty, Some(name), key, value, entries, &opts)
-        .with_context(|| format!("creating the {name} map with {entries} entries (is the memlock limit or memory cgroup too small?)"))
+    MapHandle::create(ty, Some(name), key, value, entries, &opts).with_context(|| {
+        format!("creating the {name} map with {entries} entries (is the memlock limit or memory cgroup too small?)")
+    })
 }
 
 /// Fills `map` with `count` fixed-size entries, in batches where the
@@ -246,17 +249,10 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
         let n = BATCH.min(count - start);
         let k = &keys[start * ks..(start + n) * ks];
         let v = &values[start * vs..(start + n) * vs];
-        if map
-            .update_batch(k, v, n as u32, MapFlags::ANY, MapFlags::ANY)
-            .is_err()
-        {
+        if map.update_batch(k, v, n as u32, MapFlags::ANY, MapFlags::ANY).is_err() {
             for i in 0..n {
-                map.update(
-                    &k[i * ks..(i + 1) * ks],
-                    &v[i * vs..(i + 1) * vs],
-                    MapFlags::ANY,
-                )
-                .context("writing a ruleset entry")?;
+                map.update(&k[i * ks..(i + 1) * ks], &v[i * vs..(i + 1) * vs], MapFlags::ANY)
+                    .context("writing a ruleset entry")?;
             }
         }
     }
@@ -264,12 +260,40 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
 }
 
 impl RulesetMaps {
+    /// Opens the maps pinned in `dir` under their `MAP_PINS` names.
+    pub fn from_pins(dir: &std::path::Path) -> Result<RulesetMaps> {
+        let open = |name: &str| {
+            let p = dir.join(name);
+            MapHandle::from_pinned_path(&p).with_context(|| format!("opening the pinned map {}", p.display()))
+        };
+        Ok(RulesetMaps {
+            active: open("active")?,
+            params: open("params")?,
+            ports: open("ports")?,
+            addr_maps: open("addr_maps")?,
+            rule_maps: open("rule_maps")?,
+            counter_maps: open("counter_maps")?,
+            stats: open("stats")?,
+            meta: open("meta")?,
+        })
+    }
+
+    fn all_mut(self) -> [MapHandle; 8] {
+        [self.active, self.params, self.ports, self.addr_maps, self.rule_maps, self.counter_maps, self.stats, self.meta]
+    }
+
+    pub fn read_meta(&self) -> Result<sfunnel_meta> {
+        let v = self.meta.lookup(&u32_key(0), MapFlags::ANY)?.context("the meta map has no entry")?;
+        Ok(sfunnel_meta::from_bytes(&v))
+    }
+
+    pub fn write_meta(&self, m: &sfunnel_meta) -> Result<()> {
+        self.meta.update(&u32_key(0), m.as_bytes(), MapFlags::ANY).context("writing the meta map")
+    }
+
     /// The generation in use.
     pub fn active_gen(&self) -> Result<u32> {
-        let v = self
-            .active
-            .lookup(&u32_key(0), MapFlags::ANY)?
-            .context("the active map has no entry")?;
+        let v = self.active.lookup(&u32_key(0), MapFlags::ANY)?.context("the active map has no entry")?;
         Ok(u32::from_ne_bytes(v[..4].try_into()?) & 1)
     }
 
@@ -294,9 +318,7 @@ impl RulesetMaps {
             libbpf_sys::BPF_F_NO_PREALLOC,
         )?;
         for (k, v) in &c.addrs {
-            addrs
-                .update(k.as_bytes(), v.as_bytes(), MapFlags::ANY)
-                .context("writing an address class")?;
+            addrs.update(k.as_bytes(), v.as_bytes(), MapFlags::ANY).context("writing an address class")?;
         }
         let rules = create_inner(
             MapType::Hash,
@@ -306,16 +328,8 @@ impl RulesetMaps {
             c.rules.len(),
             0,
         )?;
-        let keys: Vec<u8> = c
-            .rules
-            .iter()
-            .flat_map(|(k, _)| k.as_bytes().to_vec())
-            .collect();
-        let vals: Vec<u8> = c
-            .rules
-            .iter()
-            .flat_map(|(_, v)| v.as_bytes().to_vec())
-            .collect();
+        let keys: Vec<u8> = c.rules.iter().flat_map(|(k, _)| k.as_bytes().to_vec()).collect();
+        let vals: Vec<u8> = c.rules.iter().flat_map(|(_, v)| v.as_bytes().to_vec()).collect();
         fill(&rules, &keys, &vals, c.rules.len())?;
         let counters = create_inner(
             MapType::PercpuHash,
@@ -328,23 +342,14 @@ impl RulesetMaps {
         let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
         let zero = vec![sfunnel_counter::default().as_bytes().to_vec(); ncpus];
         for i in 0..c.params.nrules {
-            counters
-                .update_percpu(&u32_key(i), &zero, MapFlags::ANY)
-                .context("creating a rule counter")?;
+            counters.update_percpu(&u32_key(i), &zero, MapFlags::ANY).context("creating a rule counter")?;
         }
 
-        let port_keys: Vec<u8> = (0..PORT_SPACE)
-            .flat_map(|p| u32_key(new * PORT_SPACE + p))
-            .collect();
+        let port_keys: Vec<u8> = (0..PORT_SPACE).flat_map(|p| u32_key(new * PORT_SPACE + p)).collect();
         let port_vals: Vec<u8> = c.ports.iter().flat_map(|p| p.as_bytes().to_vec()).collect();
         fill(&self.ports, &port_keys, &port_vals, PORT_SPACE as usize)?;
-        self.params
-            .update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
-        for (outer, inner) in [
-            (&self.addr_maps, &addrs),
-            (&self.rule_maps, &rules),
-            (&self.counter_maps, &counters),
-        ] {
+        self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
+        for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)] {
             let fd = inner.as_fd().as_raw_fd();
             outer
                 .update(&u32_key(new), &fd.to_ne_bytes(), MapFlags::ANY)
@@ -352,9 +357,7 @@ impl RulesetMaps {
         }
 
         // The switch: one aligned 4-byte write.
-        self.active
-            .update(&u32_key(0), &u32_key(new), MapFlags::ANY)
-            .context("activating the new ruleset")?;
+        self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
 
         for outer in [&self.addr_maps, &self.rule_maps, &self.counter_maps] {
             match outer.delete(&u32_key(old)) {
@@ -375,15 +378,10 @@ impl RulesetMaps {
         };
         let id = u32::from_ne_bytes(id[..4].try_into()?);
         let counters = MapHandle::from_map_id(id).context("opening the counters map")?;
-        let n = self
-            .params
-            .lookup(&u32_key(gen), MapFlags::ANY)?
-            .map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
+        let n = self.params.lookup(&u32_key(gen), MapFlags::ANY)?.map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
         let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let per_cpu = counters
-                .lookup_percpu(&u32_key(i), MapFlags::ANY)?
-                .unwrap_or_default();
+            let per_cpu = counters.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
             let mut total = RuleCounter::default();
             for v in per_cpu {
                 let c = sfunnel_counter::from_bytes(&v);
@@ -400,16 +398,8 @@ impl RulesetMaps {
         let n = consts::SFUNNEL_STAT_MAX;
         let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let per_cpu = self
-                .stats
-                .lookup_percpu(&u32_key(i), MapFlags::ANY)?
-                .unwrap_or_default();
-            out.push(
-                per_cpu
-                    .iter()
-                    .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
-                    .sum(),
-            );
+            let per_cpu = self.stats.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
+            out.push(per_cpu.iter().map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8]))).sum());
         }
         Ok(out)
     }

@@ -1,6 +1,12 @@
 //! sfunnel: multi-port session affinity with eBPF.  See README.md.
 
+pub mod attach;
+pub mod caps;
 pub mod cli;
 pub mod cmd;
 pub mod datapath;
+pub mod loader;
+pub mod log;
+pub mod netns;
+pub mod pins;
 pub mod ruleset;

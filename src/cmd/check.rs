@@ -22,10 +22,7 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
                 let err = json!({"error": {"line": e.line, "col": e.col, "message": e.message, "origin": src.origin}});
                 println!("{err}");
             }
-            eprintln!(
-                "error: invalid ruleset (from {}); nothing was changed\n{e}",
-                src.origin
-            );
+            eprintln!("error: invalid ruleset (from {}); nothing was changed\n{e}", src.origin);
             return Ok(Outcome::Invalid);
         }
     };
@@ -54,26 +51,15 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
         return Ok(Outcome::Ok);
     }
 
-    let width = rs
-        .rules
-        .iter()
-        .map(|r| r.to_string().len())
-        .max()
-        .unwrap_or(0);
+    let width = rs.rules.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
     for (r, n) in rs.rules.iter().zip(&compiled.entries_per_rule) {
         let note = match n {
-            0 => "0 entries: earlier rules match everything this one does, so it never applies"
-                .to_string(),
+            0 => "0 entries: earlier rules match everything this one does, so it never applies".to_string(),
             1 => "1 entry".to_string(),
             n => format!("{n} entries"),
         };
         println!("{:width$}  # {note}", r.to_string());
     }
-    println!(
-        "# {} rules from {}, {} map entries",
-        rs.rules.len(),
-        src.origin,
-        compiled.rules.len()
-    );
+    println!("# {} rules from {}, {} map entries", rs.rules.len(), src.origin, compiled.rules.len());
     Ok(Outcome::Ok)
 }

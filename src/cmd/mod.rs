@@ -1,6 +1,9 @@
 //! One module per verb.
 
 pub mod check;
+pub mod demo;
+pub mod load;
+pub mod status;
 
 /// How a verb ended, as the process exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -91,10 +91,7 @@ impl Ipv4Net {
     /// The prefix `addr/len`, with host bits cleared.
     pub fn new(addr: u32, len: u8) -> Ipv4Net {
         assert!(len <= 32, "prefix length {len} > 32");
-        Ipv4Net {
-            addr: addr & Self::mask(len),
-            len,
-        }
+        Ipv4Net { addr: addr & Self::mask(len), len }
     }
 
     pub fn mask(len: u8) -> u32 {
@@ -313,11 +310,7 @@ impl fmt::Display for Match {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Funnel {
-                proto,
-                sport,
-                dport,
-            } => {
+            Action::Funnel { proto, sport, dport } => {
                 write!(f, "funnel {proto} sport {sport} dport {dport}")
             }
             Action::Unfunnel { proto } => write!(f, "unfunnel {proto}"),

@@ -31,8 +31,7 @@ use super::ast::{AddrMatch, Ipv4Net, PortMatch, Proto, Ruleset};
 use super::error::RulesetError;
 use crate::datapath::consts::*;
 use crate::datapath::types::{
-    sfunnel_addr_class, sfunnel_addr_key, sfunnel_params, sfunnel_port_class, sfunnel_rule_key,
-    sfunnel_rule_val,
+    sfunnel_addr_class, sfunnel_addr_key, sfunnel_params, sfunnel_port_class, sfunnel_rule_key, sfunnel_rule_val,
 };
 use crate::ruleset::ast::Action;
 
@@ -79,9 +78,7 @@ pub(crate) fn shape_bit(proto: Proto, shape: u32) -> u32 {
 fn shapes_without(field: u32) -> u32 {
     (0..SHAPES_PER_PROTO)
         .filter(|s| s & field == 0)
-        .fold(0, |acc, s| {
-            acc | shape_bit(Proto::Tcp, s) | shape_bit(Proto::Udp, s)
-        })
+        .fold(0, |acc, s| acc | shape_bit(Proto::Tcp, s) | shape_bit(Proto::Udp, s))
 }
 
 /// Port classes of one field: segment starts, ascending, the first being 0.
@@ -142,10 +139,7 @@ impl AddrClasses {
     }
 
     fn classes(&self, m: &AddrMatch) -> Vec<u32> {
-        let start = self
-            .nets
-            .binary_search(&m.net)
-            .expect("every named prefix is a class");
+        let start = self.nets.binary_search(&m.net).expect("every named prefix is a class");
         let end = start + self.nets[start..].partition_point(|n| n.addr <= m.net.last());
         let inside: Vec<u32> = (start as u32..end as u32).collect();
         if m.negated {
@@ -166,16 +160,9 @@ fn complement(inside: &[u32], n: usize) -> Vec<u32> {
 }
 
 fn rule_val(index: u32, action: &Action) -> sfunnel_rule_val {
-    let mut v = sfunnel_rule_val {
-        index,
-        ..Default::default()
-    };
+    let mut v = sfunnel_rule_val { index, ..Default::default() };
     match *action {
-        Action::Funnel {
-            proto,
-            sport,
-            dport,
-        } => {
+        Action::Funnel { proto, sport, dport } => {
             v.action = SFUNNEL_ACT_FUNNEL as u8;
             v.proto = proto.number();
             v.sport = sport.to_be();
@@ -215,26 +202,12 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         let bit = shape_bit(m.proto, shape);
         shapes_used |= bit;
 
-        let sa = m
-            .saddr
-            .as_ref()
-            .map_or_else(|| wildcard.clone(), |a| saddr_cls.classes(a));
-        let da = m
-            .daddr
-            .as_ref()
-            .map_or_else(|| wildcard.clone(), |a| daddr_cls.classes(a));
-        let sp = m
-            .sport
-            .as_ref()
-            .map_or_else(|| wildcard.clone(), |p| sport_cls.classes(p));
-        let dp = m
-            .dport
-            .as_ref()
-            .map_or_else(|| wildcard.clone(), |p| dport_cls.classes(p));
+        let sa = m.saddr.as_ref().map_or_else(|| wildcard.clone(), |a| saddr_cls.classes(a));
+        let da = m.daddr.as_ref().map_or_else(|| wildcard.clone(), |a| daddr_cls.classes(a));
+        let sp = m.sport.as_ref().map_or_else(|| wildcard.clone(), |p| sport_cls.classes(p));
+        let dp = m.dport.as_ref().map_or_else(|| wildcard.clone(), |p| dport_cls.classes(p));
 
-        let product = [sa.len(), da.len(), sp.len(), dp.len()]
-            .iter()
-            .fold(1u128, |acc, &n| acc * n as u128);
+        let product = [sa.len(), da.len(), sp.len(), dp.len()].iter().fold(1u128, |acc, &n| acc * n as u128);
         if product + table.len() as u128 > MAX_ENTRIES as u128 {
             return Err(RulesetError {
                 line: rule.pos.line,
@@ -314,10 +287,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         .collect();
 
     Ok(Compiled {
-        params: sfunnel_params {
-            shapes: shapes_used,
-            nrules: rs.rules.len() as u32,
-        },
+        params: sfunnel_params { shapes: shapes_used, nrules: rs.rules.len() as u32 },
         ports,
         addrs,
         rules,
@@ -342,13 +312,7 @@ fn push_addr_classes(
             pad: [0; 3],
             addr: net.addr.to_be(),
         };
-        out.push((
-            key,
-            sfunnel_addr_class {
-                class: class as u32,
-                shapes: shapes[class],
-            },
-        ));
+        out.push((key, sfunnel_addr_class { class: class as u32, shapes: shapes[class] }));
     }
 }
 
@@ -359,8 +323,7 @@ mod tests {
 
     #[test]
     fn a_single_exact_rule_is_one_entry() {
-        let rs =
-            parse("ip daddr 1.1.1.1 tcp dport 8080 actions funnel tcp dport 80 sport 540").unwrap();
+        let rs = parse("ip daddr 1.1.1.1 tcp dport 8080 actions funnel tcp dport 80 sport 540").unwrap();
         let c = compile(&rs).unwrap();
         assert_eq!(c.rules.len(), 1);
         assert_eq!(c.entries_per_rule, vec![1]);
@@ -372,14 +335,8 @@ mod tests {
         // 8080 is in its own dport class, which admits the rule's shape.
         let pc = c.ports[8080];
         assert_ne!(pc.dport_class, c.ports[8081].dport_class);
-        assert_ne!(
-            pc.dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT),
-            0
-        );
-        assert_eq!(
-            c.ports[8081].dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT),
-            0
-        );
+        assert_ne!(pc.dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
+        assert_eq!(c.ports[8081].dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
         // Only daddr is looked up: the root and 1.1.1.1/32.
         assert_eq!(c.addrs.len(), 2);
     }
@@ -401,17 +358,8 @@ mod tests {
     fn too_many_entries_is_refused_at_the_rule() {
         let mut text = String::new();
         for i in 0..1100u32 {
-            text.push_str(&format!(
-                "ip saddr 10.{}.{}.0/24 tcp accept\n",
-                i / 256,
-                i % 256
-            ));
-            text.push_str(&format!(
-                "ip daddr 10.{}.{}.0/24 tcp dport {} accept\n",
-                i / 256,
-                i % 256,
-                i + 1
-            ));
+            text.push_str(&format!("ip saddr 10.{}.{}.0/24 tcp accept\n", i / 256, i % 256));
+            text.push_str(&format!("ip daddr 10.{}.{}.0/24 tcp dport {} accept\n", i / 256, i % 256, i + 1));
         }
         text.push_str("ip saddr != 1.2.3.4 daddr != 1.2.3.4 tcp sport != 5 dport != 5 accept\n");
         let rs = parse(&text).unwrap();

@@ -28,9 +28,7 @@ impl RulesetError {
             line,
             col,
             message: message.into(),
-            source_line: input[line_start..line_end]
-                .trim_end_matches('\r')
-                .to_string(),
+            source_line: input[line_start..line_end].trim_end_matches('\r').to_string(),
         }
     }
 }

@@ -22,44 +22,19 @@ impl<'c> Reference<'c> {
         let addrs = compiled
             .addrs
             .iter()
-            .map(|(k, v)| {
-                (
-                    (k.field, (k.prefixlen - 32) as u8, u32::from_be(k.addr)),
-                    *v,
-                )
-            })
+            .map(|(k, v)| ((k.field, (k.prefixlen - 32) as u8, u32::from_be(k.addr)), *v))
             .collect();
         let rules = compiled
             .rules
             .iter()
-            .map(|(k, v)| {
-                (
-                    (
-                        k.saddr_class,
-                        k.daddr_class,
-                        k.sport_class,
-                        k.dport_class,
-                        k.proto,
-                        k.shape,
-                    ),
-                    *v,
-                )
-            })
+            .map(|(k, v)| ((k.saddr_class, k.daddr_class, k.sport_class, k.dport_class, k.proto, k.shape), *v))
             .collect();
-        Reference {
-            compiled,
-            addrs,
-            rules,
-        }
+        Reference { compiled, addrs, rules }
     }
 
     fn addr_class(&self, field: u32, addr: u32) -> Option<sfunnel_addr_class> {
         (0..=32u8).rev().find_map(|len| {
-            let net = if len == 0 {
-                0
-            } else {
-                addr & (u32::MAX << (32 - u32::from(len)))
-            };
+            let net = if len == 0 { 0 } else { addr & (u32::MAX << (32 - u32::from(len))) };
             self.addrs.get(&(field as u8, len, net)).copied()
         })
     }
@@ -69,10 +44,8 @@ impl<'c> Reference<'c> {
         let slot = pkt.proto.slot() * SHAPES_PER_PROTO;
         let sp = self.compiled.ports[usize::from(pkt.sport)];
         let dp = self.compiled.ports[usize::from(pkt.dport)];
-        let mut shapes = (self.compiled.params.shapes >> slot)
-            & (sp.sport_shapes >> slot)
-            & (dp.dport_shapes >> slot)
-            & 0xffff;
+        let mut shapes =
+            (self.compiled.params.shapes >> slot) & (sp.sport_shapes >> slot) & (dp.dport_shapes >> slot) & 0xffff;
         if shapes == 0 {
             return None;
         }

@@ -15,11 +15,7 @@ pub use parse::parse;
 pub fn load(text: &str) -> Result<(Ruleset, Compiled), RulesetError> {
     let rs = parse(text)?;
     let compiled = compile(&rs).map_err(|mut e| {
-        e.source_line = text
-            .lines()
-            .nth(e.line.saturating_sub(1))
-            .unwrap_or("")
-            .to_string();
+        e.source_line = text.lines().nth(e.line.saturating_sub(1)).unwrap_or("").to_string();
         e
     })?;
     Ok((rs, compiled))

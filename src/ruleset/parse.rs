@@ -6,9 +6,7 @@ use pest::error::{ErrorVariant, InputLocation};
 use pest::iterators::Pair;
 use pest::{Parser as _, Span};
 
-use super::ast::{
-    Action, AddrMatch, Ipv4Net, Match, PortMatch, PortSet, Proto, Rule, Ruleset, SourcePos,
-};
+use super::ast::{Action, AddrMatch, Ipv4Net, Match, PortMatch, PortSet, Proto, Rule, Ruleset, SourcePos};
 use super::error::RulesetError;
 
 mod grammar {
@@ -20,18 +18,14 @@ mod grammar {
 use grammar::{Grammar, Rule as G};
 
 /// Every keyword of the language, for "did you mean" suggestions.
-const KEYWORDS: &[&str] = &[
-    "ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "actions", "funnel", "unfunnel",
-    "accept", "drop",
-];
+const KEYWORDS: &[&str] =
+    &["ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "actions", "funnel", "unfunnel", "accept", "drop"];
 
 /// Parses a whole ruleset.  Either every rule is valid and returned, or the
 /// first error is.
 pub fn parse(input: &str) -> Result<Ruleset, RulesetError> {
     let mut pairs = Grammar::parse(G::ruleset, input).map_err(|e| syntax_error(input, e))?;
-    let top = pairs
-        .next()
-        .expect("the grammar always yields a ruleset pair");
+    let top = pairs.next().expect("the grammar always yields a ruleset pair");
     let mut rules = Vec::new();
     for pair in top.into_inner() {
         if pair.as_rule() == G::rule {
@@ -80,30 +74,16 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
                 let mut inner = item.into_inner();
                 let field = inner.next().expect("addr_match has a field");
                 let (negated, net_pair) = negation(&mut inner);
-                let m = AddrMatch {
-                    negated,
-                    net: build_net(input, net_pair)?,
-                };
-                let slot = if field.as_str() == "saddr" {
-                    &mut saddr
-                } else {
-                    &mut daddr
-                };
+                let m = AddrMatch { negated, net: build_net(input, net_pair)? };
+                let slot = if field.as_str() == "saddr" { &mut saddr } else { &mut daddr };
                 set_once(input, slot, m, field.as_span(), field.as_str())?;
             }
             G::port_match => {
                 let mut inner = item.into_inner();
                 let field = inner.next().expect("port_match has a field");
                 let (negated, spec) = negation(&mut inner);
-                let m = PortMatch {
-                    negated,
-                    ports: build_ports(input, spec)?,
-                };
-                let slot = if field.as_str() == "sport" {
-                    &mut sport
-                } else {
-                    &mut dport
-                };
+                let m = PortMatch { negated, ports: build_ports(input, spec)? };
+                let slot = if field.as_str() == "sport" { &mut sport } else { &mut dport };
                 set_once(input, slot, m, field.as_span(), field.as_str())?;
             }
             G::kw_actions => {}
@@ -119,22 +99,15 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
     }
 
     let Some((proto, _)) = proto else {
-        return Err(err(
-            input,
-            rule_span,
-            "a rule needs `tcp` or `udp`: which protocol does it match?",
-        ));
+        return Err(err(input, rule_span, "a rule needs `tcp` or `udp`: which protocol does it match?"));
     };
     let action = match actions.as_slice() {
         [(a, _, _)] => *a,
         [] => unreachable!("the grammar requires an action"),
         many => {
             // Point at the standalone action if there is one, else the second.
-            let (_, span, word) = many
-                .iter()
-                .find(|(a, _, _)| matches!(a, Action::Accept | Action::Drop))
-                .copied()
-                .unwrap_or(many[1]);
+            let (_, span, word) =
+                many.iter().find(|(a, _, _)| matches!(a, Action::Accept | Action::Drop)).copied().unwrap_or(many[1]);
             let msg = if word == "accept" || word == "drop" {
                 format!("`{word}` cannot be combined with other actions")
             } else {
@@ -143,26 +116,10 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
             return Err(err(input, span, msg));
         }
     };
-    Ok(Rule {
-        matches: Match {
-            saddr,
-            daddr,
-            proto,
-            sport,
-            dport,
-        },
-        action,
-        pos: SourcePos { line, col },
-    })
+    Ok(Rule { matches: Match { saddr, daddr, proto, sport, dport }, action, pos: SourcePos { line, col } })
 }
 
-fn set_once<T>(
-    input: &str,
-    slot: &mut Option<T>,
-    value: T,
-    span: Span<'_>,
-    word: &str,
-) -> Result<(), RulesetError> {
+fn set_once<T>(input: &str, slot: &mut Option<T>, value: T, span: Span<'_>, word: &str) -> Result<(), RulesetError> {
     if slot.is_some() {
         return Err(err(input, span, format!("`{word}` given twice")));
     }
@@ -197,24 +154,12 @@ fn build_funnel(input: &str, pair: Pair<'_, G>) -> Result<Action, RulesetError> 
         let mut parts = fp.into_inner();
         let field = parts.next().expect("funnel_port has a field");
         let port = build_port(input, parts.next().expect("funnel_port has a port"))?;
-        let slot = if field.as_str() == "sport" {
-            &mut sport
-        } else {
-            &mut dport
-        };
+        let slot = if field.as_str() == "sport" { &mut sport } else { &mut dport };
         set_once(input, slot, port, field.as_span(), field.as_str())?;
     }
     match (sport, dport) {
-        (Some(sport), Some(dport)) => Ok(Action::Funnel {
-            proto,
-            sport,
-            dport,
-        }),
-        _ => Err(err(
-            input,
-            span,
-            "`funnel` needs both sport and dport, e.g. `funnel tcp sport 540 dport 80`",
-        )),
+        (Some(sport), Some(dport)) => Ok(Action::Funnel { proto, sport, dport }),
+        _ => Err(err(input, span, "`funnel` needs both sport and dport, e.g. `funnel tcp sport 540 dport 80`")),
     }
 }
 
@@ -222,11 +167,7 @@ fn build_port(input: &str, pair: Pair<'_, G>) -> Result<u16, RulesetError> {
     let text = pair.as_str();
     match text.parse::<u32>() {
         Ok(n @ 1..=65535) => Ok(n as u16),
-        _ => Err(err(
-            input,
-            pair.as_span(),
-            format!("port {text} is out of range: expected a port number (1-65535)"),
-        )),
+        _ => Err(err(input, pair.as_span(), format!("port {text} is out of range: expected a port number (1-65535)"))),
     }
 }
 
@@ -248,11 +189,7 @@ fn build_ports(input: &str, spec: Pair<'_, G>) -> Result<PortSet, RulesetError> 
                 let lo = build_port(input, ends.next().expect("range start"))?;
                 let hi = build_port(input, ends.next().expect("range end"))?;
                 if lo > hi {
-                    return Err(err(
-                        input,
-                        span,
-                        format!("range {lo}-{hi} is empty: its start is after its end"),
-                    ));
+                    return Err(err(input, span, format!("range {lo}-{hi} is empty: its start is after its end")));
                 }
                 ranges.push((lo, hi));
             }
@@ -270,33 +207,15 @@ fn build_net(input: &str, pair: Pair<'_, G>) -> Result<Ipv4Net, RulesetError> {
         let text = octet.as_str();
         match text.parse::<u8>() {
             Ok(b) if text.len() <= 3 => addr = addr << 8 | u32::from(b),
-            _ => {
-                return Err(err(
-                    input,
-                    octet.as_span(),
-                    format!("`{text}` is not an address byte (0-255)"),
-                ))
-            }
+            _ => return Err(err(input, octet.as_span(), format!("`{text}` is not an address byte (0-255)"))),
         }
     }
     let len = match inner.next() {
         None => 32,
         Some(p) => match p.as_str().parse::<u32>() {
             Ok(n @ 0..=32) => n as u8,
-            Ok(n) => {
-                return Err(err(
-                    input,
-                    p.as_span(),
-                    format!("prefix length {n} is longer than 32"),
-                ))
-            }
-            Err(_) => {
-                return Err(err(
-                    input,
-                    p.as_span(),
-                    format!("prefix length {} is longer than 32", p.as_str()),
-                ))
-            }
+            Ok(n) => return Err(err(input, p.as_span(), format!("prefix length {n} is longer than 32"))),
+            Err(_) => return Err(err(input, p.as_span(), format!("prefix length {} is longer than 32", p.as_str()))),
         },
     };
     Ok(Ipv4Net::new(addr, len))
@@ -323,14 +242,9 @@ fn describe(r: G) -> &'static str {
         | G::kw_dport => MATCH_WORDS,
         G::l4_proto | G::kw_tcp | G::kw_udp => "`tcp` or `udp`",
         G::kw_actions => "`actions`",
-        G::funnel
-        | G::unfunnel
-        | G::accept
-        | G::drop
-        | G::kw_funnel
-        | G::kw_unfunnel
-        | G::kw_accept
-        | G::kw_drop => "an action (funnel, unfunnel, accept, drop)",
+        G::funnel | G::unfunnel | G::accept | G::drop | G::kw_funnel | G::kw_unfunnel | G::kw_accept | G::kw_drop => {
+            "an action (funnel, unfunnel, accept, drop)"
+        }
         G::rule => "a rule",
         G::EOI => "the end of the rule",
         _ => "more input",
@@ -340,15 +254,7 @@ fn describe(r: G) -> &'static str {
 fn is_keyword_rule(r: G) -> bool {
     !matches!(
         r,
-        G::port
-            | G::port_set
-            | G::port_range
-            | G::ipv4_net
-            | G::ipv4
-            | G::octet
-            | G::prefix_len
-            | G::neq
-            | G::EOI
+        G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::octet | G::prefix_len | G::neq | G::EOI
     )
 }
 
@@ -356,14 +262,10 @@ fn is_keyword_rule(r: G) -> bool {
 fn token_at(input: &str, pos: usize) -> &str {
     let rest = &input[pos..];
     if rest.starts_with(|c: char| c.is_ascii_digit()) {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '/'))
-            .unwrap_or(rest.len());
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '/')).unwrap_or(rest.len());
         return &rest[..n];
     }
-    let word_len = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or(rest.len());
+    let word_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
     if word_len > 0 {
         &rest[..word_len]
     } else {
@@ -397,15 +299,10 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
     let found = token_at(input, pos);
     let is_word = found.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
 
-    if is_word
-        && !KEYWORDS.contains(&found)
-        && (positives.is_empty() || positives.iter().any(|r| is_keyword_rule(*r)))
+    if is_word && !KEYWORDS.contains(&found) && (positives.is_empty() || positives.iter().any(|r| is_keyword_rule(*r)))
     {
-        let best = KEYWORDS
-            .iter()
-            .map(|k| (edit_distance(found, k), *k))
-            .filter(|(d, k)| *d <= 2 && *d < k.len())
-            .min();
+        let best =
+            KEYWORDS.iter().map(|k| (edit_distance(found, k), *k)).filter(|(d, k)| *d <= 2 && *d < k.len()).min();
         let msg = match best {
             Some((_, k)) => format!("unknown word `{found}`; did you mean `{k}`?"),
             None => format!(
@@ -416,14 +313,7 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
     }
 
     let at_end = matches!(found, "" | "\n" | ";") || found.starts_with('#');
-    if at_end
-        && positives.iter().any(|r| {
-            matches!(
-                r,
-                G::funnel | G::unfunnel | G::accept | G::drop | G::kw_funnel
-            )
-        })
-    {
+    if at_end && positives.iter().any(|r| matches!(r, G::funnel | G::unfunnel | G::accept | G::drop | G::kw_funnel)) {
         // Point just after the rule's last word, not past a comment.
         let line_start = input[..pos].rfind('\n').map_or(0, |i| i + 1);
         let code = input[line_start..pos].split('#').next().unwrap_or("");
@@ -435,12 +325,8 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
         );
     }
     // A value is what is missing: `!=` would only be noise.
-    let wants_value = positives.iter().any(|r| {
-        matches!(
-            r,
-            G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::octet
-        )
-    });
+    let wants_value =
+        positives.iter().any(|r| matches!(r, G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::octet));
     let mut wanted: Vec<&str> = Vec::new();
     for r in positives.iter().filter(|r| !(wants_value && **r == G::neq)) {
         let d = describe(*r);

@@ -1,0 +1,114 @@
+//! `sfunnel status`: every attachment under the pin tree, with counters.
+
+use std::os::fd::AsFd;
+
+use anyhow::Result;
+use libbpf_rs::Program;
+use serde::Serialize;
+
+use super::Outcome;
+use crate::cli::StatusArgs;
+use crate::datapath::consts::*;
+use crate::datapath::{RuleCounter, RulesetMaps};
+use crate::pins::Target;
+
+#[derive(Debug, Serialize)]
+pub struct Attachment {
+    pub netns_ino: u64,
+    pub iface: String,
+    pub direction: crate::attach::Direction,
+    pub mode: Option<crate::attach::Mode>,
+    pub prog_id: Option<u32>,
+    pub generation: Option<u32>,
+    pub rules: Vec<RuleCounter>,
+    /// Packets left alone, by reason.
+    pub passed: std::collections::BTreeMap<&'static str, u64>,
+    pub error: Option<String>,
+}
+
+const STAT_NAMES: [(&str, u32); 6] = [
+    ("not_ipv4_tcp_udp", SFUNNEL_STAT_NOT_IPV4),
+    ("fragment", SFUNNEL_STAT_FRAGMENT),
+    ("malformed", SFUNNEL_STAT_MALFORMED),
+    ("no_rule_matched", SFUNNEL_STAT_MISS),
+    ("too_big", SFUNNEL_STAT_TOO_BIG),
+    ("error", SFUNNEL_STAT_ERROR),
+];
+
+pub fn collect() -> Vec<Attachment> {
+    Target::all()
+        .into_iter()
+        .map(|t| {
+            let dir = t.dir();
+            let mut a = Attachment {
+                netns_ino: t.netns_ino,
+                iface: t.iface.clone(),
+                direction: t.direction,
+                mode: None,
+                prog_id: None,
+                generation: None,
+                rules: Vec::new(),
+                passed: Default::default(),
+                error: None,
+            };
+            let read = (|| -> Result<()> {
+                a.prog_id = Program::fd_from_pinned_path(dir.join("prog"))
+                    .ok()
+                    .and_then(|fd| Program::id_from_fd(fd.as_fd()).ok());
+                let maps = RulesetMaps::from_pins(&dir)?;
+                let meta = maps.read_meta()?;
+                a.mode = match meta.mode {
+                    SFUNNEL_MODE_TCX => Some(crate::attach::Mode::Tcx),
+                    SFUNNEL_MODE_CLSACT => Some(crate::attach::Mode::Clsact),
+                    _ => None,
+                };
+                a.generation = Some(maps.active_gen()?);
+                a.rules = maps.rule_counters()?;
+                let stats = maps.stats()?;
+                for (name, i) in STAT_NAMES {
+                    a.passed.insert(name, stats.get(i as usize).copied().unwrap_or(0));
+                }
+                Ok(())
+            })();
+            a.error = read.err().map(|e| format!("{e:#}"));
+            a
+        })
+        .collect()
+}
+
+fn print_text(list: &[Attachment]) {
+    if list.is_empty() {
+        println!("sfunnel has nothing loaded (no pins under {})", crate::pins::root().display());
+        return;
+    }
+    for a in list {
+        let mode = a.mode.map_or("?".to_string(), |m| m.to_string());
+        let prog = a.prog_id.map_or("?".to_string(), |p| p.to_string());
+        println!("netns {} {} {}: {mode}, program {prog}, {} rules", a.netns_ino, a.iface, a.direction, a.rules.len());
+        for (i, c) in a.rules.iter().enumerate() {
+            println!("  rule {:<4} {:>12} packets {:>14} bytes", i + 1, c.packets, c.bytes);
+        }
+        let passed: Vec<String> = a.passed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+        if !passed.is_empty() {
+            println!("  passed unchanged: {}", passed.join(", "));
+        }
+        if let Some(e) = &a.error {
+            println!("  problem: {e}");
+        }
+    }
+}
+
+pub fn run(args: &StatusArgs) -> Result<Outcome> {
+    loop {
+        let list = collect();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            print_text(&list);
+        }
+        match args.interval {
+            Some(s) if s > 0.0 => std::thread::sleep(std::time::Duration::from_secs_f64(s)),
+            _ => return Ok(Outcome::Ok),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Load, update and unload one attachment (netns × interface × direction).
+//! The caller has entered the namespace and holds the pin lock.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use libbpf_rs::Program;
+use serde::Serialize;
+
+use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
+use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
+use crate::datapath::types::sfunnel_meta;
+use crate::datapath::{Loaded, RulesetMaps};
+use crate::log::debug;
+use crate::pins::Target;
+use crate::ruleset::Compiled;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub attach: AttachChoice,
+    /// Tries at finding an interface that does not exist yet.
+    pub attempts: u32,
+    pub retry_delay: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub iface: String,
+    pub direction: Direction,
+    pub mode: Mode,
+    pub prog_id: u32,
+    /// "attached", "updated in place", or "replaced (why)".
+    pub what: String,
+}
+
+/// The interface's index, waiting for it to appear (the original
+/// container's N_ATTEMPTS and RETRY_DELAY).
+pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32> {
+    let attempts = attempts.max(1);
+    for i in 1..=attempts {
+        match nix::net::if_::if_nametoindex(iface) {
+            Ok(idx) => return Ok(idx),
+            Err(e) if i == attempts => {
+                return Err(anyhow!(e)).with_context(|| {
+                    format!(
+                        "interface {iface} not found after {attempts} attempts {delay:?} apart: check the name \
+                         (`ip link` in the target namespace), or raise N_ATTEMPTS/RETRY_DELAY"
+                    )
+                })
+            }
+            Err(_) => {
+                debug!("interface {iface} not there yet (attempt {i}/{attempts}); retrying in {delay:?}");
+                std::thread::sleep(delay);
+            }
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+fn mode_of(meta: &sfunnel_meta) -> Option<Mode> {
+    match meta.mode {
+        SFUNNEL_MODE_TCX => Some(Mode::Tcx),
+        SFUNNEL_MODE_CLSACT => Some(Mode::Clsact),
+        _ => None,
+    }
+}
+
+fn pinned_prog(dir: &Path) -> Result<(OwnedFd, u32)> {
+    let fd = Program::fd_from_pinned_path(dir.join("prog")).context("opening the pinned program")?;
+    let id = Program::id_from_fd(fd.as_fd())?;
+    Ok((fd, id))
+}
+
+/// Whether the pinned program is still hooked where the meta says.
+fn still_attached(meta: &sfunnel_meta, ifindex: u32, d: Direction, prog: &OwnedFd, prog_id: u32) -> bool {
+    meta.ifindex == ifindex
+        && match mode_of(meta) {
+            Some(Mode::Tcx) => tcx::attached_ids(ifindex, d).contains(&prog_id),
+            Some(Mode::Clsact) => clsact::query(prog.as_fd(), ifindex, d) == Some(prog_id),
+            None => false,
+        }
+}
+
+/// Why the pins of `t` cannot be reused; None when they can.
+fn reuse_problem(t: &Target, ifindex: u32) -> Option<String> {
+    let dir = t.dir();
+    let meta = match RulesetMaps::from_pins(&dir).and_then(|m| m.read_meta()) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("incomplete pins: {e:#}")),
+    };
+    if meta.abi_version != SFUNNEL_ABI_VERSION {
+        return Some(format!("pinned by an incompatible version (layout {})", meta.abi_version));
+    }
+    let Ok((fd, id)) = pinned_prog(&dir) else { return Some("the pinned program is missing".into()) };
+    if !still_attached(&meta, ifindex, t.direction, &fd, id) {
+        return Some("no longer attached (was the interface re-created?)".into());
+    }
+    None
+}
+
+/// Loads or updates the ruleset on one target.
+pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadReport> {
+    let ifindex = wait_for_iface(&t.iface, opts.attempts, opts.retry_delay)?;
+    let dir = t.dir();
+    let mut replaced = None;
+    if dir.exists() {
+        match reuse_problem(t, ifindex) {
+            None => {
+                let maps = RulesetMaps::from_pins(&dir)?;
+                maps.install(compiled).context("updating the pinned ruleset")?;
+                let meta = maps.read_meta()?;
+                let report = LoadReport {
+                    iface: t.iface.clone(),
+                    direction: t.direction,
+                    mode: mode_of(&meta).unwrap_or(Mode::Tcx),
+                    prog_id: pinned_prog(&dir)?.1,
+                    what: "updated in place".into(),
+                };
+                debug!("{}/{}: {} (program {})", t.iface, t.direction, report.what, report.prog_id);
+                return Ok(report);
+            }
+            Some(why) => {
+                debug!("{}/{}: replacing old pins: {why}", t.iface, t.direction);
+                unload(t).context("removing the old pins")?;
+                replaced = Some(why);
+            }
+        }
+    }
+
+    let (mode, why) = attach::choose(opts.attach, ifindex)?;
+    debug!("{}/{}: attaching with {mode}: {why}", t.iface, t.direction);
+    let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)))?;
+    let maps = loaded.maps()?;
+    // The rules go in before the program sees its first packet.
+    maps.install(compiled)?;
+    maps.write_meta(&sfunnel_meta {
+        abi_version: SFUNNEL_ABI_VERSION,
+        ifindex,
+        mode: if mode == Mode::Tcx { SFUNNEL_MODE_TCX } else { SFUNNEL_MODE_CLSACT },
+        egress: u32::from(t.direction == Direction::Egress),
+        tc_handle: if mode == Mode::Clsact { clsact::HANDLE } else { 0 },
+        tc_prio: if mode == Mode::Clsact { clsact::PRIORITY } else { 0 },
+        netns_ino: t.netns_ino,
+    })?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
+    let attached = match mode {
+        Mode::Tcx => tcx::attach(loaded.program(), ifindex).map(Some),
+        Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, None).map(|()| None),
+    };
+    let mut link = match attached {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = t.remove_pins();
+            return Err(e);
+        }
+    };
+    // Pin; if that fails, undo the attach so nothing is left half-done.
+    let pinned = loaded.pin(&dir).and_then(|()| match link.as_mut() {
+        Some(l) => l.pin(dir.join("link")).context("pinning the TCX link"),
+        None => Ok(()),
+    });
+    if let Err(e) = pinned {
+        if mode == Mode::Clsact {
+            let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
+        }
+        drop(link);
+        let _ = t.remove_pins();
+        return Err(e);
+    }
+    let what = match replaced {
+        Some(why) => format!("replaced ({why})"),
+        None => "attached".into(),
+    };
+    debug!("{}/{}: {what} with {mode}, program {prog_id}", t.iface, t.direction);
+    Ok(LoadReport { iface: t.iface.clone(), direction: t.direction, mode, prog_id, what })
+}
+
+/// Detaches and removes everything sfunnel made for `t`.  Missing pieces
+/// (an interface that is gone, a pin already removed) are not errors.
+pub fn unload(t: &Target) -> Result<()> {
+    let dir = t.dir();
+    let meta = RulesetMaps::from_pins(&dir).and_then(|m| m.read_meta()).ok();
+    let link = dir.join("link");
+    if link.exists() {
+        tcx::detach_pinned(&link)?;
+    }
+    if let Some(meta) = meta.filter(|m| mode_of(m) == Some(Mode::Clsact)) {
+        let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
+        if let (Ok((fd, ours)), Some(ifindex)) = (pinned_prog(&dir), ifindex) {
+            // Only our own program in our slot: never someone else's filter.
+            if ifindex == meta.ifindex && clsact::query(fd.as_fd(), ifindex, t.direction) == Some(ours) {
+                clsact::detach(fd.as_fd(), ifindex, t.direction)?;
+            }
+        }
+    }
+    t.remove_pins()
+}
