@@ -55,3 +55,16 @@ pub fn exists(ino: u64) -> bool {
             .flatten()
             .any(|e| std::fs::metadata(e.path().join("ns/net")).map(|m| m.ino() == ino).unwrap_or(false))
 }
+
+/// Runs `f` on a thread inside the named namespace; the caller's thread
+/// stays where it is.  Sockets `f` creates belong to that namespace.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(name)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread in namespace {name} panicked"))?
+    })
+}
