@@ -23,15 +23,23 @@ pub fn require_root(test: &str) -> bool {
         return true;
     }
     let allow = std::env::var("SFUNNEL_ALLOW_SKIP").is_ok_and(|v| v == "1");
-    eprintln!();
-    eprintln!("************************************************************************");
-    eprintln!("SKIPPED: needs root (CAP_BPF, CAP_NET_ADMIN): datapath test `{test}`");
-    eprintln!("         loads a BPF program and runs packets through BPF_PROG_TEST_RUN.");
-    eprintln!("         Run `cargo test --test datapath` as root.");
+    // Written to the stderr handle, not with eprintln!, so that the test
+    // harness's output capture cannot hide it when the test "passes".
+    let mut msg = String::new();
+    msg.push_str("\n************************************************************************\n");
+    msg.push_str(&format!("SKIPPED: needs root (CAP_BPF, CAP_NET_ADMIN): datapath test `{test}`\n"));
+    msg.push_str("         loads a BPF program and runs packets through BPF_PROG_TEST_RUN.\n");
+    msg.push_str("         Run `cargo test --test datapath` as root.\n");
     if !allow {
-        eprintln!("         Failing: set SFUNNEL_ALLOW_SKIP=1 to skip instead.");
+        msg.push_str("         Failing: set SFUNNEL_ALLOW_SKIP=1 to skip instead.\n");
     }
-    eprintln!("************************************************************************");
+    msg.push_str("************************************************************************\n");
+    {
+        use std::io::Write as _;
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(msg.as_bytes());
+        let _ = err.flush();
+    }
     assert!(allow, "SKIPPED: needs root (set SFUNNEL_ALLOW_SKIP=1 to allow skipping)");
     false
 }

@@ -379,7 +379,7 @@ impl PacketSpec {
                 seg.extend_from_slice(&dport.to_be_bytes());
                 seg.extend_from_slice(&seq.to_be_bytes());
                 seg.extend_from_slice(&ack.to_be_bytes());
-                seg.push(((20 + options.len()) / 4) as u8 << 4);
+                seg.push((((20 + options.len()) / 4) as u8) << 4);
                 seg.push(*flags);
                 seg.extend_from_slice(&window.to_be_bytes());
                 seg.extend_from_slice(&[0, 0]);
