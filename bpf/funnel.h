@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The funnel and unfunnel rewrites (wire format of sfunnel 0.0.11; see the
- * README).  Each returns 0 when the packet was rewritten, FUNNEL_UNTOUCHED
- * when it was left exactly as it was, and FUNNEL_BROKEN when a helper
- * failed after the packet had changed (the caller must drop it).
+ * README).  Each returns FUNNEL_OK when the packet was rewritten, a
+ * FUNNEL_SKIP_* reason when it was left exactly as it was, and
+ * FUNNEL_BROKEN when a helper failed after the packet had changed (the
+ * caller must drop it).
  *
  * Checksums without reading the payload (see README, "Checksums"):
  *  - the inner L4 checksum moves between the real and the zero-address
@@ -30,8 +31,13 @@
 #include "csum.h"
 #include "parse.h"
 
-#define FUNNEL_UNTOUCHED 1
-#define FUNNEL_BROKEN (-1)
+enum funnel_result {
+	FUNNEL_OK = 0,
+	FUNNEL_SKIP_MALFORMED = 1, /* the packet cannot carry the rewrite */
+	FUNNEL_SKIP_TOO_BIG = 2,   /* tot_len would overflow */
+	FUNNEL_SKIP_ERROR = 3,     /* a helper failed before any change */
+	FUNNEL_BROKEN = -1,        /* a helper failed after a change */
+};
 
 #define IP_OPTS_MAX (IPV4_MAX_HLEN - sizeof(struct iphdr))
 #define FUNNEL_SEQ 0xCAFEBABE
@@ -107,14 +113,14 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 	__u32 new_l4_len = inner_len + hlen;
 
 	if (p->tot_len + hlen > 0xffff)
-		return FUNNEL_UNTOUCHED;
+		return FUNNEL_SKIP_TOO_BIG;
 
 	/* The inner segment's sum, before anything changes. */
 	__u32 sum;
 	if (p->proto == IPPROTO_UDP && p->l4_csum == 0) {
 		int s = csum_skb_bytes(skb, p->l4, inner_len);
 		if (s < 0)
-			return FUNNEL_UNTOUCHED;
+			return FUNNEL_SKIP_ERROR;
 		sum = s;
 	} else {
 		sum = csum_segment_zero_addrs(p->proto, inner_len);
@@ -124,7 +130,7 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 	sum += sport + dport;
 
 	if (bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_NET, 0))
-		return FUNNEL_UNTOUCHED;
+		return FUNNEL_SKIP_ERROR;
 
 	/* From here on the packet has changed: any failure is FUNNEL_BROKEN. */
 	if (p->ihl_len > sizeof(struct iphdr) && move_ip_options(skb, p->l3, p->ihl_len, hlen, 0))
@@ -163,7 +169,7 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 	if (err || set_ip_proto_len(skb, proto, p->tot_len + hlen))
 		return FUNNEL_BROKEN;
 	bpf_set_hash_invalid(skb);
-	return 0;
+	return FUNNEL_OK;
 }
 
 /* The inner L4 checksum field, from linear data if it is there. */
@@ -190,19 +196,19 @@ static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, 
 
 	/* The inner header must be there in full. */
 	if (p->l4_len < hlen + inner_min)
-		return FUNNEL_UNTOUCHED;
+		return FUNNEL_SKIP_MALFORMED;
 	/* 0 means an inner UDP datagram sent without a checksum. */
 	if (read_inner_csum(skb, p->l4 + hlen + l4_csum_off(inner_proto), &inner_csum))
-		return FUNNEL_UNTOUCHED;
+		return FUNNEL_SKIP_ERROR;
 
 	if (p->ihl_len > sizeof(struct iphdr)) {
 		/* Options first, over the funnel header; then the room goes. */
 		if (move_ip_options(skb, p->l3, p->ihl_len, 0, hlen))
-			return FUNNEL_UNTOUCHED;
+			return FUNNEL_SKIP_ERROR;
 		if (bpf_skb_adjust_room(skb, -(__s32)hlen, BPF_ADJ_ROOM_NET, 0))
 			return FUNNEL_BROKEN;
 	} else if (bpf_skb_adjust_room(skb, -(__s32)hlen, BPF_ADJ_ROOM_NET, 0)) {
-		return FUNNEL_UNTOUCHED;
+		return FUNNEL_SKIP_ERROR;
 	}
 
 	if (set_ip_proto_len(skb, inner_proto, p->tot_len - hlen))
@@ -211,7 +217,7 @@ static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, 
 	    inner_csum_addrs(skb, p, p->l4, inner_proto, 1))
 		return FUNNEL_BROKEN;
 	bpf_set_hash_invalid(skb);
-	return 0;
+	return FUNNEL_OK;
 }
 
 #endif /* SFUNNEL_FUNNEL_H */

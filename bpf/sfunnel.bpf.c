@@ -59,13 +59,24 @@ int sfunnel(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 
-	if (rc == 0) {
+	switch (rc) {
+	case FUNNEL_OK:
 		count_rule(&m, len);
 		return TC_ACT_OK;
+	case FUNNEL_SKIP_MALFORMED:
+		count_stat(SFUNNEL_STAT_MALFORMED);
+		return TC_ACT_UNSPEC;
+	case FUNNEL_SKIP_TOO_BIG:
+		count_stat(SFUNNEL_STAT_TOO_BIG);
+		return TC_ACT_UNSPEC;
+	case FUNNEL_SKIP_ERROR:
+		count_stat(SFUNNEL_STAT_ERROR);
+		return TC_ACT_UNSPEC;
+	default:
+		/* Half-rewritten: never send it. */
+		count_stat(SFUNNEL_STAT_ERROR);
+		return TC_ACT_SHOT;
 	}
-	count_stat(SFUNNEL_STAT_ERROR);
-	/* Untouched: let it go on as it was.  Half-rewritten: never send it. */
-	return rc == FUNNEL_UNTOUCHED ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

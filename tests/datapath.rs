@@ -11,10 +11,9 @@
 //!   unfunnel, and NAT + unfunnel, checked byte for byte and for checksums.
 //! - `robustness_prefixes_and_random_bytes`: every prefix of valid packets
 //!   and 100,000 random byte strings, under rulesets that would match.
-//! - `known_bugs` (ignored): the checks that a known datapath bug fails.
 //!
 //! The tests need root; see `common::require_root`.  Run with
-//! `cargo test --test datapath` (`-- --ignored` for the known bugs).
+//! `cargo test --test datapath`.
 //! `SFUNNEL_TEST_SEED` changes the seed of the random tests,
 //! `SFUNNEL_PROP_CASES` and `SFUNNEL_RANDOM_INPUTS` their sizes, and
 //! `SFUNNEL_MAX_FAILURES` how many robustness failures are printed.
@@ -140,9 +139,6 @@ struct Case {
     rule: Option<usize>,
     /// The SFUNNEL_STAT_* entry that must move by one (None: none moves).
     stat: Option<u32>,
-    /// A known datapath bug affects this case's statistics: the table test
-    /// checks everything but `stat`; `known_bugs` checks `stat` too.
-    known_bug: Option<&'static str>,
 }
 
 const UDP_OVER_TCP: &str = "udp dport 4739 actions funnel tcp dport 179 sport 540";
@@ -178,27 +174,18 @@ fn funnel_case(name: String, rules: &str, input: Vec<u8>, outer: Proto, sport: u
     let output = expected_funnel(&input, outer, sport, dport);
     let inner = Proto::from_number(input[ETH_HLEN + 9]).unwrap();
     check_funneled(&output, inner).unwrap_or_else(|e| panic!("oracle for {name}: {e}"));
-    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None, known_bug: None }
+    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None }
 }
 
 fn unfunnel_case(name: String, rules: &str, input: Vec<u8>, inner: Proto) -> Case {
     let output = expected_unfunnel(&input, inner);
     check_plain(&output).unwrap_or_else(|e| panic!("oracle for {name}: {e}"));
-    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None, known_bug: None }
+    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None }
 }
 
 fn pass_case(name: impl Into<String>, rules: &str, input: Vec<u8>, stat: u32) -> Case {
     let output = input.clone();
-    Case {
-        name: name.into(),
-        rules: rules.into(),
-        input,
-        verdict: TC_ACT_UNSPEC,
-        output,
-        rule: None,
-        stat: Some(stat),
-        known_bug: None,
-    }
+    Case { name: name.into(), rules: rules.into(), input, verdict: TC_ACT_UNSPEC, output, rule: None, stat: Some(stat) }
 }
 
 /// The sport of a UDP funnel header that makes its computed checksum 0
@@ -515,7 +502,6 @@ fn build_cases() -> Vec<Case> {
         output: https.clone(),
         rule: Some(0),
         stat: None,
-        known_bug: None,
     });
     let other_src = PacketSpec::tcp(40000, 443, &payload(100)).with_addrs([10, 0, 0, 2], [10, 9, 9, 9]).build();
     cases.push(pass_case("miss: accept rule, other saddr", accept, other_src, SFUNNEL_STAT_MISS));
@@ -528,7 +514,6 @@ fn build_cases() -> Vec<Case> {
         output: dns.clone(),
         rule: Some(0),
         stat: None,
-        known_bug: None,
     });
     cases.push(pass_case(
         "miss: drop rule, dport 54",
@@ -547,7 +532,6 @@ fn build_cases() -> Vec<Case> {
         output: dns.clone(),
         rule: Some(0),
         stat: None,
-        known_bug: None,
     });
     let dns54 = PacketSpec::udp(33333, 54, &payload(30)).build();
     cases.push(Case {
@@ -558,7 +542,6 @@ fn build_cases() -> Vec<Case> {
         output: dns54,
         rule: Some(1),
         stat: None,
-        known_bug: None,
     });
     let mut fc = funnel_case(
         "funnel by the second rule; the first (drop, sport 1) does not match".into(),
@@ -601,7 +584,6 @@ fn fix_outer(g: &mut [u8]) {
 /// Known bug: the datapath passes them unchanged (correct) but counts them
 /// under SFUNNEL_STAT_ERROR ("a helper failed") instead of MALFORMED.
 fn truncated_inner_cases() -> Vec<Case> {
-    const BUG: &str = "unfunnel of a truncated inner header is counted as SFUNNEL_STAT_ERROR, not MALFORMED";
     let mut cases = Vec::new();
     for (inner, outer, _, urule, sport, dport) in COMBOS {
         let p = inner_packet(inner, &[]).build();
@@ -611,7 +593,7 @@ fn truncated_inner_cases() -> Vec<Case> {
             let mut g = f[..inner_start + k].to_vec();
             fix_outer(&mut g);
             g.extend(std::iter::repeat_n(0xEE, pad));
-            let mut c = pass_case(
+            let c = pass_case(
                 format!(
                     "unfunnel {} over {}: only {k} bytes of inner header{}",
                     inner.name(),
@@ -622,7 +604,6 @@ fn truncated_inner_cases() -> Vec<Case> {
                 g,
                 SFUNNEL_STAT_MALFORMED,
             );
-            c.known_bug = Some(BUG);
             cases.push(c);
         }
     }
@@ -679,7 +660,7 @@ fn run_case(prog: &Prog, c: &Case, installed: &mut Option<String>) -> Result<(),
     for i in 0..SFUNNEL_STAT_MAX as usize {
         let d = stats_after[i] - stats_before[i];
         let want = u64::from(c.stat == Some(i as u32));
-        if d != want && c.known_bug.is_none() {
+        if d != want {
             errs.push(format!("stat {i}: expected +{want}, got +{d}"));
         }
     }
@@ -718,39 +699,6 @@ fn table_driven_cases() {
         eprintln!("{f}\n");
     }
     assert!(failed.is_empty(), "{} of {} table-driven cases failed (see stderr)", failed.len(), cases.len());
-}
-
-/// The table cases whose statistics a known datapath bug gets wrong, with
-/// every check on.  Run with `cargo test --test datapath -- --ignored`.
-#[test]
-#[ignore = "known bug: unfunnel of a packet whose inner header is cut by tot_len is counted as \
-            SFUNNEL_STAT_ERROR instead of SFUNNEL_STAT_MALFORMED (verdict and bytes are right)"]
-fn known_bugs() {
-    if !require_root("known_bugs") {
-        return;
-    }
-    let prog = Prog::load().expect("load");
-    let mut cases = build_cases();
-    cases.retain(|c| c.known_bug.is_some());
-    assert!(!cases.is_empty());
-    let mut installed = None;
-    let mut failed = Vec::new();
-    for c in &mut cases {
-        let bug = c.known_bug.take();
-        if let Err(e) = run_case(&prog, c, &mut installed) {
-            failed.push(format!(
-                "FAIL (known bug: {}): {}\n  rules: {:?}\n  input: {}\n{e}",
-                bug.unwrap_or_default(),
-                c.name,
-                c.rules,
-                hex(&c.input)
-            ));
-        }
-    }
-    for f in &failed {
-        eprintln!("{f}\n");
-    }
-    assert!(failed.is_empty(), "{} of {} known-bug cases still fail", failed.len(), cases.len());
 }
 
 // ===========================================================================
