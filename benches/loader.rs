@@ -40,7 +40,7 @@ fn main() -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the loader benchmark attaches programs: run it as root");
     let ns = Netns(format!("sfbench-{}", std::process::id()));
     ip(&["netns", "add", &ns.0])?;
-    ip(&["-n", &ns.0, "link", "add", "sfbench0", "type", "dummy"])?;
+    ip(&["-n", &ns.0, "link", "add", "sfbench0", "type", "veth", "peer", "name", "sfbench1"])?;
     ip(&["-n", &ns.0, "link", "set", "sfbench0", "up"])?;
 
     let small = "udp dport 4739 actions funnel tcp sport 540 dport 179";

@@ -26,9 +26,14 @@ struct {
 	__type(value, struct sfunnel_params);
 } params SEC(".maps");
 
-/* Per generation and port: the port's class and the shapes it allows. */
+/*
+ * Per generation and port: the port's class and the shapes it allows.
+ * Mmapable, so user space writes a generation's 65536 entries with plain
+ * stores instead of 65536 map updates.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, GENERATIONS * PORT_SPACE);
 	__type(key, __u32);
 	__type(value, struct sfunnel_port_class);

@@ -6,7 +6,7 @@ use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenObject};
 
@@ -259,6 +259,41 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
     Ok(())
 }
 
+/// Writes one generation of the mmapable `ports` array with plain stores.
+/// The datapath reads only the active generation, never this one.
+fn write_ports(ports: &MapHandle, gen: u32, classes: &[sfunnel_port_class]) -> Result<()> {
+    use consts::{GENERATIONS, PORT_SPACE};
+    // Array elements are laid out at 8-byte-aligned strides.
+    let stride = size_of::<sfunnel_port_class>().next_multiple_of(8);
+    let len = stride * (GENERATIONS * PORT_SPACE) as usize;
+    ensure!(classes.len() == PORT_SPACE as usize, "a generation has {PORT_SPACE} ports");
+    // SAFETY: a shared mapping of the whole map, which the kernel sized to
+    // `len`; it is unmapped below before anything else can see the pointer.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            ports.as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mapping the ports array");
+    }
+    let first = (gen * PORT_SPACE) as usize * stride;
+    for (i, pc) in classes.iter().enumerate() {
+        let b = pc.as_bytes();
+        // SAFETY: first + i * stride + b.len() <= len: gen < GENERATIONS and
+        // i < PORT_SPACE, and b.len() <= stride.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), base.cast::<u8>().add(first + i * stride), b.len()) };
+    }
+    // SAFETY: the mapping made above, with its length.
+    unsafe { libc::munmap(base, len) };
+    Ok(())
+}
+
 impl RulesetMaps {
     /// Opens the maps pinned in `dir` under their `MAP_PINS` names.
     pub fn from_pins(dir: &std::path::Path) -> Result<RulesetMaps> {
@@ -305,7 +340,6 @@ impl RulesetMaps {
     /// programs (the kernel's synchronize_rcu on map-in-map updates), so no
     /// packet still walking them loses them.  Counters start at zero.
     pub fn install(&self, c: &Compiled) -> Result<()> {
-        use consts::*;
         let old = self.active_gen()?;
         let new = old ^ 1;
 
@@ -345,9 +379,7 @@ impl RulesetMaps {
             counters.update_percpu(&u32_key(i), &zero, MapFlags::ANY).context("creating a rule counter")?;
         }
 
-        let port_keys: Vec<u8> = (0..PORT_SPACE).flat_map(|p| u32_key(new * PORT_SPACE + p)).collect();
-        let port_vals: Vec<u8> = c.ports.iter().flat_map(|p| p.as_bytes().to_vec()).collect();
-        fill(&self.ports, &port_keys, &port_vals, PORT_SPACE as usize)?;
+        write_ports(&self.ports, new, &c.ports)?;
         self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
         for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)] {
             let fd = inner.as_fd().as_raw_fd();
@@ -360,9 +392,13 @@ impl RulesetMaps {
         self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
 
         for outer in [&self.addr_maps, &self.rule_maps, &self.counter_maps] {
+            // An empty slot (the first load) needs no delete, and a delete
+            // costs a grace period even when there is nothing to delete.
+            if outer.lookup(&u32_key(old), MapFlags::ANY)?.is_none() {
+                continue;
+            }
             match outer.delete(&u32_key(old)) {
                 Ok(()) => {}
-                // An empty slot (the first load) is fine.
                 Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
                 Err(e) => return Err(e).context("releasing the previous ruleset's tables"),
             }
