@@ -108,9 +108,11 @@ static __always_inline int lookup_rule(const struct pkt *p, struct match *out)
 
 static __always_inline void count_rule(const struct match *m, __u32 bytes)
 {
-	struct sfunnel_counter_key k = { .gen = m->gen, .index = m->rule->index };
-	struct sfunnel_counter *c = bpf_map_lookup_elem(&counters, &k);
-
+	void *counters = bpf_map_lookup_elem(&counter_maps, &m->gen);
+	if (!counters)
+		return;
+	__u32 idx = m->rule->index;
+	struct sfunnel_counter *c = bpf_map_lookup_elem(counters, &idx);
 	if (c) {
 		c->packets++;
 		c->bytes += bytes;

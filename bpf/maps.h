@@ -79,19 +79,23 @@ struct {
 } rule_maps SEC(".maps");
 
 /*
- * Per-CPU packet and byte counts per rule of each generation.  User space
- * creates a generation's entries before it goes live and deletes them once
- * it is gone, so the datapath only looks up and adds.  Not preallocated:
- * memory follows the rules loaded, not max_entries.  Counters need no
- * grace period: a straggler that misses a deleted entry just counts less.
+ * A per-CPU hash, not a per-CPU array: an inner per-CPU array cannot vary
+ * in size (no BPF_F_INNER_MAP for per-CPU maps).  User space creates an
+ * entry for every rule, so the datapath only looks up and adds.
  */
-struct {
+struct counter_table {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, GENERATIONS * MAX_RULES);
-	__type(key, struct sfunnel_counter_key);
+	__uint(max_entries, 1);
+	__type(key, __u32);
 	__type(value, struct sfunnel_counter);
-} counters SEC(".maps");
+} counter_table_template SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, GENERATIONS);
+	__type(key, __u32);
+	__array(values, struct counter_table);
+} counter_maps SEC(".maps");
 
 /* Per-CPU counts of packets the datapath left alone, by reason. */
 struct {

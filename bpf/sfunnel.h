@@ -46,8 +46,6 @@
 
 #define PORT_SPACE 65536
 #define GENERATIONS 2
-/* Rules per ruleset, at most: both generations' counters fit. */
-#define MAX_RULES 1048576
 
 enum sfunnel_action {
 	SFUNNEL_ACT_FUNNEL = 1,
@@ -122,13 +120,7 @@ enum sfunnel_stat {
 	SFUNNEL_STAT_MAX = 6,
 };
 
-/* Key of the per-CPU `counters` hash: a rule of a generation. */
-struct sfunnel_counter_key {
-	__u32 gen;
-	__u32 index;
-};
-
-/* Per-CPU, per-rule: `counters[{gen, rule index}]`. */
+/* Per-CPU, per-rule: `counters[rule index]`. */
 struct sfunnel_counter {
 	__u64 packets;
 	__u64 bytes;

@@ -11,7 +11,6 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenObject};
 
 use crate::ruleset::Compiled;
-use consts::MAX_RULES;
 
 #[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports)]
 mod skel {
@@ -72,13 +71,13 @@ pod! {
     sfunnel_rule_key = 16,
     sfunnel_rule_val = 12,
     sfunnel_counter = 16,
-    sfunnel_counter_key = 8,
     sfunnel_meta = 32,
 }
 
 /// The names under which an attachment's maps are pinned, in the order
 /// `RulesetMaps` holds them.
-pub const MAP_PINS: [&str; 8] = ["active", "params", "ports", "addr_maps", "rule_maps", "counters", "stats", "meta"];
+pub const MAP_PINS: [&str; 8] =
+    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "stats", "meta"];
 
 /// A loaded (not attached, not pinned) instance of the program and maps.
 pub struct Loaded {
@@ -128,7 +127,7 @@ impl Loaded {
             ports: h(&m.ports)?,
             addr_maps: h(&m.addr_maps)?,
             rule_maps: h(&m.rule_maps)?,
-            counters: h(&m.counters)?,
+            counter_maps: h(&m.counter_maps)?,
             stats: h(&m.stats)?,
             meta: h(&m.meta)?,
         })
@@ -210,7 +209,7 @@ pub struct RulesetMaps {
     pub ports: MapHandle,
     pub addr_maps: MapHandle,
     pub rule_maps: MapHandle,
-    pub counters: MapHandle,
+    pub counter_maps: MapHandle,
     pub stats: MapHandle,
     pub meta: MapHandle,
 }
@@ -308,14 +307,14 @@ impl RulesetMaps {
             ports: open("ports")?,
             addr_maps: open("addr_maps")?,
             rule_maps: open("rule_maps")?,
-            counters: open("counters")?,
+            counter_maps: open("counter_maps")?,
             stats: open("stats")?,
             meta: open("meta")?,
         })
     }
 
     fn all_mut(self) -> [MapHandle; 8] {
-        [self.active, self.params, self.ports, self.addr_maps, self.rule_maps, self.counters, self.stats, self.meta]
+        [self.active, self.params, self.ports, self.addr_maps, self.rule_maps, self.counter_maps, self.stats, self.meta]
     }
 
     pub fn read_meta(&self) -> Result<sfunnel_meta> {
@@ -366,11 +365,23 @@ impl RulesetMaps {
         let keys: Vec<u8> = c.rules.iter().flat_map(|(k, _)| k.as_bytes().to_vec()).collect();
         let vals: Vec<u8> = c.rules.iter().flat_map(|(_, v)| v.as_bytes().to_vec()).collect();
         fill(&rules, &keys, &vals, c.rules.len())?;
-        ensure!(c.params.nrules <= MAX_RULES, "{} rules: a ruleset holds at most {MAX_RULES}", c.params.nrules);
-        self.set_counters(new, c.params.nrules)?;
+        let counters = create_inner(
+            MapType::PercpuHash,
+            "sfunnel_counts",
+            4,
+            size_of::<sfunnel_counter>() as u32,
+            c.params.nrules as usize,
+            0,
+        )?;
+        let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
+        let zero = vec![sfunnel_counter::default().as_bytes().to_vec(); ncpus];
+        for i in 0..c.params.nrules {
+            counters.update_percpu(&u32_key(i), &zero, MapFlags::ANY).context("creating a rule counter")?;
+        }
+
         write_ports(&self.ports, new, &c.ports)?;
         self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
-        for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules)] {
+        for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)] {
             let fd = inner.as_fd().as_raw_fd();
             outer
                 .update(&u32_key(new), &fd.to_ne_bytes(), MapFlags::ANY)
@@ -380,11 +391,7 @@ impl RulesetMaps {
         // The switch: one aligned 4-byte write.
         self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
 
-        // The rules table first: its delete waits for every program that
-        // may still walk the old generation, so what follows is safe too.
-        let old_rules =
-            self.params.lookup(&u32_key(old), MapFlags::ANY)?.map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
-        for outer in [&self.rule_maps, &self.addr_maps] {
+        for outer in [&self.addr_maps, &self.rule_maps, &self.counter_maps] {
             // An empty slot (the first load) needs no delete, and a delete
             // costs a grace period even when there is nothing to delete.
             if outer.lookup(&u32_key(old), MapFlags::ANY)?.is_none() {
@@ -396,72 +403,21 @@ impl RulesetMaps {
                 Err(e) => return Err(e).context("releasing the previous ruleset's tables"),
             }
         }
-        self.drop_counters(old, old_rules)
-    }
-
-    fn counter_keys(gen: u32, n: u32) -> Vec<u8> {
-        (0..n).flat_map(|index| sfunnel_counter_key { gen, index }.as_bytes().to_vec()).collect()
-    }
-
-    /// Zeroed counters for every rule of generation `gen`.
-    fn set_counters(&self, gen: u32, n: u32) -> Result<()> {
-        let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
-        let keys = Self::counter_keys(gen, n);
-        // A per-CPU value is one 8-byte-aligned slot per possible CPU.
-        let per_key = ncpus * size_of::<sfunnel_counter>().next_multiple_of(8);
-        let vals = vec![0u8; n as usize * per_key];
-        let ks = size_of::<sfunnel_counter_key>();
-        const BATCH: usize = 8192;
-        for start in (0..n as usize).step_by(BATCH) {
-            let mut count = BATCH.min(n as usize - start) as u32;
-            let opts = libbpf_sys::bpf_map_batch_opts {
-                sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
-                ..Default::default()
-            };
-            // SAFETY: keys and values hold `count` entries from `start`, of
-            // the map's key size and per-CPU value size.
-            let rc = unsafe {
-                libbpf_sys::bpf_map_update_batch(
-                    self.counters.as_fd().as_raw_fd(),
-                    keys[start * ks..].as_ptr().cast(),
-                    vals[start * per_key..].as_ptr().cast(),
-                    &mut count,
-                    &opts,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::from_raw_os_error(-rc)).context("creating the rule counters");
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes generation `gen`'s counters (its `n` rules).
-    fn drop_counters(&self, gen: u32, n: u32) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        let keys = Self::counter_keys(gen, n);
-        let ks = size_of::<sfunnel_counter_key>();
-        for chunk in keys.chunks(ks * 8192) {
-            let count = (chunk.len() / ks) as u32;
-            if self.counters.delete_batch(chunk, count, MapFlags::ANY, MapFlags::ANY).is_err() {
-                for k in chunk.chunks(ks) {
-                    let _ = self.counters.delete(k);
-                }
-            }
-        }
         Ok(())
     }
 
     /// Per-rule counters of the active generation, summed over CPUs.
     pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
         let gen = self.active_gen()?;
+        let Some(id) = self.counter_maps.lookup(&u32_key(gen), MapFlags::ANY)? else {
+            return Ok(Vec::new());
+        };
+        let id = u32::from_ne_bytes(id[..4].try_into()?);
+        let counters = MapHandle::from_map_id(id).context("opening the counters map")?;
         let n = self.params.lookup(&u32_key(gen), MapFlags::ANY)?.map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
         let mut out = Vec::with_capacity(n as usize);
-        for index in 0..n {
-            let key = sfunnel_counter_key { gen, index };
-            let per_cpu = self.counters.lookup_percpu(key.as_bytes(), MapFlags::ANY)?.unwrap_or_default();
+        for i in 0..n {
+            let per_cpu = counters.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
             let mut total = RuleCounter::default();
             for v in per_cpu {
                 let c = sfunnel_counter::from_bytes(&v);
