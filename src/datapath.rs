@@ -259,6 +259,38 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
     Ok(())
 }
 
+/// Creates a zeroed per-CPU counter for rules 0..n, in batches.
+fn zero_counters(counters: &MapHandle, n: u32) -> Result<()> {
+    let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
+    // A per-CPU value is one 8-byte-aligned slot per possible CPU.
+    let per_key = ncpus * size_of::<sfunnel_counter>().next_multiple_of(8);
+    const BATCH: u32 = 8192;
+    let vals = vec![0u8; BATCH as usize * per_key];
+    for start in (0..n).step_by(BATCH as usize) {
+        let keys: Vec<u32> = (start..n.min(start + BATCH)).collect();
+        let mut count = keys.len() as u32;
+        let opts = libbpf_sys::bpf_map_batch_opts {
+            sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+            ..Default::default()
+        };
+        // SAFETY: `keys` and `vals` hold at least `count` keys and per-CPU
+        // values of the map's sizes, and outlive the call.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_update_batch(
+                counters.as_fd().as_raw_fd(),
+                keys.as_ptr().cast(),
+                vals.as_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(-rc)).context("creating the rule counters");
+        }
+    }
+    Ok(())
+}
+
 /// Writes one generation of the mmapable `ports` array with plain stores.
 /// The datapath reads only the active generation, never this one.
 fn write_ports(ports: &MapHandle, gen: u32, classes: &[sfunnel_port_class]) -> Result<()> {
@@ -373,11 +405,7 @@ impl RulesetMaps {
             c.params.nrules as usize,
             0,
         )?;
-        let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
-        let zero = vec![sfunnel_counter::default().as_bytes().to_vec(); ncpus];
-        for i in 0..c.params.nrules {
-            counters.update_percpu(&u32_key(i), &zero, MapFlags::ANY).context("creating a rule counter")?;
-        }
+        zero_counters(&counters, c.params.nrules)?;
 
         write_ports(&self.ports, new, &c.ports)?;
         self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
