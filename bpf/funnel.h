@@ -105,6 +105,33 @@ static __always_inline int inner_csum_addrs(struct __sk_buff *skb, const struct 
 	return bpf_l4_csum_replace(skb, inner_l4 + l4_csum_off(inner_proto), 0, diff, flags);
 }
 
+/*
+ * Writes the funnel header into the room adjust_room made.  Without IP
+ * options that room is zeroed and linear: a direct store, plus the header's
+ * sum into skb->csum when the skb carries a complete one (bpf_csum_update
+ * is a no-op otherwise).  With options the room holds their old bytes, so
+ * the store goes through the helper that keeps skb->csum in step.
+ */
+static __always_inline int write_funnel_header(struct __sk_buff *skb, const struct pkt *p, void *hdr,
+					       __u32 len, __u32 hdr_sum)
+{
+	if (p->ihl_len == sizeof(struct iphdr)) {
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		void *at = data + ETH_HLEN + sizeof(struct iphdr);
+
+		if (at + sizeof(struct tcphdr) <= data_end) {
+			if (len == sizeof(struct tcphdr))
+				__builtin_memcpy(at, hdr, sizeof(struct tcphdr));
+			else
+				__builtin_memcpy(at, hdr, sizeof(struct udphdr));
+			bpf_csum_update(skb, hdr_sum);
+			return 0;
+		}
+	}
+	return bpf_skb_store_bytes(skb, p->l4, hdr, len, BPF_F_RECOMPUTE_CSUM);
+}
+
 static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __u8 proto,
 				  __be16 sport, __be16 dport)
 {
@@ -125,9 +152,8 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 	} else {
 		sum = csum_segment_zero_addrs(p->proto, inner_len);
 	}
-	/* The outer pseudo-header and the funnel header's ports. */
+	/* The outer pseudo-header; the header's own words come below. */
 	sum += csum_word32(p->saddr) + csum_word32(p->daddr) + csum_pseudo_proto_len(proto, new_l4_len);
-	sum += sport + dport;
 
 	if (bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_NET, 0))
 		return FUNNEL_SKIP_ERROR;
@@ -150,21 +176,21 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 			.syn = 1,
 			.window = bpf_htons(FUNNEL_WINDOW),
 		};
-		sum += csum_word32(th.seq) + csum_word32(th.ack_seq) + bpf_htons(FUNNEL_DOFF_FLAGS) +
-		       th.window;
-		th.check = ~csum_fold(sum);
-		err = bpf_skb_store_bytes(skb, p->l4, &th, sizeof(th), BPF_F_RECOMPUTE_CSUM);
+		__u32 hdr_sum = sport + dport + csum_word32(th.seq) + csum_word32(th.ack_seq) +
+				bpf_htons(FUNNEL_DOFF_FLAGS) + th.window;
+		th.check = ~csum_fold(sum + hdr_sum);
+		err = write_funnel_header(skb, p, &th, sizeof(th), hdr_sum + th.check);
 	} else {
 		struct udphdr uh = {
 			.source = sport,
 			.dest = dport,
 			.len = bpf_htons(new_l4_len),
 		};
-		sum += uh.len;
-		uh.check = ~csum_fold(sum);
+		__u32 hdr_sum = sport + dport + uh.len;
+		uh.check = ~csum_fold(sum + hdr_sum);
 		if (uh.check == 0)
 			uh.check = 0xffff;
-		err = bpf_skb_store_bytes(skb, p->l4, &uh, sizeof(uh), BPF_F_RECOMPUTE_CSUM);
+		err = write_funnel_header(skb, p, &uh, sizeof(uh), hdr_sum + uh.check);
 	}
 	if (err || set_ip_proto_len(skb, proto, p->tot_len + hlen))
 		return FUNNEL_BROKEN;

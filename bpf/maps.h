@@ -79,12 +79,15 @@ struct {
 } rule_maps SEC(".maps");
 
 /*
- * A per-CPU hash, not a per-CPU array: an inner per-CPU array cannot vary
- * in size (no BPF_F_INNER_MAP for per-CPU maps).  User space creates an
- * entry for every rule, so the datapath only looks up and adds.
+ * Per-CPU counters as a plain array with one block per CPU (see
+ * sfunnel.h): a per-CPU array cannot be an inner map of varying size
+ * (BPF_F_INNER_MAP excludes per-CPU maps), and a per-CPU hash costs a hash
+ * lookup per packet.  Mmapable, so `status` reads it in one go.  The kernel
+ * zeroes a new array: a generation's counters start at 0.
  */
 struct counter_table {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct sfunnel_counter);

@@ -61,8 +61,10 @@ enum sfunnel_addr_field {
 
 /* `params[gen]`: what a generation's ruleset needs to be walked. */
 struct sfunnel_params {
-	__u32 shapes;  /* shape set of every rule in the ruleset */
+	__u32 shapes;         /* shape set of every rule in the ruleset */
 	__u32 nrules;
+	__u32 counter_stride; /* counters per CPU: nrules padded to a cache line */
+	__u32 pad;
 };
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */
@@ -120,7 +122,11 @@ enum sfunnel_stat {
 	SFUNNEL_STAT_MAX = 6,
 };
 
-/* Per-CPU, per-rule: `counters[rule index]`. */
+/*
+ * Per rule and CPU: `counters[cpu * counter_stride + rule index]`, one
+ * cache-line-aligned block per CPU, so CPUs never share a line.
+ */
+#define COUNTERS_PER_LINE 4
 struct sfunnel_counter {
 	__u64 packets;
 	__u64 bytes;

@@ -64,7 +64,7 @@ macro_rules! pod {
 }
 
 pod! {
-    sfunnel_params = 8,
+    sfunnel_params = 16,
     sfunnel_port_class = 12,
     sfunnel_addr_key = 12,
     sfunnel_addr_class = 8,
@@ -259,35 +259,18 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
     Ok(())
 }
 
-/// Creates a zeroed per-CPU counter for rules 0..n, in batches.
-fn zero_counters(counters: &MapHandle, n: u32) -> Result<()> {
-    let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
-    // A per-CPU value is one 8-byte-aligned slot per possible CPU.
-    let per_key = ncpus * size_of::<sfunnel_counter>().next_multiple_of(8);
-    const BATCH: u32 = 8192;
-    let vals = vec![0u8; BATCH as usize * per_key];
-    for start in (0..n).step_by(BATCH as usize) {
-        let keys: Vec<u32> = (start..n.min(start + BATCH)).collect();
-        let mut count = keys.len() as u32;
-        let opts = libbpf_sys::bpf_map_batch_opts {
-            sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
-            ..Default::default()
-        };
-        // SAFETY: `keys` and `vals` hold at least `count` keys and per-CPU
-        // values of the map's sizes, and outlive the call.
-        let rc = unsafe {
-            libbpf_sys::bpf_map_update_batch(
-                counters.as_fd().as_raw_fd(),
-                keys.as_ptr().cast(),
-                vals.as_ptr().cast(),
-                &mut count,
-                &opts,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(-rc)).context("creating the rule counters");
-        }
+/// Maps `len` bytes of an mmapable array map for `f`, then unmaps them.
+fn with_mapping(map: &MapHandle, len: usize, prot: i32, f: impl FnOnce(*mut u8)) -> Result<()> {
+    // SAFETY: a shared mapping of the map's data, sized by the caller to
+    // at most the map's size; it is unmapped below and the pointer does not
+    // outlive `f`.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, map.as_fd().as_raw_fd(), 0) };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mapping an array map");
     }
+    f(base.cast::<u8>());
+    // SAFETY: the mapping made above, with its length.
+    unsafe { libc::munmap(base, len) };
     Ok(())
 }
 
@@ -299,31 +282,15 @@ fn write_ports(ports: &MapHandle, gen: u32, classes: &[sfunnel_port_class]) -> R
     let stride = size_of::<sfunnel_port_class>().next_multiple_of(8);
     let len = stride * (GENERATIONS * PORT_SPACE) as usize;
     ensure!(classes.len() == PORT_SPACE as usize, "a generation has {PORT_SPACE} ports");
-    // SAFETY: a shared mapping of the whole map, which the kernel sized to
-    // `len`; it is unmapped below before anything else can see the pointer.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            ports.as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mapping the ports array");
-    }
     let first = (gen * PORT_SPACE) as usize * stride;
-    for (i, pc) in classes.iter().enumerate() {
-        let b = pc.as_bytes();
-        // SAFETY: first + i * stride + b.len() <= len: gen < GENERATIONS and
-        // i < PORT_SPACE, and b.len() <= stride.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), base.cast::<u8>().add(first + i * stride), b.len()) };
-    }
-    // SAFETY: the mapping made above, with its length.
-    unsafe { libc::munmap(base, len) };
-    Ok(())
+    with_mapping(ports, len, libc::PROT_READ | libc::PROT_WRITE, |base| {
+        for (i, pc) in classes.iter().enumerate() {
+            let b = pc.as_bytes();
+            // SAFETY: first + i * stride + b.len() <= len: gen < GENERATIONS
+            // and i < PORT_SPACE, and b.len() <= stride.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), base.add(first + i * stride), b.len()) };
+        }
+    })
 }
 
 impl RulesetMaps {
@@ -397,15 +364,17 @@ impl RulesetMaps {
         let keys: Vec<u8> = c.rules.iter().flat_map(|(k, _)| k.as_bytes().to_vec()).collect();
         let vals: Vec<u8> = c.rules.iter().flat_map(|(_, v)| v.as_bytes().to_vec()).collect();
         fill(&rules, &keys, &vals, c.rules.len())?;
+        // One cache-line-aligned block of counters per possible CPU; the
+        // kernel zeroes the array.
+        let ncpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
         let counters = create_inner(
-            MapType::PercpuHash,
+            MapType::Array,
             "sfunnel_counts",
             4,
             size_of::<sfunnel_counter>() as u32,
-            c.params.nrules as usize,
-            0,
+            ncpus * c.params.counter_stride as usize,
+            libbpf_sys::BPF_F_INNER_MAP | libbpf_sys::BPF_F_MMAPABLE,
         )?;
-        zero_counters(&counters, c.params.nrules)?;
 
         write_ports(&self.ports, new, &c.ports)?;
         self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
@@ -440,20 +409,30 @@ impl RulesetMaps {
         let Some(id) = self.counter_maps.lookup(&u32_key(gen), MapFlags::ANY)? else {
             return Ok(Vec::new());
         };
-        let id = u32::from_ne_bytes(id[..4].try_into()?);
-        let counters = MapHandle::from_map_id(id).context("opening the counters map")?;
-        let n = self.params.lookup(&u32_key(gen), MapFlags::ANY)?.map_or(0, |v| sfunnel_params::from_bytes(&v).nrules);
-        let mut out = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let per_cpu = counters.lookup_percpu(&u32_key(i), MapFlags::ANY)?.unwrap_or_default();
-            let mut total = RuleCounter::default();
-            for v in per_cpu {
-                let c = sfunnel_counter::from_bytes(&v);
-                total.packets += c.packets;
-                total.bytes += c.bytes;
+        let params = self
+            .params
+            .lookup(&u32_key(gen), MapFlags::ANY)?
+            .map(|v| sfunnel_params::from_bytes(&v))
+            .context("the params map has no entry for the active generation")?;
+        let counters =
+            MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into()?)).context("opening the counters map")?;
+        let stride = params.counter_stride as usize;
+        let entries = counters.max_entries() as usize;
+        let mut out = vec![RuleCounter::default(); params.nrules as usize];
+        with_mapping(&counters, entries * size_of::<sfunnel_counter>(), libc::PROT_READ, |base| {
+            for cpu_block in 0..entries / stride.max(1) {
+                for (rule, total) in out.iter_mut().enumerate() {
+                    let off = (cpu_block * stride + rule) * size_of::<sfunnel_counter>();
+                    // SAFETY: off + size_of::<sfunnel_counter>() <= entries *
+                    // size: cpu_block < entries / stride, rule < nrules <= stride.
+                    let c = sfunnel_counter::from_bytes(unsafe {
+                        std::slice::from_raw_parts(base.add(off), size_of::<sfunnel_counter>())
+                    });
+                    total.packets += c.packets;
+                    total.bytes += c.bytes;
+                }
             }
-            out.push(total);
-        }
+        })?;
         Ok(out)
     }
 

@@ -287,7 +287,12 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         .collect();
 
     Ok(Compiled {
-        params: sfunnel_params { shapes: shapes_used, nrules: rs.rules.len() as u32 },
+        params: sfunnel_params {
+            shapes: shapes_used,
+            nrules: rs.rules.len() as u32,
+            counter_stride: (rs.rules.len() as u32).next_multiple_of(COUNTERS_PER_LINE).max(COUNTERS_PER_LINE),
+            pad: 0,
+        },
         ports,
         addrs,
         rules,
