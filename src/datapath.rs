@@ -163,6 +163,8 @@ impl Loaded {
 
     /// Runs the program on `frame` (Ethernet onwards) with PROG_TEST_RUN.
     /// The kernel reuses one skb across `repeat` runs.
+    // ProgramInput is non-exhaustive: no struct literal.
+    #[allow(clippy::field_reassign_with_default)]
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRun> {
         let mut out = vec![0u8; frame.len() + 256];
         let mut input = libbpf_rs::ProgramInput::default();
@@ -193,6 +195,7 @@ impl Noop {
     }
 
     /// Average time per run of `repeat` PROG_TEST_RUN repetitions on `frame`.
+    #[allow(clippy::field_reassign_with_default)]
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<Duration> {
         let mut input = libbpf_rs::ProgramInput::default();
         input.data_in = Some(frame);

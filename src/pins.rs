@@ -33,6 +33,8 @@ pub fn root() -> PathBuf {
 }
 
 fn is_bpffs(p: &Path) -> bool {
+    // f_type's width differs across architectures.
+    #[allow(clippy::unnecessary_cast)]
     nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
 }
 
