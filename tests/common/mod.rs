@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod packet;
 pub mod rng;
+pub mod topology;
 
 use anyhow::{Context, Result};
 use sfunnel::datapath::{Loaded, RulesetMaps};

@@ -1,0 +1,541 @@
+//! Real network namespaces for the end-to-end tests (tests/e2e.rs).
+//!
+//! ```text
+//!   <tag>-c (client)            <tag>-r (router, forwards)              <tag>-s (server)
+//!   10.201.1.2 ── veth ── 10.201.1.1   10.201.3.1 ── veth ── 10.201.3.2
+//!    if `c`              if `rc`  service 10.201.2.1/32 on lo   if `rs`        if `s`
+//! ```
+//! Every name is unique per test: namespaces are `sfe2e<pid>-<n>-{c,r,s}`,
+//! interfaces `sf<pid hex>g<n hex>{c,rc,rs,s}` (≤ 15 characters; they only
+//! ever exist inside the test's own namespaces).  Dropping a [`Topo`] runs
+//! the binary's CLEAN=1 on every namespace, removes whatever pin directory
+//! of those namespaces is left, and deletes the namespaces (and with them
+//! the veths), also when the test panics.
+//!
+//! Addresses are private and only ever used inside these namespaces; the
+//! host's own namespace is never given an address or a route.
+
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_sfunnel");
+pub const NETNS_DIR: &str = "/var/run/netns";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/sfunnel";
+
+pub const CLIENT_IP: [u8; 4] = [10, 201, 1, 2];
+pub const ROUTER_C_IP: [u8; 4] = [10, 201, 1, 1];
+pub const ROUTER_S_IP: [u8; 4] = [10, 201, 3, 1];
+pub const SERVER_IP: [u8; 4] = [10, 201, 3, 2];
+/// The "Kubernetes Service" address the router owns and DNATs.
+pub const SERVICE_IP: [u8; 4] = [10, 201, 2, 1];
+
+/// Environment variables of the binary's container interface: cleared from
+/// every child so that the test's own environment cannot leak in.
+const SFUNNEL_ENV: [&str; 9] =
+    ["SFUNNEL_RULESET", "IFACES", "DIRECTION", "NETNS", "CLEAN", "DEBUG", "N_ATTEMPTS", "RETRY_DELAY", "SFUNNEL_BPFFS"];
+
+pub fn ip_str(a: [u8; 4]) -> String {
+    format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Unique name stems for one test: (namespace stem, interface stem).
+pub fn unique_stems() -> (String, String) {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    (format!("sfe2e{pid}-{n}"), format!("sf{pid:x}g{n:x}"))
+}
+
+// ---------------------------------------------------------------------------
+// Running commands, with timeouts
+// ---------------------------------------------------------------------------
+
+/// What a finished child printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub cmd: String,
+    /// Exit code; -1 when killed by a signal (or our timeout).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+
+    /// Panics with everything the command printed unless it succeeded.
+    pub fn expect_ok(self) -> Out {
+        assert!(
+            self.ok(),
+            "`{}` failed with {}:\nstdout: {}\nstderr: {}",
+            self.cmd,
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A spawned child whose output is collected on threads (so that a full
+/// pipe can never block it), reaped with a deadline.
+pub struct Running {
+    cmd: String,
+    child: std::process::Child,
+    readers: Vec<std::thread::JoinHandle<String>>,
+}
+
+pub fn spawn(cmd: &mut Command) -> Running {
+    let desc = format!("{cmd:?}");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {desc}: {e}"));
+    let mut readers = Vec::new();
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    for mut r in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+        readers.push(std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        }));
+    }
+    Running { cmd: desc, child, readers }
+}
+
+impl Running {
+    /// Waits at most `timeout`; kills the child and panics past it.
+    pub fn wait(mut self, timeout: Duration) -> Out {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!("`{}` did not finish within {timeout:?}", self.cmd);
+                }
+                Err(e) => panic!("waiting for `{}`: {e}", self.cmd),
+            }
+        };
+        let mut texts = self.readers.drain(..).map(|h| h.join().unwrap_or_default());
+        let stdout = texts.next().unwrap_or_default();
+        let stderr = texts.next().unwrap_or_default();
+        Out { cmd: self.cmd, code: status.code().unwrap_or(-1), stdout, stderr }
+    }
+}
+
+/// Runs a command with a timeout and returns what it did.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Out {
+    spawn(cmd).wait(timeout)
+}
+
+/// Runs `args` (program first) and panics unless it succeeds.
+pub fn sh(args: &[&str]) -> Out {
+    run(Command::new(args[0]).args(&args[1..]), Duration::from_secs(20)).expect_ok()
+}
+
+/// `nsenter --net=/var/run/netns/NS args...`: only the network namespace
+/// is entered, so /sys (and /sys/fs/bpf) stays the host's.
+pub fn ns_cmd(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={NETNS_DIR}/{ns}")).args(args);
+    c
+}
+
+/// Runs `args` inside `ns` and panics unless it succeeds.
+pub fn nsh(ns: &str, args: &[&str]) -> Out {
+    run(&mut ns_cmd(ns, args), Duration::from_secs(20)).expect_ok()
+}
+
+/// The sfunnel binary with a clean container environment plus `env`.
+pub fn sfunnel_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for k in SFUNNEL_ENV {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Runs the binary (verb and flags in `args`, possibly none) with `env`.
+pub fn sfunnel(args: &[&str], env: &[(&str, &str)]) -> Out {
+    run(&mut sfunnel_cmd(args, env), Duration::from_secs(60))
+}
+
+/// The container interface: no verb, everything from the environment
+/// (SFUNNEL_RULESET, IFACES, DIRECTION, NETNS), as the original image.
+pub fn env_load(ns: &str, ifaces: &str, direction: &str, rules: &str) -> Out {
+    sfunnel(&[], &[("SFUNNEL_RULESET", rules), ("IFACES", ifaces), ("DIRECTION", direction), ("NETNS", ns)])
+}
+
+/// The container interface with CLEAN=1.
+pub fn env_unload(ns: &str, ifaces: &str, direction: &str) -> Out {
+    sfunnel(&[], &[("CLEAN", "1"), ("IFACES", ifaces), ("DIRECTION", direction), ("NETNS", ns)])
+}
+
+/// The program id a `load` printed for `iface direction` ("…, program N, …").
+pub fn printed_prog_id(out: &str, iface: &str, direction: &str) -> Option<u32> {
+    let line = out.lines().find(|l| l.starts_with(&format!("{iface} {direction}:")))?;
+    let rest = &line[line.find("program ")? + "program ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// `sfunnel status --json`, parsed.
+pub fn status_json() -> Value {
+    let out = sfunnel(&["status", "--json"], &[]).expect_ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", out.stdout))
+}
+
+/// The status entry of one attachment, if any.
+pub fn attachment(ino: u64, iface: &str, direction: &str) -> Option<Value> {
+    status_json()
+        .as_array()?
+        .iter()
+        .find(|a| a["netns_ino"].as_u64() == Some(ino) && a["iface"] == iface && a["direction"] == direction)
+        .cloned()
+}
+
+/// Per-rule packet counters of an attachment.
+pub fn rule_packets(a: &Value) -> Vec<u64> {
+    a["rules"].as_array().map(|r| r.iter().map(|c| c["packets"].as_u64().unwrap_or(0)).collect()).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Threads inside a namespace
+// ---------------------------------------------------------------------------
+
+/// Moves the calling thread into the named network namespace.
+pub fn enter_ns(ns: &str) {
+    let path = format!("{NETNS_DIR}/{ns}");
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+}
+
+/// Runs `f` on a new thread inside `ns` and returns its result.  Sockets
+/// made there stay in `ns` and may be used from any thread afterwards.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_ns(ns, f).join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Starts `f` on a new thread inside `ns`.
+pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter_ns(&ns);
+        f()
+    })
+}
+
+/// Program ids on an interface's TCX hook (egress or ingress), asked of
+/// the kernel directly (BPF_PROG_QUERY), not of sfunnel.
+pub fn tcx_prog_ids(ns: &str, iface: &str, egress: bool) -> Vec<u32> {
+    let iface = iface.to_string();
+    in_ns(ns, move || {
+        let ifindex = nix::net::if_::if_nametoindex(iface.as_str()).expect("interface index");
+        let mut ids = [0u32; 64];
+        let mut opts = libbpf_sys::bpf_prog_query_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
+            prog_ids: ids.as_mut_ptr(),
+            ..Default::default()
+        };
+        opts.__bindgen_anon_1.count = ids.len() as u32;
+        let ty = if egress { libbpf_sys::BPF_TCX_EGRESS } else { libbpf_sys::BPF_TCX_INGRESS };
+        // SAFETY: prog_ids points at `count` writable u32s that outlive the call.
+        let rc = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, ty, &mut opts) };
+        assert_eq!(rc, 0, "BPF_PROG_QUERY on {iface}");
+        // SAFETY: the kernel wrote the number of ids back into `count`.
+        let n = unsafe { opts.__bindgen_anon_1.count } as usize;
+        ids[..n.min(64)].to_vec()
+    })
+}
+
+/// The name of a loaded BPF program, from bpftool; None if it is gone.
+pub fn prog_name(id: u32) -> Option<String> {
+    let out = run(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]), Duration::from_secs(10));
+    if !out.ok() {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&out.stdout).ok()?;
+    v["name"].as_str().map(str::to_string)
+}
+
+/// Selected counters of `nstat -azs` (absolute, zeros too, no history
+/// update) run inside `ns`.
+pub fn nstat(ns: &str, names: &[&str]) -> Vec<(String, u64)> {
+    let out = nsh(ns, &["nstat", "-azs"]);
+    names
+        .iter()
+        .map(|n| {
+            let v = out
+                .stdout
+                .lines()
+                .find_map(|l| {
+                    let mut w = l.split_whitespace();
+                    (w.next() == Some(n)).then(|| w.next().and_then(|x| x.parse().ok()).unwrap_or(0))
+                })
+                .unwrap_or(0);
+            (n.to_string(), v)
+        })
+        .collect()
+}
+
+/// The router's conntrack statistics summed over CPUs (per namespace).
+pub fn conntrack_stat(ns: &str, field: &str) -> Option<u64> {
+    let text = in_ns(ns, || std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").ok())?;
+    let mut lines = text.lines();
+    let col = lines.next()?.split_whitespace().position(|h| h == field)?;
+    Some(lines.filter_map(|l| l.split_whitespace().nth(col).and_then(|x| u64::from_str_radix(x, 16).ok())).sum())
+}
+
+// ---------------------------------------------------------------------------
+// The topology
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TopoOpts {
+    /// The router DNATs SERVICE_IP (TCP/80, UDP/81) to the server and
+    /// masquerades towards the server.
+    pub nat: bool,
+    /// `ethtool -K tx off tso off gso off` on the client's and the server's
+    /// veth (the funneling ends).
+    pub endpoints_offloads_off: bool,
+    /// The same on both router veths (its egress towards either side), so
+    /// that every forwarded checksum is completed before the receiver
+    /// verifies it.
+    pub router_offloads_off: bool,
+}
+
+/// Three namespaces, two veth pairs; dropping it removes everything.
+pub struct Topo {
+    pub client: String,
+    pub router: String,
+    pub server: String,
+    /// Client's interface (towards the router).
+    pub c_if: String,
+    /// Router's client-facing interface.
+    pub rc_if: String,
+    /// Router's server-facing interface.
+    pub rs_if: String,
+    /// Server's interface.
+    pub s_if: String,
+    pub opts: TopoOpts,
+    /// Namespaces created so far, with their inodes (keys of the pin tree).
+    created: Vec<(String, u64)>,
+}
+
+impl Topo {
+    pub fn new(opts: TopoOpts) -> Topo {
+        let (ns, ifp) = unique_stems();
+        let mut t = Topo {
+            client: format!("{ns}-c"),
+            router: format!("{ns}-r"),
+            server: format!("{ns}-s"),
+            c_if: format!("{ifp}c"),
+            rc_if: format!("{ifp}rc"),
+            rs_if: format!("{ifp}rs"),
+            s_if: format!("{ifp}s"),
+            opts,
+            created: Vec::new(),
+        };
+        for i in [&t.c_if, &t.rc_if, &t.rs_if, &t.s_if] {
+            assert!(i.len() <= 15, "interface name {i} too long");
+        }
+        for n in [t.client.clone(), t.router.clone(), t.server.clone()] {
+            t.add_ns(&n);
+        }
+        t.build();
+        t
+    }
+
+    /// Only one namespace, `<tag>-x`, with a veth pair inside it (`<if>a`
+    /// up with 10.201.9.1/24, `<if>b` in the same namespace).  For tests that
+    /// need a target but no traffic.
+    pub fn single() -> (Topo, String) {
+        let (ns, ifp) = unique_stems();
+        let mut t = Topo {
+            client: format!("{ns}-x"),
+            router: String::new(),
+            server: String::new(),
+            c_if: format!("{ifp}a"),
+            rc_if: format!("{ifp}b"),
+            rs_if: String::new(),
+            s_if: String::new(),
+            opts: TopoOpts::default(),
+            created: Vec::new(),
+        };
+        let n = t.client.clone();
+        t.add_ns(&n);
+        sh(&["ip", "-n", &n, "link", "add", &t.c_if, "type", "veth", "peer", "name", &t.rc_if]);
+        sh(&["ip", "-n", &n, "addr", "add", "10.201.9.1/24", "dev", &t.c_if]);
+        sh(&["ip", "-n", &n, "link", "set", &t.c_if, "up"]);
+        sh(&["ip", "-n", &n, "link", "set", &t.rc_if, "up"]);
+        let ifc = t.c_if.clone();
+        (t, ifc)
+    }
+
+    fn add_ns(&mut self, name: &str) {
+        sh(&["ip", "netns", "add", name]);
+        let ino = std::fs::metadata(format!("{NETNS_DIR}/{name}")).expect("netns file").ino();
+        self.created.push((name.to_string(), ino));
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+    }
+
+    /// The inode of one of our namespaces (what keys its pins).
+    pub fn ino(&self, ns: &str) -> u64 {
+        self.created.iter().find(|(n, _)| n == ns).map(|(_, i)| *i).expect("one of our namespaces")
+    }
+
+    /// The pin directory of an attachment.
+    pub fn pin_dir(&self, ns: &str, iface: &str, direction: &str) -> PathBuf {
+        PathBuf::from(PIN_ROOT).join(format!("netns-{}", self.ino(ns))).join(iface).join(direction)
+    }
+
+    fn build(&self) {
+        let (c, r, s) = (&self.client, &self.router, &self.server);
+        sh(&["ip", "-n", c, "link", "add", &self.c_if, "type", "veth", "peer", "name", &self.rc_if, "netns", r]);
+        sh(&["ip", "-n", r, "link", "add", &self.rs_if, "type", "veth", "peer", "name", &self.s_if, "netns", s]);
+        let addr = |ns: &str, a: [u8; 4], len: u8, dev: &str| {
+            sh(&["ip", "-n", ns, "addr", "add", &format!("{}/{len}", ip_str(a)), "dev", dev]);
+        };
+        addr(c, CLIENT_IP, 24, &self.c_if);
+        addr(r, ROUTER_C_IP, 24, &self.rc_if);
+        addr(r, ROUTER_S_IP, 24, &self.rs_if);
+        addr(r, SERVICE_IP, 32, "lo");
+        addr(s, SERVER_IP, 24, &self.s_if);
+        // Headroom for a 20-byte funnel header on the two funneling ends
+        // (NOTES §4 MTU): the router keeps 1500.
+        sh(&["ip", "-n", c, "link", "set", &self.c_if, "mtu", "1480", "up"]);
+        sh(&["ip", "-n", s, "link", "set", &self.s_if, "mtu", "1480", "up"]);
+        sh(&["ip", "-n", r, "link", "set", &self.rc_if, "up"]);
+        sh(&["ip", "-n", r, "link", "set", &self.rs_if, "up"]);
+        sh(&["ip", "-n", c, "route", "add", "default", "via", &ip_str(ROUTER_C_IP)]);
+        sh(&["ip", "-n", s, "route", "add", "default", "via", &ip_str(ROUTER_S_IP)]);
+        nsh(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // TCP funneling needs non-GSO segments (NOTES §4): no autocorking
+        // at the two TCP ends (the tests also write small chunks with
+        // TCP_NODELAY and wait for each echo).
+        for ns in [c, s] {
+            nsh(ns, &["sysctl", "-qw", "net.ipv4.tcp_autocorking=0"]);
+        }
+        if self.opts.endpoints_offloads_off {
+            nsh(c, &["ethtool", "-K", &self.c_if, "tx", "off", "tso", "off", "gso", "off"]);
+            nsh(s, &["ethtool", "-K", &self.s_if, "tx", "off", "tso", "off", "gso", "off"]);
+        }
+        if self.opts.router_offloads_off {
+            for i in [&self.rc_if, &self.rs_if] {
+                nsh(r, &["ethtool", "-K", i, "tx", "off", "tso", "off", "gso", "off"]);
+            }
+        }
+        if self.opts.nat {
+            // Like a Kubernetes Service on port 80: DNAT matches what is on
+            // the wire, i.e. the funnel header (TCP/80 or UDP/81).
+            let svc = ip_str(SERVICE_IP);
+            let srv = ip_str(SERVER_IP);
+            for p in [["tcp", "80"], ["udp", "81"]] {
+                nsh(
+                    r,
+                    &[
+                        "iptables",
+                        "-t",
+                        "nat",
+                        "-A",
+                        "PREROUTING",
+                        "-d",
+                        &svc,
+                        "-p",
+                        p[0],
+                        "--dport",
+                        p[1],
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &srv,
+                    ],
+                );
+            }
+            nsh(r, &["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
+        }
+    }
+
+    /// Where the client sends: the service address with NAT, else the
+    /// server itself.
+    pub fn dest(&self) -> [u8; 4] {
+        if self.opts.nat {
+            SERVICE_IP
+        } else {
+            SERVER_IP
+        }
+    }
+
+    /// The address the server sees the client's traffic come from.
+    pub fn client_seen_by_server(&self) -> [u8; 4] {
+        if self.opts.nat {
+            ROUTER_S_IP
+        } else {
+            CLIENT_IP
+        }
+    }
+
+    /// Removes everything now and checks that nothing is left: no
+    /// namespace of ours in `ip netns list`, no pin directory of ours.
+    pub fn teardown(mut self) {
+        let created = std::mem::take(&mut self.created);
+        cleanup(&created);
+        let list = sh(&["ip", "netns", "list"]).stdout;
+        for (ns, ino) in &created {
+            assert!(!list.lines().any(|l| l.split_whitespace().next() == Some(ns)), "namespace {ns} still listed");
+            let d = PathBuf::from(PIN_ROOT).join(format!("netns-{ino}"));
+            assert!(!d.exists(), "{} still exists after cleanup", d.display());
+        }
+        eprintln!("cleanup: {} namespaces and their pins removed", created.len());
+    }
+}
+
+/// CLEAN=1 per namespace (every interface, both directions, and pins of
+/// interfaces already gone), then removal of any pin directory left, then
+/// the namespaces.  Best effort: reports problems, never panics.
+fn cleanup(created: &[(String, u64)]) {
+    for (ns, ino) in created {
+        let out = run(
+            &mut sfunnel_cmd(&[], &[("CLEAN", "1"), ("DIRECTION", "both"), ("NETNS", ns)]),
+            Duration::from_secs(30),
+        );
+        if !out.ok() {
+            eprintln!("cleanup: CLEAN=1 NETNS={ns} failed ({}): {}", out.code, out.stderr.trim());
+        }
+        let d = PathBuf::from(PIN_ROOT).join(format!("netns-{ino}"));
+        if d.exists() {
+            eprintln!("cleanup: {} left after CLEAN=1; removing it", d.display());
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+    for (ns, _) in created {
+        let out = run(Command::new("ip").args(["netns", "del", ns]), Duration::from_secs(20));
+        if !out.ok() {
+            eprintln!("cleanup: ip netns del {ns}: {}", out.stderr.trim());
+        }
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        let created = std::mem::take(&mut self.created);
+        if !created.is_empty() {
+            cleanup(&created);
+        }
+    }
+}
