@@ -29,14 +29,11 @@ fn main() {
             .source(src)
             .clang_args(["-O2", "-g", "-Wall", "-Werror", "-Ibpf", multiarch.as_str()])
             .build_and_generate(out_dir.join(skel))
-            .unwrap_or_else(|e| {
-                panic!("compiling {src} failed (is clang installed? see README: Building): {e:#}")
-            });
+            .unwrap_or_else(|e| panic!("compiling {src} failed (is clang installed? see README: Building): {e:#}"));
     }
 
     let header = fs::read_to_string(SHARED_HEADER).expect("bpf/sfunnel.h is readable");
-    fs::write(out_dir.join("sfunnel_consts.rs"), header_constants(&header))
-        .expect("OUT_DIR is writable");
+    fs::write(out_dir.join("sfunnel_consts.rs"), header_constants(&header)).expect("OUT_DIR is writable");
     println!("cargo:rerun-if-changed=bpf");
 }
 
@@ -53,13 +50,7 @@ fn header_constants(header: &str) -> String {
                 _ => continue,
             }
         } else if let Some((n, v)) = line.split_once(" = ") {
-            (
-                n,
-                v.split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .trim_end_matches(','),
-            )
+            (n, v.split_whitespace().next().unwrap_or("").trim_end_matches(','))
         } else {
             continue;
         };
@@ -68,11 +59,9 @@ fn header_constants(header: &str) -> String {
             Some(hex) => u32::from_str_radix(hex, 16).ok(),
             None => value.parse::<u32>().ok(),
         };
-        if let (true, Some(v)) = (
-            name.chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
-            parsed,
-        ) {
+        if let (true, Some(v)) =
+            (name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'), parsed)
+        {
             writeln!(out, "pub const {name}: u32 = {v:#x};").expect("writing to a String");
         }
     }

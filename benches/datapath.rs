@@ -16,10 +16,8 @@ use anyhow::{ensure, Result};
 use sfunnel::datapath::{Loaded, Noop};
 use sfunnel::ruleset;
 
-const REAL: &[&str] = &[
-    "udp dport 4739 actions funnel tcp sport 540 dport 179",
-    "tcp sport 540 dport 179 actions unfunnel udp",
-];
+const REAL: &[&str] =
+    &["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp sport 540 dport 179 actions unfunnel udp"];
 const SIZES: [usize; 4] = [2, 100, 10_000, 100_000];
 const REPEAT: u32 = 200_000;
 const TRIALS: usize = 7;
@@ -49,25 +47,12 @@ fn main() -> Result<()> {
         dp.maps()?.install(&compiled)?;
         // Sanity: the packets take the paths we mean to time.
         let once = dp.test_run(&udp, 1)?;
-        ensure!(
-            once.verdict == 0 && once.data.len() == udp.len() + 20,
-            "{n} rules: the UDP packet was not funneled"
-        );
-        ensure!(
-            dp.test_run(&once.data, 1)?.data == udp,
-            "{n} rules: unfunnel did not restore the packet"
-        );
-        ensure!(
-            dp.test_run(&miss, 1)?.verdict == -1,
-            "{n} rules: the miss packet matched"
-        );
+        ensure!(once.verdict == 0 && once.data.len() == udp.len() + 20, "{n} rules: the UDP packet was not funneled");
+        ensure!(dp.test_run(&once.data, 1)?.data == udp, "{n} rules: unfunnel did not restore the packet");
+        ensure!(dp.test_run(&miss, 1)?.verdict == -1, "{n} rules: the miss packet matched");
         // An even repeat count: funnel, unfunnel, …, back to the start.
-        round.push(median_ns(|| {
-            Ok(dp.test_run(&udp, REPEAT)?.duration.as_nanos() as f64)
-        })?);
-        misses.push(median_ns(|| {
-            Ok(dp.test_run(&miss, REPEAT)?.duration.as_nanos() as f64)
-        })?);
+        round.push(median_ns(|| Ok(dp.test_run(&udp, REPEAT)?.duration.as_nanos() as f64))?);
+        misses.push(median_ns(|| Ok(dp.test_run(&miss, REPEAT)?.duration.as_nanos() as f64))?);
     }
 
     println!("ns per packet via PROG_TEST_RUN (median of {TRIALS} × {REPEAT} runs); ratio to the no-op floor");
@@ -83,10 +68,7 @@ fn main() -> Result<()> {
             print!("{:>16}", format!("{ns:.1} ({:.2}x)", ns / floor));
         }
         let worst = row.iter().fold(0f64, |m, ns| m.max(ns / floor));
-        println!(
-            "   worst {worst:.2}x, target <= {target}x: {}",
-            if worst <= target { "met" } else { "MISSED" }
-        );
+        println!("   worst {worst:.2}x, target <= {target}x: {}", if worst <= target { "met" } else { "MISSED" });
     }
     Ok(())
 }

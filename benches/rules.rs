@@ -10,10 +10,8 @@ use std::hint::black_box;
 
 use sfunnel::ruleset::{compile, parse};
 
-const REAL: &[&str] = &[
-    "udp dport 4739 actions funnel tcp sport 540 dport 179",
-    "tcp sport 540 dport 179 actions unfunnel udp",
-];
+const REAL: &[&str] =
+    &["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp sport 540 dport 179 actions unfunnel udp"];
 
 fn main() {
     println!("parse + compile (median of runs; ms)");

@@ -25,20 +25,10 @@ tcp dport 80 sport 540 unfunnel tcp
 ";
     let rs = parse(text).expect("valid");
     assert_eq!(rs.rules.len(), 8);
-    assert_eq!(
-        rs.rules[0].to_string(),
-        "ip daddr 1.1.1.1 tcp dport 8080 actions funnel tcp sport 540 dport 80"
-    );
+    assert_eq!(rs.rules[0].to_string(), "ip daddr 1.1.1.1 tcp dport 8080 actions funnel tcp sport 540 dport 80");
     assert_eq!(rs.rules[3].action, Action::Unfunnel { proto: Proto::Udp });
     assert_eq!(rs.rules[5].action, Action::Drop);
-    assert_eq!(
-        rs.rules[6].action,
-        Action::Funnel {
-            proto: Proto::Udp,
-            sport: 1,
-            dport: 2
-        }
-    );
+    assert_eq!(rs.rules[6].action, Action::Funnel { proto: Proto::Udp, sport: 1, dport: 2 });
     assert_eq!((rs.rules[6].pos.line, rs.rules[6].pos.col), (8, 45));
 }
 
@@ -51,25 +41,13 @@ fn match_keywords_come_in_any_order() {
 
 #[test]
 fn sets_ranges_and_negations() {
-    let rs = parse(
-        "tcp dport != { 443, 80, 1000-2000, 81 } sport 1024-65535 saddr != 10.1.2.3/8 accept",
-    )
-    .unwrap();
+    let rs = parse("tcp dport != { 443, 80, 1000-2000, 81 } sport 1024-65535 saddr != 10.1.2.3/8 accept").unwrap();
     let m = &rs.rules[0].matches;
     assert_eq!(
         m.dport,
-        Some(PortMatch {
-            negated: true,
-            ports: PortSet::new(vec![(80, 81), (443, 443), (1000, 2000)])
-        })
+        Some(PortMatch { negated: true, ports: PortSet::new(vec![(80, 81), (443, 443), (1000, 2000)]) })
     );
-    assert_eq!(
-        m.saddr,
-        Some(AddrMatch {
-            negated: true,
-            net: Ipv4Net::new(0x0a00_0000, 8)
-        })
-    );
+    assert_eq!(m.saddr, Some(AddrMatch { negated: true, net: Ipv4Net::new(0x0a00_0000, 8) }));
     assert_eq!(
         rs.rules[0].to_string(),
         "ip saddr != 10.0.0.0/8 tcp sport 1024-65535 dport != { 80-81, 443, 1000-2000 } actions accept"
@@ -167,54 +145,28 @@ fn errors_report_line_col_and_a_plain_message() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases wrong:\n{}",
-        failures.len(),
-        BAD.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), BAD.len(), failures.join("\n"));
 }
 
 #[test]
 fn an_error_shows_the_source_line_and_a_caret() {
     let e = parse("tcp accept\nudp dprot 80 drop\n").unwrap_err();
     let shown = e.to_string();
-    assert_eq!(
-        shown,
-        "2:5: unknown word `dprot`; did you mean `dport`?\n  |\n2 | udp dprot 80 drop\n  |     ^"
-    );
+    assert_eq!(shown, "2:5: unknown word `dprot`; did you mean `dport`?\n  |\n2 | udp dprot 80 drop\n  |     ^");
 }
 
 #[test]
 fn a_ruleset_over_the_entry_cap_is_refused_with_its_line() {
     let mut text = String::new();
     for i in 0..1100u32 {
-        text.push_str(&format!(
-            "ip saddr 10.{}.{}.0/24 tcp accept\n",
-            i / 256,
-            i % 256
-        ));
-        text.push_str(&format!(
-            "ip daddr 10.{}.{}.0/24 tcp dport {} accept\n",
-            i / 256,
-            i % 256,
-            i + 1
-        ));
+        text.push_str(&format!("ip saddr 10.{}.{}.0/24 tcp accept\n", i / 256, i % 256));
+        text.push_str(&format!("ip daddr 10.{}.{}.0/24 tcp dport {} accept\n", i / 256, i % 256, i + 1));
     }
     text.push_str("  ip saddr != 1.2.3.4 daddr != 1.2.3.4 tcp sport != 5 dport != 5 accept\n");
     let e = load(&text).unwrap_err();
     assert_eq!((e.line, e.col), (2201, 3));
-    assert!(
-        e.message
-            .starts_with("the ruleset needs more than 1048576 map entries"),
-        "{}",
-        e.message
-    );
-    assert_eq!(
-        e.source_line.trim(),
-        "ip saddr != 1.2.3.4 daddr != 1.2.3.4 tcp sport != 5 dport != 5 accept"
-    );
+    assert!(e.message.starts_with("the ruleset needs more than 1048576 map entries"), "{}", e.message);
+    assert_eq!(e.source_line.trim(), "ip saddr != 1.2.3.4 daddr != 1.2.3.4 tcp sport != 5 dport != 5 accept");
 }
 
 // ---------------------------------------------------- compiled vs linear
@@ -225,36 +177,23 @@ const BASES: [u32; 4] = [0x0a00_0000, 0x0a01_0000, 0xc0a8_0101, 0x0a01_0203];
 const PORTS: [u16; 8] = [1, 79, 80, 81, 443, 1000, 2000, 65535];
 
 fn arb_net() -> impl Strategy<Value = Ipv4Net> {
-    (
-        prop::sample::select(&BASES[..]),
-        prop::sample::select(&[0u8, 1, 8, 16, 24, 31, 32][..]),
-    )
+    (prop::sample::select(&BASES[..]), prop::sample::select(&[0u8, 1, 8, 16, 24, 31, 32][..]))
         .prop_map(|(a, l)| Ipv4Net::new(a, l))
 }
 
 fn arb_addr_match() -> impl Strategy<Value = Option<AddrMatch>> {
-    prop::option::weighted(
-        0.5,
-        (any::<bool>(), arb_net()).prop_map(|(negated, net)| AddrMatch { negated, net }),
-    )
+    prop::option::weighted(0.5, (any::<bool>(), arb_net()).prop_map(|(negated, net)| AddrMatch { negated, net }))
 }
 
 fn arb_port_match() -> impl Strategy<Value = Option<PortMatch>> {
-    let range = (
-        prop::sample::select(&PORTS[..]),
-        prop::sample::select(&PORTS[..]),
-    )
-        .prop_map(|(a, b)| (a.min(b), a.max(b)));
+    let range =
+        (prop::sample::select(&PORTS[..]), prop::sample::select(&PORTS[..])).prop_map(|(a, b)| (a.min(b), a.max(b)));
     let single = prop::sample::select(&PORTS[..]).prop_map(|p| (p, p));
     let item = prop_oneof![3 => single, 1 => range];
     prop::option::weighted(
         0.6,
-        (any::<bool>(), prop::collection::vec(item, 1..4)).prop_map(|(negated, ranges)| {
-            PortMatch {
-                negated,
-                ports: PortSet::new(ranges),
-            }
-        }),
+        (any::<bool>(), prop::collection::vec(item, 1..4))
+            .prop_map(|(negated, ranges)| PortMatch { negated, ports: PortSet::new(ranges) }),
     )
 }
 
@@ -264,11 +203,7 @@ fn arb_proto() -> impl Strategy<Value = Proto> {
 
 fn arb_action() -> impl Strategy<Value = Action> {
     prop_oneof![
-        (arb_proto(), 1u16.., 1u16..).prop_map(|(proto, sport, dport)| Action::Funnel {
-            proto,
-            sport,
-            dport
-        }),
+        (arb_proto(), 1u16.., 1u16..).prop_map(|(proto, sport, dport)| Action::Funnel { proto, sport, dport }),
         arb_proto().prop_map(|proto| Action::Unfunnel { proto }),
         Just(Action::Accept),
         Just(Action::Drop),
@@ -276,33 +211,18 @@ fn arb_action() -> impl Strategy<Value = Action> {
 }
 
 fn arb_rule() -> impl Strategy<Value = Rule> {
-    (
-        arb_addr_match(),
-        arb_addr_match(),
-        arb_proto(),
-        arb_port_match(),
-        arb_port_match(),
-        arb_action(),
-    )
-        .prop_map(|(saddr, daddr, proto, sport, dport, action)| Rule {
-            matches: Match {
-                saddr,
-                daddr,
-                proto,
-                sport,
-                dport,
-            },
+    (arb_addr_match(), arb_addr_match(), arb_proto(), arb_port_match(), arb_port_match(), arb_action()).prop_map(
+        |(saddr, daddr, proto, sport, dport, action)| Rule {
+            matches: Match { saddr, daddr, proto, sport, dport },
             action,
             pos: Default::default(),
-        })
+        },
+    )
 }
 
 fn arb_addr() -> impl Strategy<Value = u32> {
     // Near the pool: the base itself, and a few bits flipped at prefix edges.
-    (
-        prop::sample::select(&BASES[..]),
-        prop::sample::select(&[0u32, 1, 0x100, 0x1_0000, 0x80_0000, 0x8000_0000][..]),
-    )
+    (prop::sample::select(&BASES[..]), prop::sample::select(&[0u32, 1, 0x100, 0x1_0000, 0x80_0000, 0x8000_0000][..]))
         .prop_map(|(a, flip)| a ^ flip)
 }
 
@@ -316,31 +236,17 @@ fn arb_port() -> impl Strategy<Value = u16> {
 }
 
 fn arb_packet() -> impl Strategy<Value = PacketFields> {
-    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port()).prop_map(
-        |(saddr, daddr, proto, sport, dport)| PacketFields {
-            saddr,
-            daddr,
-            proto,
-            sport,
-            dport,
-        },
-    )
+    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port())
+        .prop_map(|(saddr, daddr, proto, sport, dport)| PacketFields { saddr, daddr, proto, sport, dport })
 }
 
 #[test]
 fn compiled_lookup_agrees_with_first_match() {
     const RULESETS: u32 = 2_500;
     const PACKETS: usize = 64;
-    let mut runner = TestRunner::new(Config {
-        cases: RULESETS,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: RULESETS, failure_persistence: None, ..Config::default() });
     let checked = std::cell::Cell::new(0u64);
-    let strategy = (
-        prop::collection::vec(arb_rule(), 0..24),
-        prop::collection::vec(arb_packet(), PACKETS),
-    );
+    let strategy = (prop::collection::vec(arb_rule(), 0..24), prop::collection::vec(arb_packet(), PACKETS));
     runner
         .run(&strategy, |(rules, packets)| {
             let rs = Ruleset { rules };
@@ -348,37 +254,23 @@ fn compiled_lookup_agrees_with_first_match() {
             let reference = Reference::new(&compiled);
             for p in &packets {
                 let want = rs.first_match(p).map(|i| i as u32);
-                prop_assert_eq!(
-                    reference.lookup(p),
-                    want,
-                    "packet {:?}\nruleset:\n{}",
-                    p,
-                    rs
-                );
+                prop_assert_eq!(reference.lookup(p), want, "packet {:?}\nruleset:\n{}", p, rs);
             }
             checked.set(checked.get() + packets.len() as u64);
             Ok(())
         })
         .unwrap();
-    eprintln!(
-        "compiled lookup == first match for {} (ruleset, packet) cases over {RULESETS} rulesets",
-        checked.get()
-    );
+    eprintln!("compiled lookup == first match for {} (ruleset, packet) cases over {RULESETS} rulesets", checked.get());
     assert_eq!(checked.get(), u64::from(RULESETS) * PACKETS as u64);
 }
 
 #[test]
 fn generated_rulesets_round_trip_through_text() {
-    let mut runner = TestRunner::new(Config {
-        cases: 2_000,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 2_000, failure_persistence: None, ..Config::default() });
     runner
         .run(&prop::collection::vec(arb_rule(), 0..8), |rules| {
             let rs = Ruleset { rules };
-            let again =
-                parse(&rs.to_string()).map_err(|e| TestCaseError::fail(format!("{e}\n{rs}")))?;
+            let again = parse(&rs.to_string()).map_err(|e| TestCaseError::fail(format!("{e}\n{rs}")))?;
             prop_assert_eq!(&again, &rs);
             Ok(())
         })
@@ -438,8 +330,7 @@ fn arb_text() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::collection::vec(token, 0..24).prop_map(|t| t.join(" ")),
         prop::collection::vec(
-            prop::sample::select(&["tcp", "dport", "80", "accept", ";", "{", "1", ","][..])
-                .prop_map(String::from),
+            prop::sample::select(&["tcp", "dport", "80", "accept", ";", "{", "1", ","][..]).prop_map(String::from),
             0..16
         )
         .prop_map(|t| t.concat()),
@@ -451,23 +342,15 @@ fn arb_text() -> impl Strategy<Value = String> {
 /// rule-language issue records a run of 1,000,000 in release mode).
 #[test]
 fn the_parser_never_panics_and_valid_input_round_trips() {
-    let cases: u32 = std::env::var("SFUNNEL_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let cases: u32 = std::env::var("SFUNNEL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let (ok, err) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     runner
         .run(&arb_text(), |text| {
             match parse(&text) {
                 Ok(rs) => {
                     ok.set(ok.get() + 1);
-                    let again =
-                        parse(&rs.to_string()).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                    let again = parse(&rs.to_string()).map_err(|e| TestCaseError::fail(format!("{e}")))?;
                     prop_assert_eq!(&again, &rs);
                     // Compiling is total too: entries or a clean error.
                     let _ = compile(&rs);
@@ -480,9 +363,5 @@ fn the_parser_never_panics_and_valid_input_round_trips() {
             Ok(())
         })
         .unwrap();
-    eprintln!(
-        "fuzzed the parser with {cases} inputs: {} valid, {} rejected, no panic",
-        ok.get(),
-        err.get()
-    );
+    eprintln!("fuzzed the parser with {cases} inputs: {} valid, {} rejected, no panic", ok.get(), err.get());
 }
