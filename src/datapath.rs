@@ -262,6 +262,14 @@ fn fill(map: &MapHandle, keys: &[u8], values: &[u8], count: usize) -> Result<()>
     Ok(())
 }
 
+/// Runs `f` on every item at once, one thread each; the first error wins.
+fn concurrently<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.iter().map(|item| s.spawn(|| f(item))).collect();
+        handles.into_iter().try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("a map update thread panicked"))?)
+    })
+}
+
 /// Maps `len` bytes of an mmapable array map for `f`, then unmaps them.
 fn with_mapping(map: &MapHandle, len: usize, prot: i32, f: impl FnOnce(*mut u8)) -> Result<()> {
     // SAFETY: a shared mapping of the map's data, sized by the caller to
@@ -381,28 +389,31 @@ impl RulesetMaps {
 
         write_ports(&self.ports, new, &c.ports)?;
         self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
-        for (outer, inner) in [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)] {
+        // Each map-in-map update waits for a grace period (synchronize_rcu);
+        // made concurrently, the waits overlap instead of adding up.
+        let slots = [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)];
+        concurrently(&slots, |(outer, inner)| {
             let fd = inner.as_fd().as_raw_fd();
             outer
                 .update(&u32_key(new), &fd.to_ne_bytes(), MapFlags::ANY)
-                .context("placing a ruleset table in its generation slot")?;
-        }
+                .context("placing a ruleset table in its generation slot")
+        })?;
 
         // The switch: one aligned 4-byte write.
         self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
 
-        for outer in [&self.addr_maps, &self.rule_maps, &self.counter_maps] {
+        concurrently(&[&self.addr_maps, &self.rule_maps, &self.counter_maps], |outer| {
             // An empty slot (the first load) needs no delete, and a delete
             // costs a grace period even when there is nothing to delete.
             if outer.lookup(&u32_key(old), MapFlags::ANY)?.is_none() {
-                continue;
+                return Ok(());
             }
             match outer.delete(&u32_key(old)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context("releasing the previous ruleset's tables"),
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).context("releasing the previous ruleset's tables"),
             }
-        }
+        })?;
         Ok(())
     }
 
