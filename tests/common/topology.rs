@@ -256,11 +256,50 @@ pub fn tcx_prog_ids(ns: &str, iface: &str, egress: bool) -> Vec<u32> {
         let ty = if egress { libbpf_sys::BPF_TCX_EGRESS } else { libbpf_sys::BPF_TCX_INGRESS };
         // SAFETY: prog_ids points at `count` writable u32s that outlive the call.
         let rc = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, ty, &mut opts) };
+        if rc == -libc::EINVAL {
+            // A kernel without TCX (before 6.6): nothing can be there.
+            return Vec::new();
+        }
         assert_eq!(rc, 0, "BPF_PROG_QUERY on {iface}");
         // SAFETY: the kernel wrote the number of ids back into `count`.
         let n = unsafe { opts.__bindgen_anon_1.count } as usize;
         ids[..n.min(64)].to_vec()
     })
+}
+
+/// Ids of the BPF programs in the interface's tc (clsact) filters for one
+/// direction, from `tc filter show`.
+pub fn clsact_prog_ids(ns: &str, iface: &str, egress: bool) -> Vec<u32> {
+    let dir = if egress { "egress" } else { "ingress" };
+    let out = run(
+        Command::new("nsenter").args([
+            &format!("--net=/var/run/netns/{ns}"),
+            "tc",
+            "filter",
+            "show",
+            "dev",
+            iface,
+            dir,
+        ]),
+        Duration::from_secs(10),
+    );
+    out.stdout
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.by_ref().find(|w| *w == "id")?;
+            words.next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Every program on the hook, TCX links and clsact filters alike: what
+/// "exactly one sfunnel program on the hook" is checked against, whichever
+/// attach path the kernel gave.
+pub fn hook_prog_ids(ns: &str, iface: &str, egress: bool) -> Vec<u32> {
+    let mut ids = tcx_prog_ids(ns, iface, egress);
+    ids.extend(clsact_prog_ids(ns, iface, egress));
+    ids
 }
 
 /// The name of a loaded BPF program, from bpftool; None if it is gone.
