@@ -1,0 +1,88 @@
+#!/bin/bash
+# Runs inside a vmtest guest: vmtest.toml's `command`, with vmtest/ as the
+# working directory and the host's / as the guest's root (9p).  Runs every
+# test binary listed in cache/run/tests.list (written by run.sh on the host:
+# "name<TAB>path" per line) from the repository root, as `cargo test` would,
+# and ends with one line that run.sh collects:
+#
+#   SUMMARY debian-6.1 kernel=6.1.0-56-amd64 attach=clsact passed=27 failed=0 ignored=1 seconds=190
+#
+# Exits non-zero if any test failed or any binary did not finish.
+set -uo pipefail
+target=${1:-guest}
+vmdir=$PWD
+repo=$(cd .. && pwd)
+release=$(uname -r)
+start=$(date +%s)
+
+# Kernel messages (veth up/down, ...) would interleave with the test output
+# on the console; warnings and worse still show.
+echo 4 >/proc/sys/kernel/printk
+
+# Modules a test needs beyond those the initramfs loaded (an nft expression,
+# a qdisc) are loaded on demand from this kernel's own package.
+for d in "$vmdir"/cache/*/; do
+  if [ "$(cat "$d/release" 2>/dev/null)" = "$release" ]; then
+    echo "${d%/}/modprobe" >/proc/sys/kernel/modprobe
+  fi
+done
+modules_before=$(cut -d' ' -f1 /proc/modules | sort)
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+# The host's /tmp is 9p here: keep scratch files in guest memory.
+mkdir -p /mnt/tmp
+export TMPDIR=/mnt/tmp
+
+# The guest's CPU is about 18x slower (TCG): smaller random-case counts for
+# the tests that have a knob (tests/datapath.rs, tests/rules.rs).  Values set
+# on the host win (vmtest passes its environment into the guest).
+export SFUNNEL_PROP_CASES=${SFUNNEL_PROP_CASES:-4096}
+export SFUNNEL_RANDOM_INPUTS=${SFUNNEL_RANDOM_INPUTS:-40000}
+export SFUNNEL_FUZZ_CASES=${SFUNNEL_FUZZ_CASES:-2000}
+# A binary that runs longer than this is killed and counted as failed.
+bin_timeout=${SFUNNEL_VMTEST_BIN_TIMEOUT:-900}
+
+echo "=== $target: kernel $release ($(nproc) CPUs, TCG), btf: $([ -e /sys/kernel/btf/vmlinux ] && echo yes || echo NO)"
+echo "=== $target: random cases: SFUNNEL_PROP_CASES=$SFUNNEL_PROP_CASES SFUNNEL_RANDOM_INPUTS=$SFUNNEL_RANDOM_INPUTS"
+
+passed=0
+failed=0
+ignored=0
+attach=unknown
+failed_bins=()
+list=$vmdir/cache/run/tests.list
+if [ ! -s "$list" ]; then
+  echo "=== $target: no test list at $list (run vmtest/run.sh)"
+  failed=1
+  failed_bins+=("(no tests)")
+fi
+while IFS=$'\t' read -r name bin; do
+  [ -n "$name" ] || continue
+  echo "=== $target: $name"
+  out=$TMPDIR/$name.out
+  t0=$(date +%s)
+  (cd "$repo" && timeout -k 10 "$bin_timeout" "$bin" 2>&1) | tee "$out"
+  rc=${PIPESTATUS[0]}
+  # libtest: "test result: ok. 6 passed; 0 failed; 1 ignored; ..."
+  result=$(grep -E '^test result: ' "$out" | tail -1)
+  p=$(sed -nE 's/.* ([0-9]+) passed;.*/\1/p' <<<"$result")
+  f=$(sed -nE 's/.* ([0-9]+) failed;.*/\1/p' <<<"$result")
+  i=$(sed -nE 's/.* ([0-9]+) ignored;.*/\1/p' <<<"$result")
+  passed=$((passed + ${p:-0}))
+  failed=$((failed + ${f:-0}))
+  ignored=$((ignored + ${i:-0}))
+  if [ "$rc" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then
+    # Crashed, timed out or never got to its summary: one failure.
+    echo "=== $target: $name exited with status $rc before reporting a failed test"
+    failed=$((failed + 1))
+  fi
+  [ "$rc" -eq 0 ] || failed_bins+=("$name")
+  a=$(sed -nE 's/^attach path: ([a-z]+) .*/\1/p' "$out" | tail -1)
+  [ -z "$a" ] || attach=$a
+  echo "=== $target: $name: ${p:-0} passed, ${f:-0} failed, ${i:-0} ignored, $(($(date +%s) - t0)) s"
+done <"$list"
+
+loaded=$(comm -13 <(echo "$modules_before") <(cut -d' ' -f1 /proc/modules | sort) | tr '\n' ' ')
+echo "=== $target: modules loaded on demand: ${loaded:-none}"
+[ ${#failed_bins[@]} -eq 0 ] || echo "=== $target: FAILED: ${failed_bins[*]}"
+echo "SUMMARY $target kernel=$release attach=$attach passed=$passed failed=$failed ignored=$ignored seconds=$(($(date +%s) - start))"
+[ "$failed" -eq 0 ]
