@@ -81,7 +81,9 @@ static long csum_chunk(__u64 i, void *data)
 	 * check it can prove redundant but the verifier cannot.
 	 */
 	asm volatile("" : "+r"(n));
-	if (n == 0 || n > CSUM_CHUNK)
+	/* Verifier workaround (6.1): a signed compare, since that verifier
+	 * learns no lower bound from n == 0. */
+	if ((__s64)n < 1 || n > CSUM_CHUNK)
 		goto fail;
 	if (bpf_skb_load_bytes(w->skb, w->off + done, buf, n))
 		goto fail;

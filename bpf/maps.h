@@ -44,18 +44,19 @@ struct {
  * the ruleset it loads.  Replacing a slot waits for running programs
  * (synchronize_rcu), so the old generation can be dropped safely.
  *
- * Verifier/BTF workaround: the templates are real (1-entry) maps because
- * clang emits only forward declarations for the key and value types of an
- * inner map definition that has no instance, and libbpf then cannot size
- * the inner map.
+ * Kernel workaround (6.1): the inner-map templates give key and value
+ * sizes, not BTF types.  Our inner maps are created without BTF, and 6.1
+ * refuses an inner map whose BTF record differs from the template's (an
+ * empty record is not equal to none there).  The shared types still reach
+ * the skeleton through `btf_types` below.
  */
 struct addr_trie {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
-	__type(key, struct sfunnel_addr_key);
-	__type(value, struct sfunnel_addr_class);
-} addr_trie_template SEC(".maps");
+	__uint(key_size, sizeof(struct sfunnel_addr_key));
+	__uint(value_size, sizeof(struct sfunnel_addr_class));
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
@@ -67,9 +68,9 @@ struct {
 struct rule_table {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1);
-	__type(key, struct sfunnel_rule_key);
-	__type(value, struct sfunnel_rule_val);
-} rule_table_template SEC(".maps");
+	__uint(key_size, sizeof(struct sfunnel_rule_key));
+	__uint(value_size, sizeof(struct sfunnel_rule_val));
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
@@ -89,9 +90,9 @@ struct counter_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct sfunnel_counter);
-} counter_table_template SEC(".maps");
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct sfunnel_counter));
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
@@ -115,5 +116,18 @@ struct {
 	__type(key, __u32);
 	__type(value, struct sfunnel_meta);
 } meta SEC(".maps");
+
+/*
+ * BTF workaround: the inner maps' key and value types appear in no map
+ * definition now, so clang would leave them out of BTF and the skeleton
+ * would lack them.  One unused global of each keeps them in.
+ */
+struct {
+	struct sfunnel_addr_key addr_key;
+	struct sfunnel_addr_class addr_class;
+	struct sfunnel_rule_key rule_key;
+	struct sfunnel_rule_val rule_val;
+	struct sfunnel_counter counter;
+} btf_types;
 
 #endif /* SFUNNEL_MAPS_H */
