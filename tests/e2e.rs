@@ -184,12 +184,13 @@ fn set_rcvbuf(fd: i32, bytes: i32) {
     }
 }
 
-/// Binds with retries on EADDRINUSE for up to two seconds: a socket this
+/// Binds with retries on EADDRINUSE for up to 20 seconds: a socket this
 /// test closed a moment ago can still be referenced for a while by a child
 /// process another test thread is forking (the descriptor is close-on-exec,
-/// but a fork holds it until the exec).
+/// but a fork holds it until the exec, which takes seconds in an emulated
+/// guest).
 fn bind_retry<T>(what: &str, mut bind: impl FnMut() -> std::io::Result<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match bind() {
             Ok(s) => return s,
