@@ -105,5 +105,6 @@ echo
 echo "vmtest: ===== kernel matrix ====="
 [ -z "$host_line" ] || echo "$host_line"
 printf '%s\n' "${lines[@]}"
-echo "vmtest: $total_passed passed, $total_failed failed (kernels: $(wc -w <<<"$targets"), ${all_secs} s)"
+echo "vmtest: kernels: $(wc -w <<<"$targets"), ${all_secs} s"
+echo "vmtest: $total_passed passed, $total_failed failed"
 [ "$total_failed" -eq 0 ]
