@@ -23,7 +23,7 @@ mod common;
 use std::time::Instant;
 
 use common::packet::{
-    self, be16, check_funneled, check_ip, check_plain, diff, expected_funnel, expected_unfunnel, hex, ip_options,
+    self, addr, be16, check_funneled, check_ip, check_plain, diff, expected_funnel, expected_unfunnel, hex, ip_options,
     l4_checksum_for, nat_rewrite, put16, Csum, Ip, L4Csum, PacketSpec, Proto, ETH_HLEN, ETH_P_ARP, ETH_P_IP,
     ETH_P_IPV6, IP_DF, IP_MF,
 };
@@ -1223,4 +1223,100 @@ fn robustness_prefixes_and_random_bytes() {
     }
     assert_eq!(nfail, 0, "{nfail} robustness failures (see stderr)");
     assert!(tallies.iter().all(|t| t.pass > n / 4), "the generator should mostly produce frames to pass");
+}
+
+// ===========================================================================
+// 4. The BPF lookup against a plain first-match scan
+// ===========================================================================
+
+/// Random rulesets over a small pool of addresses and ports, so that rules
+/// nest, overlap and shadow each other, in text form.
+fn random_rule(rng: &mut Rng) -> String {
+    const NETS: [&str; 8] =
+        ["10.0.0.1", "10.0.0.0/8", "10.0.0.0/24", "10.1.2.3", "192.168.1.1", "192.168.0.0/16", "0.0.0.0/0", "10.0.0.2"];
+    const PORTS: [&str; 7] = ["80", "443", "1000-2000", "{ 80, 443 }", "1-79", "53", "1500"];
+    let mut m = Vec::new();
+    for field in ["saddr", "daddr"] {
+        if rng.one_in(2) {
+            let neg = if rng.one_in(4) { "!= " } else { "" };
+            m.push(format!("{field} {neg}{}", NETS[rng.below(NETS.len())]));
+        }
+    }
+    m.push(if rng.bool() { "tcp".into() } else { "udp".into() });
+    for field in ["sport", "dport"] {
+        if rng.one_in(2) {
+            let neg = if rng.one_in(5) { "!= " } else { "" };
+            m.push(format!("{field} {neg}{}", PORTS[rng.below(PORTS.len())]));
+        }
+    }
+    format!("ip {} actions accept", m.join(" "))
+}
+
+/// First match by a plain scan of the typed rules: the semantics.
+fn first_match(rs: &sfunnel::ruleset::Ruleset, frame: &[u8]) -> Option<usize> {
+    let ip = Ip::of(frame);
+    let l4 = ip.l4_off();
+    let proto = match frame[23] {
+        6 => sfunnel::ruleset::Proto::Tcp,
+        _ => sfunnel::ruleset::Proto::Udp,
+    };
+    let pkt = sfunnel::ruleset::PacketFields {
+        saddr: u32::from_be_bytes(addr(frame, 26)),
+        daddr: u32::from_be_bytes(addr(frame, 30)),
+        proto,
+        sport: be16(frame, l4),
+        dport: be16(frame, l4 + 2),
+    };
+    rs.first_match(&pkt)
+}
+
+#[test]
+fn lookup_agrees_with_first_match() {
+    if !require_root("lookup_agrees_with_first_match") {
+        return;
+    }
+    let rulesets = env_usize("SFUNNEL_LOOKUP_RULESETS", 300);
+    const PACKETS: usize = 40;
+    const ADDRS: [[u8; 4]; 6] =
+        [[10, 0, 0, 1], [10, 0, 0, 2], [10, 1, 2, 3], [10, 9, 9, 9], [192, 168, 1, 1], [172, 16, 0, 1]];
+    const PORTS: [u16; 9] = [80, 443, 1000, 1500, 2000, 2001, 53, 79, 40000];
+    let mut rng = Rng::new(Rng::seed_from_env(0x5f_100c));
+    let prog = Prog::load().expect("load");
+    let (mut checked, mut matched, mut failures) = (0usize, 0usize, Vec::new());
+    for _ in 0..rulesets {
+        let text: Vec<String> = (0..rng.range(1, 12)).map(|_| random_rule(&mut rng)).collect();
+        let text = text.join("\n");
+        let rs = sfunnel::ruleset::parse(&text).expect("generated rules parse");
+        prog.install(&text).expect("install");
+        let mut seen = vec![0u64; rs.rules.len()];
+        for _ in 0..PACKETS {
+            let (s, d) = (PORTS[rng.below(PORTS.len())], PORTS[rng.below(PORTS.len())]);
+            let spec = if rng.bool() { PacketSpec::tcp(s, d, b"x") } else { PacketSpec::udp(s, d, b"x") };
+            let frame = spec.with_addrs(ADDRS[rng.below(ADDRS.len())], ADDRS[rng.below(ADDRS.len())]).build();
+            let want = first_match(&rs, &frame);
+            let (verdict, _) = prog.run(&frame).expect("test run");
+            let counters: Vec<u64> = prog.maps.rule_counters().expect("counters").iter().map(|c| c.packets).collect();
+            let moved: Vec<usize> = (0..seen.len()).filter(|&i| counters[i] != seen[i]).collect();
+            seen = counters;
+            let got = match (verdict, moved.as_slice()) {
+                (TC_ACT_OK, [i]) => Some(*i),
+                (TC_ACT_UNSPEC, []) => None,
+                _ => {
+                    failures.push(format!("verdict {verdict}, counters moved {moved:?}\n{text}"));
+                    continue;
+                }
+            };
+            checked += 1;
+            matched += usize::from(got.is_some());
+            if got != want {
+                failures.push(format!("packet {}: BPF chose {got:?}, first match is {want:?}\n{text}", hex(&frame)));
+            }
+        }
+    }
+    println!(
+        "BPF lookup vs first match: {checked} packets over {rulesets} random rulesets ({matched} matched a rule), \
+         {} disagreements",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures[..failures.len().min(5)].join("\n\n"));
 }

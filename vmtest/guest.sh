@@ -36,13 +36,14 @@ export TMPDIR=/mnt/tmp
 # the tests that have a knob (tests/datapath.rs, tests/rules.rs).  Values set
 # on the host win (vmtest passes its environment into the guest).
 export SFUNNEL_PROP_CASES=${SFUNNEL_PROP_CASES:-4096}
+export SFUNNEL_LOOKUP_RULESETS=${SFUNNEL_LOOKUP_RULESETS:-40}
 export SFUNNEL_RANDOM_INPUTS=${SFUNNEL_RANDOM_INPUTS:-40000}
 export SFUNNEL_FUZZ_CASES=${SFUNNEL_FUZZ_CASES:-2000}
 # A binary that runs longer than this is killed and counted as failed.
 bin_timeout=${SFUNNEL_VMTEST_BIN_TIMEOUT:-900}
 
 echo "=== $target: kernel $release ($(nproc) CPUs, TCG), btf: $([ -e /sys/kernel/btf/vmlinux ] && echo yes || echo NO)"
-echo "=== $target: random cases: SFUNNEL_PROP_CASES=$SFUNNEL_PROP_CASES SFUNNEL_RANDOM_INPUTS=$SFUNNEL_RANDOM_INPUTS"
+echo "=== $target: random cases: SFUNNEL_PROP_CASES=$SFUNNEL_PROP_CASES SFUNNEL_RANDOM_INPUTS=$SFUNNEL_RANDOM_INPUTS SFUNNEL_LOOKUP_RULESETS=$SFUNNEL_LOOKUP_RULESETS"
 
 passed=0
 failed=0
