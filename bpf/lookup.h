@@ -16,9 +16,18 @@ struct match {
 	__u32 counter_stride;
 };
 
-static __always_inline int addr_class(void *trie, __u8 field, __be32 addr, __u32 *class,
-				      __u32 *shapes)
+static __always_inline int addr_class(const struct sfunnel_params *prm, void *trie, __u8 field, __be32 addr,
+				      __u32 *class, __u32 *shapes)
 {
+	/* The first octet is the first byte in network order. */
+	__u8 octet = ((__u8 *)&addr)[0];
+
+	if (!((prm->octets[field & 1][octet >> 6] >> (octet & 63)) & 1)) {
+		*class = 0;
+		*shapes = prm->root_shapes[field & 1];
+		return 0;
+	}
+
 	struct sfunnel_addr_key k = {
 		.prefixlen = 64, /* field + pad + all 32 address bits */
 		.field = field,
@@ -65,12 +74,12 @@ static __always_inline int lookup_rule(const struct pkt *p, struct match *out)
 		if (!trie)
 			return -1;
 		if (shapes & SHAPESET_WITH_SADDR & 0xffff) {
-			if (addr_class(trie, SFUNNEL_FIELD_SADDR, p->saddr, &sa, &s))
+			if (addr_class(prm, trie, SFUNNEL_FIELD_SADDR, p->saddr, &sa, &s))
 				return -1;
 			shapes &= s >> slot;
 		}
 		if (shapes & SHAPESET_WITH_DADDR & 0xffff) {
-			if (addr_class(trie, SFUNNEL_FIELD_DADDR, p->daddr, &da, &s))
+			if (addr_class(prm, trie, SFUNNEL_FIELD_DADDR, p->daddr, &da, &s))
 				return -1;
 			shapes &= s >> slot;
 		}

@@ -65,6 +65,14 @@ struct sfunnel_params {
 	__u32 nrules;
 	__u32 counter_stride; /* counters per CPU: nrules padded to a cache line */
 	__u32 pad;
+	/*
+	 * Per address field (SFUNNEL_FIELD_*): the first octets that some
+	 * named prefix covers, as a 256-bit set.  An address whose first octet
+	 * is not in it can only be in class 0 (0.0.0.0/0), whose shape set is
+	 * `root_shapes`: the LPM lookup is skipped.
+	 */
+	__u64 octets[2][4];
+	__u32 root_shapes[2];
 };
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */

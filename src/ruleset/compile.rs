@@ -138,6 +138,18 @@ impl AddrClasses {
         AddrClasses { nets }
     }
 
+    /// The first octets the named prefixes (all but 0.0.0.0/0) cover, as
+    /// a 256-bit set: outside it, an address is in class 0.
+    fn first_octets(&self) -> [u64; 4] {
+        let mut set = [0u64; 4];
+        for net in &self.nets[1..] {
+            for octet in net.addr >> 24..=net.last() >> 24 {
+                set[(octet >> 6) as usize] |= 1 << (octet & 63);
+            }
+        }
+        set
+    }
+
     fn classes(&self, m: &AddrMatch) -> Vec<u32> {
         let start = self.nets.binary_search(&m.net).expect("every named prefix is a class");
         let end = start + self.nets[start..].partition_point(|n| n.addr <= m.net.last());
@@ -292,6 +304,8 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             nrules: rs.rules.len() as u32,
             counter_stride: (rs.rules.len() as u32).next_multiple_of(COUNTERS_PER_LINE).max(COUNTERS_PER_LINE),
             pad: 0,
+            octets: [saddr_cls.first_octets(), daddr_cls.first_octets()],
+            root_shapes: [saddr_shapes[0], daddr_shapes[0]],
         },
         ports,
         addrs,

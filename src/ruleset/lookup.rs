@@ -33,6 +33,11 @@ impl<'c> Reference<'c> {
     }
 
     fn addr_class(&self, field: u32, addr: u32) -> Option<sfunnel_addr_class> {
+        let params = &self.compiled.params;
+        let octet = addr >> 24;
+        if params.octets[field as usize][(octet >> 6) as usize] >> (octet & 63) & 1 == 0 {
+            return Some(sfunnel_addr_class { class: 0, shapes: params.root_shapes[field as usize] });
+        }
         (0..=32u8).rev().find_map(|len| {
             let net = if len == 0 { 0 } else { addr & (u32::MAX << (32 - u32::from(len))) };
             self.addrs.get(&(field as u8, len, net)).copied()
