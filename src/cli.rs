@@ -34,6 +34,9 @@ pub enum Command {
     Unload(UnloadArgs),
     /// Show every attachment sfunnel manages, with per-rule counters.
     Status(StatusArgs),
+    /// Remove the pins of attachments whose network namespace or interface
+    /// no longer exists (pods that are gone, say).
+    Gc(GcArgs),
     /// Build throwaway namespaces, funnel UDP and TCP through them, show
     /// what happened, and remove everything.  Needs root.
     Demo,
@@ -109,6 +112,13 @@ impl LoadArgs {
 pub struct UnloadArgs {
     #[command(flatten)]
     pub target: TargetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only say what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -199,3 +199,33 @@ pub fn unload(t: &Target) -> Result<()> {
     }
     t.remove_pins()
 }
+
+/// Why the pins of `t` are stale, if they are: its network namespace is
+/// gone, or its interface is gone or was re-created (which took our hook
+/// with it).
+pub fn stale(t: &Target) -> Option<String> {
+    let Some(ns) = crate::netns::find(t.netns_ino) else {
+        return Some("its network namespace is gone".into());
+    };
+    let meta = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_meta()).ok();
+    let iface = t.iface.clone();
+    let ns = ns.to_string_lossy().into_owned();
+    let ifindex = crate::netns::run_in(&ns, move || Ok(nix::net::if_::if_nametoindex(iface.as_str()).ok()));
+    match (ifindex, meta) {
+        (Err(e), _) => Some(format!("its network namespace cannot be entered ({e:#})")),
+        (Ok(None), _) => Some(format!("interface {} is gone", t.iface)),
+        (_, None) => Some("its pins are incomplete".into()),
+        (Ok(Some(i)), Some(m)) if i != m.ifindex => Some(format!("interface {} was re-created", t.iface)),
+        _ => None,
+    }
+}
+
+/// Removes the pins of a stale target.  Its hook went with its device or
+/// namespace; a TCX link that outlived them is detached first.
+pub fn remove_stale(t: &Target) -> Result<()> {
+    let link = t.dir().join("link");
+    if link.exists() {
+        tcx::detach_pinned(&link)?;
+    }
+    t.remove_pins()
+}

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::Load(args) => cmd::load::load(args),
         Command::Unload(args) => cmd::load::unload(args),
         Command::Status(args) => cmd::status::run(args),
+        Command::Gc(args) => cmd::load::gc(args),
         Command::Demo => cmd::demo::run(),
     };
     match result {

@@ -40,20 +40,38 @@ pub fn current_inode() -> Result<u64> {
     Ok(meta.ino())
 }
 
-/// True when some process or a bind mount under /var/run/netns still holds
-/// the namespace with this inode.
-pub fn exists(ino: u64) -> bool {
-    let held_by_name = std::fs::read_dir(NETNS_RUN_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| e.metadata().map(|m| m.ino() == ino).unwrap_or(false));
-    held_by_name
-        || std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| std::fs::metadata(e.path().join("ns/net")).map(|m| m.ino() == ino).unwrap_or(false))
+/// A path that opens the network namespace with inode `ino`, if anything
+/// still holds it: a bind mount (`ip netns`, container runtimes), a process
+/// in it, or a process holding it open.  None: the namespace is gone.
+pub fn find(ino: u64) -> Option<PathBuf> {
+    let is_it = |p: &Path| std::fs::metadata(p).map(|m| m.ino() == ino).unwrap_or(false);
+    let named = std::fs::read_dir(NETNS_RUN_DIR).into_iter().flatten().flatten().map(|e| e.path());
+    // nsfs bind mounts anywhere (/run/docker/netns, …): mountinfo field 5.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let nsfs = mounts
+        .lines()
+        .filter(|l| l.contains(" - nsfs "))
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .collect::<Vec<_>>();
+    if let Some(p) = named.chain(nsfs).find(|p| is_it(p)) {
+        return Some(p);
+    }
+    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| {
+        e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    let want = format!("net:[{ino}]");
+    for pid in pids {
+        let ns = pid.path().join("ns/net");
+        if is_it(&ns) {
+            return Some(ns);
+        }
+        for fd in std::fs::read_dir(pid.path().join("fd")).into_iter().flatten().flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                return Some(fd.path());
+            }
+        }
+    }
+    None
 }
 
 /// Runs `f` on a thread inside the named namespace; the caller's thread

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 
 use super::Outcome;
-use crate::cli::{LoadArgs, TargetArgs, UnloadArgs};
+use crate::cli::{GcArgs, LoadArgs, TargetArgs, UnloadArgs};
 use crate::loader::{self, LoadOptions};
 use crate::pins::{self, Lock, Target};
 use crate::{caps, netns, ruleset};
@@ -105,5 +105,29 @@ pub fn unload(args: &UnloadArgs) -> Result<Outcome> {
     if removed == 0 {
         println!("nothing of sfunnel's was loaded there");
     }
+    Ok(Outcome::Ok)
+}
+
+pub fn gc(args: &GcArgs) -> Result<Outcome> {
+    caps::require_for_load(true)?;
+    pins::ensure_bpffs()?;
+    let _lock = Lock::acquire()?;
+    let (mut removed, mut kept) = (0, 0);
+    for t in Target::all() {
+        let Some(why) = loader::stale(&t) else {
+            kept += 1;
+            continue;
+        };
+        let dir = t.dir();
+        if args.dry_run {
+            println!("would remove {}: {why}", dir.display());
+        } else {
+            loader::remove_stale(&t).with_context(|| format!("removing {}", dir.display()))?;
+            println!("removed {}: {why}", dir.display());
+        }
+        removed += 1;
+    }
+    let verb = if args.dry_run { "would remove" } else { "removed" };
+    println!("gc: {verb} {removed} stale attachment(s), kept {kept}");
     Ok(Outcome::Ok)
 }
