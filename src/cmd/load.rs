@@ -61,6 +61,12 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         bail!("no interfaces to load onto");
     }
     let opts = LoadOptions { attach: args.attach, attempts: args.attempts, retry_delay: args.retry_delay() };
+    // Wait for missing interfaces before taking the lock, which every
+    // loader on the node shares.
+    for t in &targets {
+        loader::wait_for_iface(&t.iface, opts.attempts, opts.retry_delay)
+            .with_context(|| format!("loading onto {} {}", t.iface, t.direction))?;
+    }
     let _lock = Lock::acquire()?;
     for t in &targets {
         let r =
