@@ -123,11 +123,14 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
             }
             Some(why) => {
                 debug!("{}/{}: replacing old pins: {why}", t.iface, t.direction);
-                unload(t).context("removing the old pins")?;
                 replaced = Some(why);
             }
         }
     }
+    // What the old pins still hold on the hook, if anything: the new
+    // program goes on first, then the old one comes off, so no packet
+    // passes unfunneled in between.
+    let old_prog = replaced.as_ref().and_then(|_| pinned_prog(&dir).ok()).map(|(_, id)| id);
 
     let (mode, why) = attach::choose(opts.attach, ifindex)?;
     debug!("{}/{}: attaching with {mode}: {why}", t.iface, t.direction);
@@ -144,20 +147,24 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
         tc_prio: if mode == Mode::Clsact { clsact::PRIORITY } else { 0 },
         netns_ino: t.netns_ino,
     })?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-
     let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
+    // clsact: our slot may hold the old program, which the attach then
+    // replaces atomically.  TCX: the new link goes after the old one.
     let attached = match mode {
         Mode::Tcx => tcx::attach(loaded.program(), ifindex).map(Some),
-        Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, None).map(|()| None),
+        Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, old_prog).map(|()| None),
     };
-    let mut link = match attached {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = t.remove_pins();
-            return Err(e);
+    let mut link = attached?;
+    if replaced.is_some() {
+        // The new program is live: take the old one off and its pins away.
+        if let Err(e) = unload_old(t, prog_id) {
+            if mode == Mode::Clsact {
+                let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
+            }
+            return Err(e).context("removing the old pins");
         }
-    };
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // Pin; if that fails, undo the attach so nothing is left half-done.
     let pinned = loaded.pin(&dir).and_then(|()| match link.as_mut() {
         Some(l) => l.pin(dir.join("link")).context("pinning the TCX link"),
@@ -177,6 +184,25 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     };
     debug!("{}/{}: {what} with {mode}, program {prog_id}", t.iface, t.direction);
     Ok(LoadReport { iface: t.iface.clone(), direction: t.direction, mode, prog_id, what })
+}
+
+/// Removes old pins that the new program (`new_id`) replaces: the old TCX
+/// link is detached; an old clsact filter was already replaced in place.
+fn unload_old(t: &Target, new_id: u32) -> Result<()> {
+    let link = t.dir().join("link");
+    if link.exists() {
+        tcx::detach_pinned(&link)?;
+    }
+    let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
+    if let (Ok((fd, old)), Some(ifindex)) = (pinned_prog(&t.dir()), ifindex) {
+        // A clsact slot still holding the old program (not replaced by a
+        // TCX attach) is cleared; one holding the new program is left.
+        let slot = clsact::query(fd.as_fd(), ifindex, t.direction);
+        if slot == Some(old) && old != new_id {
+            clsact::detach(fd.as_fd(), ifindex, t.direction)?;
+        }
+    }
+    t.remove_pins()
 }
 
 /// Detaches and removes everything sfunnel made for `t`.  Missing pieces

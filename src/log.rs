@@ -23,12 +23,15 @@ macro_rules! debug {
 pub(crate) use debug;
 
 /// Routes libbpf's messages: all of them when verbose; otherwise warnings,
-/// less the netlink notice a query of an empty tc slot produces.
+/// less the netlink notices of two expected answers: a query of an empty tc
+/// slot, and creating a clsact qdisc that is already there.
 pub fn route_libbpf() {
     fn print(level: libbpf_rs::PrintLevel, msg: String) {
-        let benign = msg.contains("Cannot find specified filter chain");
+        let benign = ["Cannot find specified filter chain", "Exclusivity flag on, cannot modify"]
+            .iter()
+            .any(|m| msg.contains(m));
         if verbose() || (level == libbpf_rs::PrintLevel::Warn && !benign) {
-            eprint!("libbpf: {msg}");
+            eprint!("{msg}");
         }
     }
     libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, print)));
