@@ -26,6 +26,7 @@ trap timing EXIT
 scripts/setup.sh
 cargo test --locked
 scripts/static-check.sh
+scripts/validate-k8s.sh
 t_host=$(($(date +%s) - t_start))
 
 if [ "${SFUNNEL_SKIP_VMTEST:-0}" = 1 ] && [ -z "${CI:-}" ]; then
