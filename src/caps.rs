@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 fn effective() -> u64 {
@@ -24,6 +25,10 @@ pub fn require_for_load(netns: bool) -> Result<()> {
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF (or CAP_SYS_ADMIN on kernels before 5.8)");
+    }
+    // Without it the verifier refuses variable offsets into the packet.
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");

@@ -111,8 +111,8 @@ impl Loaded {
             open.progs.sfunnel.set_attach_type(t);
         }
         let skel = open.load().context(
-            "loading the BPF program (the kernel refused it: needs CAP_BPF and CAP_NET_ADMIN, \
-             and a kernel with BTF and bpf_skb_adjust_room, 5.10 or newer)",
+            "loading the BPF program (the kernel refused it: it needs CAP_BPF, CAP_PERFMON and \
+             CAP_NET_ADMIN, and a kernel with BTF, 5.17 or newer; `sfunnel load -v` shows the verifier's log)",
         )?;
         Ok(Loaded { skel })
     }
