@@ -47,7 +47,7 @@ LABEL org.opencontainers.image.title="sfunnel" \
 
 COPY --from=build /sfunnel /sfunnel
 
-# Root is required (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN: see README:
+# Root is required (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, or CAP_SYS_ADMIN: see README:
 # Requirements); the image sets no USER, so the runtime's default (root)
 # with the capabilities the pod grants applies.
 ENTRYPOINT ["/sfunnel"]

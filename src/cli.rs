@@ -1,8 +1,9 @@
 //! Command-line types (clap derive).  The original container's environment
-//! interface maps onto the same types: see `container_mode` in main.rs.
+//! interface maps onto the same types: each flag falls back to its
+//! variable, and main.rs runs `load` (or `unload` with CLEAN=1) when no
+//! verb is given.
 
 use std::path::PathBuf;
-
 use std::time::Duration;
 
 use anyhow::{Context, Result};
