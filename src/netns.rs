@@ -56,9 +56,11 @@ pub fn find(ino: u64) -> Option<PathBuf> {
     if let Some(p) = named.chain(nsfs).find(|p| is_it(p)) {
         return Some(p);
     }
-    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| {
-        e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-    });
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())));
     let want = format!("net:[{ino}]");
     for pid in pids {
         let ns = pid.path().join("ns/net");
