@@ -48,30 +48,10 @@ use common::topology::{
 // ---------------------------------------------------------------------------
 
 /// Whether this test may run: root, or a loud skip that *fails* unless
-/// SFUNNEL_ALLOW_SKIP=1 (same policy as `common::require_root`, with this
-/// suite's own wording).
+/// SFUNNEL_ALLOW_SKIP=1 (`common::require_root`).
 #[must_use]
 fn root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    let allow = std::env::var("SFUNNEL_ALLOW_SKIP").is_ok_and(|v| v == "1");
-    let mut msg = String::new();
-    msg.push_str("\n************************************************************************\n");
-    msg.push_str(&format!("SKIPPED: needs root: end-to-end test `{test}`\n"));
-    msg.push_str("         creates network namespaces, veths and iptables NAT, and loads\n");
-    msg.push_str("         sfunnel onto them.  Run `cargo test --test e2e` as root.\n");
-    if !allow {
-        msg.push_str("         Failing: set SFUNNEL_ALLOW_SKIP=1 to skip instead.\n");
-    }
-    msg.push_str("************************************************************************\n");
-    {
-        let mut err = std::io::stderr().lock();
-        let _ = err.write_all(msg.as_bytes());
-        let _ = err.flush();
-    }
-    assert!(allow, "SKIPPED: needs root (set SFUNNEL_ALLOW_SKIP=1 to allow skipping)");
-    false
+    common::require_root(test)
 }
 
 // ---------------------------------------------------------------------------

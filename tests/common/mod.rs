@@ -29,9 +29,14 @@ pub fn require_root(test: &str) -> bool {
     // harness's output capture cannot hide it when the test "passes".
     let mut msg = String::new();
     msg.push_str("\n************************************************************************\n");
-    msg.push_str(&format!("SKIPPED: needs root (CAP_BPF, CAP_NET_ADMIN): datapath test `{test}`\n"));
-    msg.push_str("         loads a BPF program and runs packets through BPF_PROG_TEST_RUN.\n");
-    msg.push_str("         Run `cargo test --test datapath` as root.\n");
+    // The suite is the test binary's name without cargo's hash.
+    let exe = std::env::args().next().unwrap_or_default();
+    let file = std::path::Path::new(&exe).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let suite = file.rsplit_once('-').map_or(file.as_str(), |(name, _)| name).to_string();
+    msg.push_str(&format!("SKIPPED: needs root: test `{suite}::{test}`\n"));
+    msg.push_str("         loads BPF programs (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN), and the\n");
+    msg.push_str("         system tests build namespaces, veths and iptables NAT.\n");
+    msg.push_str(&format!("         Run `cargo test --test {suite}` as root.\n"));
     if !allow {
         msg.push_str("         Failing: set SFUNNEL_ALLOW_SKIP=1 to skip instead.\n");
     }
