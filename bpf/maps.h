@@ -101,6 +101,25 @@ struct {
 	__array(values, struct counter_table);
 } counter_maps SEC(".maps");
 
+/*
+ * The ruleset's canonical text, per generation, for `status`: user space
+ * writes and reads it; the datapath never does.
+ */
+struct text_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, RULESET_TEXT_CHUNK);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, GENERATIONS);
+	__type(key, __u32);
+	__array(values, struct text_table);
+} text_maps SEC(".maps");
+
 /* Per-CPU counts of packets the datapath left alone, by reason. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

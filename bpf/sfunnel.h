@@ -28,7 +28,7 @@
 
 #include <linux/types.h>
 
-#define SFUNNEL_ABI_VERSION 1
+#define SFUNNEL_ABI_VERSION 2
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -46,6 +46,8 @@
 
 #define PORT_SPACE 65536
 #define GENERATIONS 2
+/* The loaded ruleset's canonical text is kept in chunks of this size. */
+#define RULESET_TEXT_CHUNK 4096
 
 enum sfunnel_action {
 	SFUNNEL_ACT_FUNNEL = 1,

@@ -11,6 +11,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenObject};
 
 use crate::ruleset::Compiled;
+use consts::RULESET_TEXT_CHUNK;
 
 #[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports)]
 mod skel {
@@ -76,8 +77,8 @@ pod! {
 
 /// The names under which an attachment's maps are pinned, in the order
 /// `RulesetMaps` holds them.
-pub const MAP_PINS: [&str; 8] =
-    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "stats", "meta"];
+pub const MAP_PINS: [&str; 9] =
+    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "text_maps", "stats", "meta"];
 
 /// A loaded (not attached, not pinned) instance of the program and maps.
 pub struct Loaded {
@@ -128,6 +129,7 @@ impl Loaded {
             addr_maps: h(&m.addr_maps)?,
             rule_maps: h(&m.rule_maps)?,
             counter_maps: h(&m.counter_maps)?,
+            text_maps: h(&m.text_maps)?,
             stats: h(&m.stats)?,
             meta: h(&m.meta)?,
         })
@@ -213,6 +215,7 @@ pub struct RulesetMaps {
     pub addr_maps: MapHandle,
     pub rule_maps: MapHandle,
     pub counter_maps: MapHandle,
+    pub text_maps: MapHandle,
     pub stats: MapHandle,
     pub meta: MapHandle,
 }
@@ -318,13 +321,24 @@ impl RulesetMaps {
             addr_maps: open("addr_maps")?,
             rule_maps: open("rule_maps")?,
             counter_maps: open("counter_maps")?,
+            text_maps: open("text_maps")?,
             stats: open("stats")?,
             meta: open("meta")?,
         })
     }
 
-    fn all_mut(self) -> [MapHandle; 8] {
-        [self.active, self.params, self.ports, self.addr_maps, self.rule_maps, self.counter_maps, self.stats, self.meta]
+    fn all_mut(self) -> [MapHandle; 9] {
+        [
+            self.active,
+            self.params,
+            self.ports,
+            self.addr_maps,
+            self.rule_maps,
+            self.counter_maps,
+            self.text_maps,
+            self.stats,
+            self.meta,
+        ]
     }
 
     pub fn read_meta(&self) -> Result<sfunnel_meta> {
@@ -391,7 +405,23 @@ impl RulesetMaps {
         self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
         // Each map-in-map update waits for a grace period (synchronize_rcu);
         // made concurrently, the waits overlap instead of adding up.
-        let slots = [(&self.addr_maps, &addrs), (&self.rule_maps, &rules), (&self.counter_maps, &counters)];
+        // The canonical text, for `status`, in RULESET_TEXT_CHUNK pieces.
+        let chunk = RULESET_TEXT_CHUNK as usize;
+        let pieces: Vec<&[u8]> = c.canonical.as_bytes().chunks(chunk).collect();
+        let text =
+            create_inner(MapType::Array, "sfunnel_text", 4, chunk as u32, pieces.len(), libbpf_sys::BPF_F_INNER_MAP)?;
+        for (i, piece) in pieces.iter().enumerate() {
+            let mut v = piece.to_vec();
+            v.resize(chunk, 0);
+            text.update(&u32_key(i as u32), &v, MapFlags::ANY).context("writing the ruleset text")?;
+        }
+
+        let slots = [
+            (&self.addr_maps, &addrs),
+            (&self.rule_maps, &rules),
+            (&self.counter_maps, &counters),
+            (&self.text_maps, &text),
+        ];
         concurrently(&slots, |(outer, inner)| {
             let fd = inner.as_fd().as_raw_fd();
             outer
@@ -402,7 +432,7 @@ impl RulesetMaps {
         // The switch: one aligned 4-byte write.
         self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
 
-        concurrently(&[&self.addr_maps, &self.rule_maps, &self.counter_maps], |outer| {
+        concurrently(&[&self.addr_maps, &self.rule_maps, &self.counter_maps, &self.text_maps], |outer| {
             // An empty slot (the first load) needs no delete, and a delete
             // costs a grace period even when there is nothing to delete.
             if outer.lookup(&u32_key(old), MapFlags::ANY)?.is_none() {
@@ -415,6 +445,22 @@ impl RulesetMaps {
             }
         })?;
         Ok(())
+    }
+
+    /// The active generation's ruleset, in canonical form.
+    pub fn ruleset_text(&self) -> Result<String> {
+        let gen = self.active_gen()?;
+        let Some(id) = self.text_maps.lookup(&u32_key(gen), MapFlags::ANY)? else {
+            return Ok(String::new());
+        };
+        let text = MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into()?)).context("opening the text map")?;
+        let mut bytes = Vec::new();
+        for i in 0..text.max_entries() {
+            bytes.extend(text.lookup(&u32_key(i), MapFlags::ANY)?.unwrap_or_default());
+        }
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        bytes.truncate(end);
+        String::from_utf8(bytes).context("the ruleset text is not UTF-8")
     }
 
     /// Per-rule counters of the active generation, summed over CPUs.

@@ -131,7 +131,8 @@ fn load_uses_the_kernels_attach_path() {
     let want = expected_mode(&release);
     let ns = Netns::new("attach");
 
-    let out = sfunnel(&["load", "--netns", &ns.name, "-i", &ns.iface, "udp dport 4739 actions accept"]);
+    const RULE: &str = "udp dport 4739 actions accept";
+    let out = sfunnel(&["load", "--netns", &ns.name, "-i", &ns.iface, RULE]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "load failed ({}):\n{stdout}{}", out.status, text(&out.stderr));
     let said = if stdout.contains("with tcx") {
@@ -158,6 +159,9 @@ fn load_uses_the_kernels_attach_path() {
     assert_eq!(mine.len(), 1, "status --json should list one attachment on {}:\n{}", ns.iface, text(&out.stdout));
     assert_eq!(mine[0]["direction"], "ingress");
     assert_eq!(mine[0]["mode"], want, "status --json reports another mode:\n{}", text(&out.stdout));
+    // …and the loaded ruleset, in canonical form, one counter per rule.
+    assert_eq!(mine[0]["ruleset"], serde_json::json!([RULE]), "status --json ruleset:\n{}", text(&out.stdout));
+    assert_eq!(mine[0]["rules"].as_array().map(Vec::len), Some(1));
 
     let out = sfunnel(&["unload", "--netns", &ns.name, "-i", &ns.iface]);
     assert!(out.status.success(), "unload failed:\n{}{}", text(&out.stdout), text(&out.stderr));

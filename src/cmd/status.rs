@@ -20,6 +20,8 @@ pub struct Attachment {
     pub mode: Option<crate::attach::Mode>,
     pub prog_id: Option<u32>,
     pub generation: Option<u32>,
+    /// The loaded rules, in canonical form; `rules[i]` counts `ruleset[i]`.
+    pub ruleset: Vec<String>,
     pub rules: Vec<RuleCounter>,
     /// Packets left alone, by reason.
     pub passed: std::collections::BTreeMap<&'static str, u64>,
@@ -47,6 +49,7 @@ pub fn collect() -> Vec<Attachment> {
                 mode: None,
                 prog_id: None,
                 generation: None,
+                ruleset: Vec::new(),
                 rules: Vec::new(),
                 passed: Default::default(),
                 error: None,
@@ -64,6 +67,7 @@ pub fn collect() -> Vec<Attachment> {
                 };
                 a.generation = Some(maps.active_gen()?);
                 a.rules = maps.rule_counters()?;
+                a.ruleset = maps.ruleset_text()?.lines().map(str::to_string).collect();
                 let stats = maps.stats()?;
                 for (name, i) in STAT_NAMES {
                     a.passed.insert(name, stats.get(i as usize).copied().unwrap_or(0));
@@ -86,7 +90,8 @@ fn print_text(list: &[Attachment]) {
         let prog = a.prog_id.map_or("?".to_string(), |p| p.to_string());
         println!("netns {} {} {}: {mode}, program {prog}, {} rules", a.netns_ino, a.iface, a.direction, a.rules.len());
         for (i, c) in a.rules.iter().enumerate() {
-            println!("  rule {:<4} {:>12} packets {:>14} bytes", i + 1, c.packets, c.bytes);
+            let rule = a.ruleset.get(i).map_or("", String::as_str);
+            println!("  {:>12} packets {:>14} bytes  {rule}", c.packets, c.bytes);
         }
         let passed: Vec<String> = a.passed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
         if !passed.is_empty() {

@@ -49,6 +49,8 @@ pub struct Compiled {
     pub rules: Vec<(sfunnel_rule_key, sfunnel_rule_val)>,
     /// How many rule entries each rule owns (0: shadowed by earlier rules).
     pub entries_per_rule: Vec<usize>,
+    /// The ruleset in canonical form, one rule a line (kept for `status`).
+    pub canonical: String,
 }
 
 /// Shape bits of a rule's constrained fields.
@@ -311,6 +313,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         addrs,
         rules,
         entries_per_rule,
+        canonical: rs.to_string(),
     })
 }
 
