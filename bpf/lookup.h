@@ -23,7 +23,13 @@ static __always_inline int addr_class(const struct sfunnel_params *prm, void *tr
 	__u8 octet = ((__u8 *)&addr)[0];
 
 	if (!((prm->octets[field & 1][octet >> 6] >> (octet & 63)) & 1)) {
-		*class = 0;
+		/*
+		 * Verifier workaround: class 0 read from the map, not written as
+		 * a constant, so both paths reach the shape loop with the same
+		 * kind of state and the verifier prunes one of them (a constant
+		 * here doubles the time the program takes to load).
+		 */
+		*class = prm->root_class;
 		*shapes = prm->root_shapes[field & 1];
 		return 0;
 	}

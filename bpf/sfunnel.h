@@ -66,7 +66,7 @@ struct sfunnel_params {
 	__u32 shapes;         /* shape set of every rule in the ruleset */
 	__u32 nrules;
 	__u32 counter_stride; /* counters per CPU: nrules padded to a cache line */
-	__u32 pad;
+	__u32 root_class;     /* 0: the class of 0.0.0.0/0 (see lookup.h) */
 	/*
 	 * Per address field (SFUNNEL_FIELD_*): the first octets that some
 	 * named prefix covers, as a 256-bit set.  An address whose first octet

@@ -136,8 +136,6 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     debug!("{}/{}: attaching with {mode}: {why}", t.iface, t.direction);
     let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)))?;
     let maps = loaded.maps()?;
-    // The rules go in before the program sees its first packet.
-    maps.install(compiled)?;
     maps.write_meta(&sfunnel_meta {
         abi_version: SFUNNEL_ABI_VERSION,
         ifindex,
@@ -148,13 +146,34 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
         netns_ino: t.netns_ino,
     })?;
     let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
+    // On a fresh hook the rules go in while the program is being hooked
+    // in: both wait for a grace period, and overlapped the waits do not add
+    // up.  That is safe because the program sees no ruleset (generation 0,
+    // empty) until `install` flips to the complete new one: until then it
+    // passes every packet, as if it were not there yet.  When it replaces
+    // an old program, the rules go in first, so that no packet meets an
+    // empty ruleset.
     // clsact: our slot may hold the old program, which the attach then
     // replaces atomically.  TCX: the new link goes after the old one.
-    let attached = match mode {
-        Mode::Tcx => tcx::attach(loaded.program(), ifindex).map(Some),
-        Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, old_prog).map(|()| None),
-    };
+    if replaced.is_some() {
+        maps.install(compiled)?;
+    }
+    let (installed, attached) = std::thread::scope(|s| {
+        let install = s.spawn(|| if replaced.is_none() { maps.install(compiled) } else { Ok(()) });
+        let attached = match mode {
+            Mode::Tcx => tcx::attach(loaded.program(), ifindex).map(Some),
+            Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, old_prog).map(|()| None),
+        };
+        let installed = install.join().unwrap_or_else(|_| Err(anyhow!("the ruleset install thread panicked")));
+        (installed, attached)
+    });
     let mut link = attached?;
+    if let Err(e) = installed {
+        if mode == Mode::Clsact && old_prog.is_none() {
+            let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
+        }
+        return Err(e);
+    }
     if replaced.is_some() {
         // The new program is live: take the old one off and its pins away.
         if let Err(e) = unload_old(t, prog_id) {

@@ -305,7 +305,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             shapes: shapes_used,
             nrules: rs.rules.len() as u32,
             counter_stride: (rs.rules.len() as u32).next_multiple_of(COUNTERS_PER_LINE).max(COUNTERS_PER_LINE),
-            pad: 0,
+            root_class: 0,
             octets: [saddr_cls.first_octets(), daddr_cls.first_octets()],
             root_shapes: [saddr_shapes[0], daddr_shapes[0]],
         },
