@@ -232,7 +232,8 @@ pub fn run() -> Result<Outcome> {
     for a in super::status::collect().iter().filter(|a| a.iface.starts_with("sfdemo")) {
         println!("  {} {} ({}):", a.iface, a.direction, a.mode.map_or("?".into(), |m| m.to_string()));
         for (i, c) in a.rules.iter().enumerate() {
-            println!("    rule {}: {} packets, {} bytes", i + 1, c.packets, c.bytes);
+            let rule = a.ruleset.get(i).map_or("", String::as_str);
+            println!("    {:>3} packets {:>6} bytes  {rule}", c.packets, c.bytes);
         }
     }
     drop(topo);
