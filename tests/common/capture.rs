@@ -114,6 +114,17 @@ fn setopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: &T) -> std:
     }
 }
 
+/// The socket's PACKET_STATISTICS since the last read (reading resets them).
+fn packet_stats(fd: &OwnedFd) -> TpacketStats {
+    let mut st = TpacketStats::default();
+    let mut len = std::mem::size_of::<TpacketStats>() as libc::socklen_t;
+    // SAFETY: st is a writable tpacket_stats of `len` bytes.
+    unsafe {
+        libc::getsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_STATISTICS, (&mut st as *mut TpacketStats).cast(), &mut len)
+    };
+    st
+}
+
 fn open(iface: &str) -> std::io::Result<OwnedFd> {
     // Protocol 0 at socket(): nothing is received until bind() names the
     // interface, so no frame of another interface gets in.
@@ -207,18 +218,7 @@ impl Capture {
                 }
             };
             // Reading PACKET_STATISTICS resets it: start from zero.
-            let mut st = TpacketStats::default();
-            let mut len = std::mem::size_of::<TpacketStats>() as libc::socklen_t;
-            // SAFETY: st is a writable tpacket_stats of `len` bytes.
-            unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    SOL_PACKET,
-                    PACKET_STATISTICS,
-                    (&mut st as *mut TpacketStats).cast(),
-                    &mut len,
-                )
-            };
+            packet_stats(&fd);
             let _ = ready_tx.send(Ok(()));
             let mut frames = Vec::new();
             let mut buf = vec![0u8; 1 << 16];
@@ -232,19 +232,7 @@ impl Capture {
                     Err(e) => panic!("capture recvmsg: {e}"),
                 }
             }
-            let mut st = TpacketStats::default();
-            let mut len = std::mem::size_of::<TpacketStats>() as libc::socklen_t;
-            // SAFETY: as above.
-            unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    SOL_PACKET,
-                    PACKET_STATISTICS,
-                    (&mut st as *mut TpacketStats).cast(),
-                    &mut len,
-                )
-            };
-            CaptureResult { frames, drops: st.tp_drops }
+            CaptureResult { frames, drops: packet_stats(&fd).tp_drops }
         });
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
