@@ -205,41 +205,32 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     Ok(LoadReport { iface: t.iface.clone(), direction: t.direction, mode, prog_id, what })
 }
 
-/// Removes old pins that the new program (`new_id`) replaces: the old TCX
-/// link is detached; an old clsact filter was already replaced in place.
-fn unload_old(t: &Target, new_id: u32) -> Result<()> {
-    let link = t.dir().join("link");
-    if link.exists() {
-        tcx::detach_pinned(&link)?;
-    }
-    let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
-    if let (Ok((fd, old)), Some(ifindex)) = (pinned_prog(&t.dir()), ifindex) {
-        // A clsact slot still holding the old program (not replaced by a
-        // TCX attach) is cleared; one holding the new program is left.
-        let slot = clsact::query(fd.as_fd(), ifindex, t.direction);
-        if slot == Some(old) && old != new_id {
-            clsact::detach(fd.as_fd(), ifindex, t.direction)?;
-        }
-    }
-    t.remove_pins()
-}
-
 /// Detaches and removes everything sfunnel made for `t`.  Missing pieces
 /// (an interface that is gone, a pin already removed) are not errors.
 pub fn unload(t: &Target) -> Result<()> {
+    release(t, None)
+}
+
+/// Removes old pins that the new program (`new_id`) replaces: the old TCX
+/// link is detached; an old clsact filter was already replaced in place.
+fn unload_old(t: &Target, new_id: u32) -> Result<()> {
+    release(t, Some(new_id))
+}
+
+/// Detaches what the pins of `t` hold on the hook and removes the pins.
+/// A clsact slot is cleared only while it holds the pinned program itself,
+/// never someone else's filter, and never `keep` (a program that replaced
+/// ours in place).
+fn release(t: &Target, keep: Option<u32>) -> Result<()> {
     let dir = t.dir();
-    let meta = RulesetMaps::from_pins(&dir).and_then(|m| m.read_meta()).ok();
     let link = dir.join("link");
     if link.exists() {
         tcx::detach_pinned(&link)?;
     }
-    if let Some(meta) = meta.filter(|m| mode_of(m) == Some(Mode::Clsact)) {
-        let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
-        if let (Ok((fd, ours)), Some(ifindex)) = (pinned_prog(&dir), ifindex) {
-            // Only our own program in our slot: never someone else's filter.
-            if ifindex == meta.ifindex && clsact::query(fd.as_fd(), ifindex, t.direction) == Some(ours) {
-                clsact::detach(fd.as_fd(), ifindex, t.direction)?;
-            }
+    let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
+    if let (Ok((fd, ours)), Some(ifindex)) = (pinned_prog(&dir), ifindex) {
+        if Some(ours) != keep && clsact::query(fd.as_fd(), ifindex, t.direction) == Some(ours) {
+            clsact::detach(fd.as_fd(), ifindex, t.direction)?;
         }
     }
     t.remove_pins()
