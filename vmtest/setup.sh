@@ -50,17 +50,7 @@ need_root() {
 
 # --- apt packages -----------------------------------------------------------
 PACKAGES=(qemu-system-x86 qemu-guest-agent busybox-static cpio kmod xz-utils zstd)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  need_root
-  log "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$VMDIR/../scripts/apt-ensure.sh" "${PACKAGES[@]}"
 
 # --- vmtest -------------------------------------------------------------------
 export PATH=$HOME/.cargo/bin:$PATH
