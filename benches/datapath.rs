@@ -13,7 +13,7 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use sfunnel::datapath::{Loaded, Noop};
+use sfunnel::datapath::{Loaded, Noop, Settings};
 use sfunnel::ruleset;
 
 const REAL: &[&str] =
@@ -44,7 +44,7 @@ fn main() -> Result<()> {
     for n in SIZES {
         let (_, compiled) = ruleset::load(&common::ruleset_with_decoys(n, REAL))?;
         let dp = Loaded::load()?;
-        dp.maps()?.install(&compiled)?;
+        dp.maps()?.install(&compiled, Settings { egress: true, ..Default::default() })?;
         // Sanity: the packets take the paths we mean to time.
         let once = dp.test_run(&udp, 1)?;
         ensure!(once.verdict == 0 && once.data.len() == udp.len() + 20, "{n} rules: the UDP packet was not funneled");

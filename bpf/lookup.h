@@ -14,6 +14,7 @@ struct match {
 	const struct sfunnel_rule_val *rule;
 	__u32 gen;
 	__u32 counter_stride;
+	__u32 flags; /* sfunnel_params.flags */
 };
 
 static __always_inline int addr_class(const struct sfunnel_params *prm, void *trie, __u8 field, __be32 addr,
@@ -120,21 +121,35 @@ static __always_inline int lookup_rule(const struct pkt *p, struct match *out)
 	out->rule = best;
 	out->gen = gen;
 	out->counter_stride = prm->counter_stride;
+	out->flags = prm->flags;
 	return 0;
+}
+
+/* The rule's counters on this CPU; NULL if they are gone. */
+static __always_inline struct sfunnel_counter *rule_counter(const struct match *m)
+{
+	void *counters = bpf_map_lookup_elem(&counter_maps, &m->gen);
+	if (!counters)
+		return NULL;
+	/* Only this CPU writes its block, with bottom halves off: no atomics. */
+	__u32 idx = bpf_get_smp_processor_id() * m->counter_stride + m->rule->index;
+	return bpf_map_lookup_elem(counters, &idx);
 }
 
 static __always_inline void count_rule(const struct match *m, __u32 bytes)
 {
-	void *counters = bpf_map_lookup_elem(&counter_maps, &m->gen);
-	if (!counters)
-		return;
-	/* Only this CPU writes its block, with bottom halves off: no atomics. */
-	__u32 idx = bpf_get_smp_processor_id() * m->counter_stride + m->rule->index;
-	struct sfunnel_counter *c = bpf_map_lookup_elem(counters, &idx);
+	struct sfunnel_counter *c = rule_counter(m);
 	if (c) {
 		c->packets++;
 		c->bytes += bytes;
 	}
+}
+
+static __always_inline void count_over_mtu(const struct match *m)
+{
+	struct sfunnel_counter *c = rule_counter(m);
+	if (c)
+		c->over_mtu++;
 }
 
 static __always_inline void count_stat(__u32 reason)

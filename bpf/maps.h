@@ -128,6 +128,18 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+/*
+ * Per-CPU scratch space for the ICMP reply mtu.h builds: with the rest of
+ * the program's frame it would not fit the 512-byte stack.
+ */
+#define SCRATCH_SIZE 128
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, SCRATCH_SIZE);
+} scratch SEC(".maps");
+
 /* Loader bookkeeping; the datapath never reads it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

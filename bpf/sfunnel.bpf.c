@@ -6,7 +6,9 @@
  *
  * Verdicts: a miss returns TC_ACT_UNSPEC (-1), which is "next program" for
  * TCX (TCX_NEXT) and "continue" for a cls_bpf filter; a funnel, unfunnel
- * or accept returns TC_ACT_OK; drop returns TC_ACT_SHOT.
+ * or accept returns TC_ACT_OK; drop returns TC_ACT_SHOT.  A funnel that
+ * would exceed the MTU is dropped (with an ICMP reply redirected to the
+ * sender: TC_ACT_REDIRECT) or passed unfunneled (mtu.h).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -18,6 +20,7 @@
 #include "parse.h"
 #include "lookup.h"
 #include "funnel.h"
+#include "mtu.h"
 
 SEC("tc")
 int sfunnel(struct __sk_buff *skb)
@@ -49,9 +52,23 @@ int sfunnel(struct __sk_buff *skb)
 	case SFUNNEL_ACT_DROP:
 		count_rule(&m, len);
 		return TC_ACT_SHOT;
-	case SFUNNEL_ACT_FUNNEL:
+	case SFUNNEL_ACT_FUNNEL: {
+		__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+		__u32 mtu = funnel_exceeds_mtu(skb, &p, hlen, m.flags);
+
+		if (mtu) {
+			count_over_mtu(&m);
+			if (m.flags & SFUNNEL_F_OVER_MTU_PASS) {
+				count_stat(SFUNNEL_STAT_OVER_MTU);
+				return TC_ACT_UNSPEC;
+			}
+			/* Tell the sender the size that fits once funneled. */
+			rc = mtu > hlen ? reply_frag_needed(skb, &p, mtu - hlen, m.flags) : -1;
+			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
+		}
 		rc = funnel(skb, &p, proto, sport, dport);
 		break;
+	}
 	case SFUNNEL_ACT_UNFUNNEL:
 		rc = unfunnel(skb, &p, proto);
 		break;

@@ -28,7 +28,7 @@
 
 #include <linux/types.h>
 
-#define SFUNNEL_ABI_VERSION 2
+#define SFUNNEL_ABI_VERSION 3
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -75,7 +75,13 @@ struct sfunnel_params {
 	 */
 	__u64 octets[2][4];
 	__u32 root_shapes[2];
+	__u32 flags; /* SFUNNEL_F_*: set by the loader for its attachment */
+	__u32 pad;
 };
+
+/* `sfunnel_params.flags` */
+#define SFUNNEL_F_EGRESS 0x1        /* attached to egress (else ingress) */
+#define SFUNNEL_F_OVER_MTU_PASS 0x2 /* over the MTU: pass unfunneled (else drop) */
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */
 struct sfunnel_port_class {
@@ -129,17 +135,20 @@ enum sfunnel_stat {
 	SFUNNEL_STAT_MISS = 3,       /* no rule matched */
 	SFUNNEL_STAT_TOO_BIG = 4,    /* funneling would overflow tot_len */
 	SFUNNEL_STAT_ERROR = 5,      /* a helper failed; see the verdict */
-	SFUNNEL_STAT_MAX = 6,
+	SFUNNEL_STAT_OVER_MTU = 6,   /* funneled, it would not fit the MTU */
+	SFUNNEL_STAT_MAX = 7,
 };
 
 /*
  * Per rule and CPU: `counters[cpu * counter_stride + rule index]`, one
  * cache-line-aligned block per CPU, so CPUs never share a line.
  */
-#define COUNTERS_PER_LINE 4
+#define COUNTERS_PER_LINE 2
 struct sfunnel_counter {
-	__u64 packets;
+	__u64 packets;  /* rewritten (or accepted/dropped) by the rule */
 	__u64 bytes;
+	__u64 over_mtu; /* funnel: left out because they would exceed the MTU */
+	__u64 pad;
 };
 
 /* How an attachment is hooked in. */

@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::datapath::OverMtu;
+
 use crate::attach::{AttachChoice, Direction};
 
 /// Where rules come from when none are given: the original container's
@@ -101,6 +103,12 @@ pub struct LoadArgs {
     /// Seconds between those tries.
     #[arg(long, env = "RETRY_DELAY", default_value_t = 3.0)]
     pub retry_delay: f64,
+
+    /// A packet that funneled would exceed the MTU: `drop` it (telling a
+    /// sender that set DF the MTU that fits, by ICMP "fragmentation
+    /// needed"), or `pass` it on unfunneled.  Counted per rule either way.
+    #[arg(long, value_enum, env = "OVER_MTU", default_value = "drop")]
+    pub over_mtu: OverMtu,
 }
 
 impl LoadArgs {

@@ -65,13 +65,13 @@ macro_rules! pod {
 }
 
 pod! {
-    sfunnel_params = 88,
+    sfunnel_params = 96,
     sfunnel_port_class = 12,
     sfunnel_addr_key = 12,
     sfunnel_addr_class = 8,
     sfunnel_rule_key = 16,
     sfunnel_rule_val = 12,
-    sfunnel_counter = 16,
+    sfunnel_counter = 32,
     sfunnel_meta = 32,
 }
 
@@ -225,6 +225,42 @@ pub struct RulesetMaps {
 pub struct RuleCounter {
     pub packets: u64,
     pub bytes: u64,
+    /// Funnel rules: packets left out because funneled they would exceed
+    /// the MTU (dropped or passed, per [`OverMtu`]).
+    pub over_mtu: u64,
+}
+
+/// What becomes of a packet that funneling would push past the MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OverMtu {
+    /// Drop it; if its DF bit is set, tell the sender the MTU that fits
+    /// (ICMP "fragmentation needed"), so path MTU discovery adapts.
+    #[default]
+    Drop,
+    /// Pass it on unfunneled.
+    Pass,
+}
+
+/// How one attachment's datapath behaves beyond its rules
+/// (`sfunnel_params.flags`), fixed at each install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settings {
+    pub egress: bool,
+    pub over_mtu: OverMtu,
+}
+
+impl Settings {
+    pub fn flags(self) -> u32 {
+        let mut f = 0;
+        if self.egress {
+            f |= consts::SFUNNEL_F_EGRESS;
+        }
+        if self.over_mtu == OverMtu::Pass {
+            f |= consts::SFUNNEL_F_OVER_MTU_PASS;
+        }
+        f
+    }
 }
 
 fn u32_key(k: u32) -> [u8; 4] {
@@ -363,7 +399,7 @@ impl RulesetMaps {
     /// whole.  Removing the old generation's inner maps waits for running
     /// programs (the kernel's synchronize_rcu on map-in-map updates), so no
     /// packet still walking them loses them.  Counters start at zero.
-    pub fn install(&self, c: &Compiled) -> Result<()> {
+    pub fn install(&self, c: &Compiled, settings: Settings) -> Result<()> {
         let old = self.active_gen()?;
         let new = old ^ 1;
 
@@ -402,7 +438,8 @@ impl RulesetMaps {
         )?;
 
         write_ports(&self.ports, new, &c.ports)?;
-        self.params.update(&u32_key(new), c.params.as_bytes(), MapFlags::ANY)?;
+        let params = sfunnel_params { flags: settings.flags(), ..c.params };
+        self.params.update(&u32_key(new), params.as_bytes(), MapFlags::ANY)?;
         // Each map-in-map update waits for a grace period (synchronize_rcu);
         // made concurrently, the waits overlap instead of adding up.
         // The canonical text, for `status`, in RULESET_TEXT_CHUNK pieces.
@@ -490,6 +527,7 @@ impl RulesetMaps {
                     });
                     total.packets += c.packets;
                     total.bytes += c.bytes;
+                    total.over_mtu += c.over_mtu;
                 }
             }
         })?;

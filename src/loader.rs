@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
 use crate::datapath::types::sfunnel_meta;
-use crate::datapath::{Loaded, RulesetMaps};
+use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
 use crate::log::debug;
 use crate::pins::Target;
 use crate::ruleset::Compiled;
@@ -23,6 +23,8 @@ pub struct LoadOptions {
     /// Tries at finding an interface that does not exist yet.
     pub attempts: u32,
     pub retry_delay: Duration,
+    /// What becomes of packets that funneled would exceed the MTU.
+    pub over_mtu: OverMtu,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,12 +106,13 @@ fn reuse_problem(t: &Target, ifindex: u32) -> Option<String> {
 pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadReport> {
     let ifindex = wait_for_iface(&t.iface, opts.attempts, opts.retry_delay)?;
     let dir = t.dir();
+    let settings = Settings { egress: t.direction == Direction::Egress, over_mtu: opts.over_mtu };
     let mut replaced = None;
     if dir.exists() {
         match reuse_problem(t, ifindex) {
             None => {
                 let maps = RulesetMaps::from_pins(&dir)?;
-                maps.install(compiled).context("updating the pinned ruleset")?;
+                maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 let meta = maps.read_meta()?;
                 let report = LoadReport {
                     iface: t.iface.clone(),
@@ -156,10 +159,10 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // clsact: our slot may hold the old program, which the attach then
     // replaces atomically.  TCX: the new link goes after the old one.
     if replaced.is_some() {
-        maps.install(compiled)?;
+        maps.install(compiled, settings)?;
     }
     let (installed, attached) = std::thread::scope(|s| {
-        let install = s.spawn(|| if replaced.is_none() { maps.install(compiled) } else { Ok(()) });
+        let install = s.spawn(|| if replaced.is_none() { maps.install(compiled, settings) } else { Ok(()) });
         let attached = match mode {
             Mode::Tcx => tcx::attach(loaded.program(), ifindex).map(Some),
             Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, old_prog).map(|()| None),

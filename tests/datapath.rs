@@ -641,13 +641,14 @@ fn run_case(prog: &Prog, c: &Case, installed: &mut Option<String>) -> Result<(),
         let k = sfunnel::datapath::RuleCounter {
             packets: after.packets - before.packets,
             bytes: after.bytes - before.bytes,
+            over_mtu: after.over_mtu - before.over_mtu,
         };
         if Some(i) == c.rule {
             let ok_bytes = [c.input.len() as u64, c.output.len() as u64];
-            if k.packets != 1 || !ok_bytes.contains(&k.bytes) {
+            if k.packets != 1 || !ok_bytes.contains(&k.bytes) || k.over_mtu != 0 {
                 errs.push(format!("rule {i} counter: expected 1 packet of {ok_bytes:?} bytes, got {k:?}"));
             }
-        } else if k.packets != 0 || k.bytes != 0 {
+        } else if k != sfunnel::datapath::RuleCounter::default() {
             errs.push(format!("rule {i} counter moved: {k:?}"));
         }
     }

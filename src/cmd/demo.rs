@@ -70,7 +70,12 @@ impl Topology {
 
     fn load(&mut self, ns: &str, iface: &str, direction: Direction, rules: &str) -> Result<loader::LoadReport> {
         let (_, compiled) = ruleset::load(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let opts = LoadOptions { attach: AttachChoice::Auto, attempts: 1, retry_delay: Duration::ZERO };
+        let opts = LoadOptions {
+            attach: AttachChoice::Auto,
+            attempts: 1,
+            retry_delay: Duration::ZERO,
+            over_mtu: Default::default(),
+        };
         let (report, target) = netns::run_in(ns, || {
             let t = Target { netns_ino: netns::current_inode()?, iface: iface.into(), direction };
             let _lock = Lock::acquire()?;

@@ -60,7 +60,12 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
     if targets.is_empty() {
         bail!("no interfaces to load onto");
     }
-    let opts = LoadOptions { attach: args.attach, attempts: args.attempts, retry_delay: args.retry_delay() };
+    let opts = LoadOptions {
+        attach: args.attach,
+        attempts: args.attempts,
+        retry_delay: args.retry_delay(),
+        over_mtu: args.over_mtu,
+    };
     // Wait for missing interfaces before taking the lock, which every
     // loader on the node shares.
     for t in &targets {

@@ -28,13 +28,14 @@ pub struct Attachment {
     pub error: Option<String>,
 }
 
-const STAT_NAMES: [(&str, u32); 6] = [
+const STAT_NAMES: [(&str, u32); 7] = [
     ("not_ipv4_tcp_udp", SFUNNEL_STAT_NOT_IPV4),
     ("fragment", SFUNNEL_STAT_FRAGMENT),
     ("malformed", SFUNNEL_STAT_MALFORMED),
     ("no_rule_matched", SFUNNEL_STAT_MISS),
     ("too_big", SFUNNEL_STAT_TOO_BIG),
     ("error", SFUNNEL_STAT_ERROR),
+    ("over_mtu", SFUNNEL_STAT_OVER_MTU),
 ];
 
 pub fn collect() -> Vec<Attachment> {
@@ -91,7 +92,8 @@ fn print_text(list: &[Attachment]) {
         println!("netns {} {} {}: {mode}, program {prog}, {} rules", a.netns_ino, a.iface, a.direction, a.rules.len());
         for (i, c) in a.rules.iter().enumerate() {
             let rule = a.ruleset.get(i).map_or("", String::as_str);
-            println!("  {:>12} packets {:>14} bytes  {rule}", c.packets, c.bytes);
+            let over = if c.over_mtu > 0 { format!("  ({} over the MTU)", c.over_mtu) } else { String::new() };
+            println!("  {:>12} packets {:>14} bytes  {rule}{over}", c.packets, c.bytes);
         }
         let passed: Vec<String> = a.passed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
         if !passed.is_empty() {

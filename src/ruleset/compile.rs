@@ -308,6 +308,9 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             root_class: 0,
             octets: [saddr_cls.first_octets(), daddr_cls.first_octets()],
             root_shapes: [saddr_shapes[0], daddr_shapes[0]],
+            // Per attachment: RulesetMaps::install sets them.
+            flags: 0,
+            pad: 0,
         },
         ports,
         addrs,

@@ -10,7 +10,7 @@ pub mod rng;
 pub mod topology;
 
 use anyhow::{Context, Result};
-use sfunnel::datapath::{Loaded, RulesetMaps};
+use sfunnel::datapath::{Loaded, RulesetMaps, Settings};
 
 use packet::{ip_options, L4Csum, PacketSpec, Proto, L4};
 use rng::Rng;
@@ -75,7 +75,7 @@ impl Prog {
     pub fn install(&self, rules: &str) -> Result<()> {
         let (_, compiled) =
             sfunnel::ruleset::load(rules).map_err(|e| anyhow::anyhow!("ruleset {rules:?} refused: {e}"))?;
-        self.maps.install(&compiled)
+        self.maps.install(&compiled, Settings { egress: true, ..Default::default() })
     }
 
     /// One PROG_TEST_RUN with repeat = 1 (the program mutates its input

@@ -38,8 +38,18 @@ pub const SERVICE_IP: [u8; 4] = [10, 201, 2, 1];
 
 /// Environment variables of the binary's container interface: cleared from
 /// every child so that the test's own environment cannot leak in.
-const SFUNNEL_ENV: [&str; 9] =
-    ["SFUNNEL_RULESET", "IFACES", "DIRECTION", "NETNS", "CLEAN", "DEBUG", "N_ATTEMPTS", "RETRY_DELAY", "SFUNNEL_BPFFS"];
+const SFUNNEL_ENV: [&str; 10] = [
+    "SFUNNEL_RULESET",
+    "IFACES",
+    "DIRECTION",
+    "NETNS",
+    "CLEAN",
+    "DEBUG",
+    "N_ATTEMPTS",
+    "RETRY_DELAY",
+    "OVER_MTU",
+    "SFUNNEL_BPFFS",
+];
 
 pub fn ip_str(a: [u8; 4]) -> String {
     format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])

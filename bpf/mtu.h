@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The MTU guard: a packet that funneling would push past the MTU is not
+ * funneled.  By default it is dropped, and when its DF bit is set the
+ * sender gets an ICMP "fragmentation needed" naming the MTU less the
+ * funnel header, so path MTU discovery shrinks its packets until they fit
+ * funneled.  With SFUNNEL_F_OVER_MTU_PASS it is passed unfunneled instead.
+ *
+ * Which MTU:
+ *  - egress: the device this program is attached to (bpf_check_mtu).  A
+ *    GSO packet passes: bpf_skb_adjust_room lowers its gso_size by the
+ *    header, so its segments still fit;
+ *  - ingress: the device the packet will be routed out of (bpf_fib_lookup
+ *    with the funneled length).  A packet for this host is never over.
+ *
+ * Nothing here runs unless a funnel rule matched, and the check is one
+ * helper call: packets that fit pay for nothing else.
+ */
+#ifndef SFUNNEL_MTU_H
+#define SFUNNEL_MTU_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "csum.h"
+#include "maps.h"
+#include "parse.h"
+
+/* Spelled out here: linux/icmp.h pulls in libc headers. */
+#define SFUNNEL_AF_INET 2
+#define IP_DF_FLAG 0x4000 /* host order */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
+
+/* ICMP "destination unreachable", code "fragmentation needed" (RFC 1191). */
+struct icmp_frag_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 unused;
+	__be16 mtu; /* next-hop MTU */
+};
+
+/* The MTU that the packet, `hlen` bytes longer, would exceed; 0 if it fits. */
+static __always_inline __u32 funnel_exceeds_mtu(struct __sk_buff *skb, const struct pkt *p, __u32 hlen,
+						 __u32 flags)
+{
+	if (flags & SFUNNEL_F_EGRESS) {
+		__u32 mtu = 0;
+
+		/* ifindex 0: the device the program runs on; len_diff is the header. */
+		if (bpf_check_mtu(skb, 0, &mtu, hlen, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED)
+			return mtu;
+		return 0;
+	}
+
+	struct bpf_fib_lookup f = {
+		.family = SFUNNEL_AF_INET,
+		.l4_protocol = p->proto,
+		.sport = bpf_htons(p->sport),
+		.dport = bpf_htons(p->dport),
+		.tot_len = p->tot_len + hlen,
+		.ifindex = skb->ingress_ifindex,
+		.ipv4_src = p->saddr,
+		.ipv4_dst = p->daddr,
+	};
+	/* Local delivery, no route or forwarding off: not our concern. */
+	if (bpf_fib_lookup(skb, &f, sizeof(f), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return f.mtu_result;
+	return 0;
+}
+
+/*
+ * The reply, laid out as it goes on the wire (RFC 792 / RFC 1191) from
+ * `eth` on.  `align` puts the IP header on a 4-byte boundary of the stack.
+ */
+struct frag_needed {
+	__u8 align[2];
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct icmp_frag_hdr icmp;
+	__u8 quote[IPV4_MAX_HLEN + 8]; /* the IP header and 8 bytes of L4 */
+};
+
+/*
+ * Turns the packet into an ICMP "fragmentation needed" (next-hop MTU
+ * `mtu`) to its sender and returns the redirect verdict that delivers it:
+ * on egress the sender is this host or behind it, so the reply enters
+ * this device as if received; on ingress it leaves through the device the
+ * packet came in on.  Returns -1 if the packet does not ask for it (DF
+ * clear) or a helper failed; the caller drops it either way.
+ */
+static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags)
+{
+	__u32 zero = 0;
+	struct frag_needed *r = bpf_map_lookup_elem(&scratch, &zero);
+	struct ethhdr eth;
+	__u32 qlen = p->ihl_len + 8;
+
+	_Static_assert(sizeof(*r) <= SCRATCH_SIZE, "the reply must fit the scratch map");
+	if (!r)
+		return -1;
+	/* Verifier workaround: restate the bounds of the quote's length. */
+	if (qlen < sizeof(struct iphdr) + 8 || qlen > sizeof(r->quote))
+		return -1;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) || bpf_skb_load_bytes(skb, p->l3, r->quote, qlen))
+		return -1;
+	if (!(bpf_ntohs(((struct iphdr *)r->quote)->frag_off) & IP_DF_FLAG))
+		return -1;
+
+	/* Every byte up to the quote is written: the scratch holds old data. */
+	__builtin_memcpy(r->eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(r->eth.h_source, eth.h_dest, ETH_ALEN);
+	r->eth.h_proto = bpf_htons(ETH_P_IP);
+	r->ip.version = 4;
+	r->ip.ihl = sizeof(struct iphdr) / 4;
+	r->ip.tos = 0xc0; /* internetwork control, as the kernel's own ICMP */
+	r->ip.tot_len = bpf_htons(sizeof(r->ip) + sizeof(r->icmp) + qlen);
+	r->ip.id = 0;
+	r->ip.frag_off = 0;
+	r->ip.ttl = 64;
+	r->ip.protocol = IPPROTO_ICMP;
+	r->ip.check = 0;
+	/* From the address the packet was for: on the path the sender knows. */
+	r->ip.saddr = p->daddr;
+	r->ip.daddr = p->saddr;
+	r->ip.check = ~csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r->ip, sizeof(r->ip), 0));
+	r->icmp.type = ICMP_DEST_UNREACH;
+	r->icmp.code = ICMP_FRAG_NEEDED;
+	r->icmp.checksum = 0;
+	r->icmp.unused = 0;
+	r->icmp.mtu = bpf_htons(mtu);
+	/* qlen is a multiple of 4 (ihl_len is), as bpf_csum_diff wants. */
+	r->icmp.checksum = ~csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r->icmp, sizeof(r->icmp) + qlen, 0));
+
+	__u32 len = sizeof(r->eth) + sizeof(r->ip) + sizeof(r->icmp) + qlen;
+	if (bpf_skb_change_tail(skb, len, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, &r->eth, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
+		return -1;
+	return bpf_redirect(skb->ifindex, flags & SFUNNEL_F_EGRESS ? BPF_F_INGRESS : 0);
+}
+
+#endif /* SFUNNEL_MTU_H */
