@@ -13,7 +13,12 @@
 //!   datagram crosses the router unfunneled and reaches the server's
 //!   socket; no ICMP; the sender's path MTU stays 1500.
 //!
-//! Both check the per-rule `over_mtu` counter and the `over_mtu` pass
+//! - `over_mtu_on_a_routers_egress` / `_ingress`: the router funnels what it
+//!   forwards; the ICMP is routed back to the client (egress: through the
+//!   router's receive path) or sent straight out (ingress: its MTU is the
+//!   route's, from a FIB lookup).
+//!
+//! They check the per-rule `over_mtu` counter and the `over_mtu` pass
 //! statistic in `sfunnel status --json`.  Root only.
 //!
 //! TCP here runs with `gso_max_segs 1` on the two ends: funneling GSO
@@ -341,4 +346,65 @@ fn over_mtu_pass_sends_unfunneled() {
     let text = sfunnel(&["status"], &[]).expect_ok().stdout;
     assert!(text.contains("(1 over the MTU)"), "status shows the count beside the rule:\n{text}");
     t.teardown();
+}
+
+/// A router that funnels what it forwards, on its server-side egress or its
+/// client-side ingress: the client's oversized DF datagram is dropped there
+/// and the client gets the ICMP (routed back from egress, sent straight out
+/// from ingress), learns 1480, and what fits is delivered.
+fn funneling_router_replies(direction: &str) {
+    let t = Topo::new(TopoOpts::default());
+    for (ns, dev) in [(&t.client, &t.c_if), (&t.server, &t.s_if)] {
+        nsh(ns, &["ip", "link", "set", dev, "mtu", &MTU.to_string()]);
+    }
+    let dev = if direction == "egress" { &t.rs_if } else { &t.rc_if };
+    let funnel = "udp dport 4739 actions funnel tcp sport 540 dport 80";
+    for (ns, dev, dir, rules) in
+        [(&t.router, dev, direction, funnel), (&t.server, &t.s_if, "ingress", "tcp dport 80 actions unfunnel udp")]
+    {
+        sfunnel(&[], &[("SFUNNEL_RULESET", rules), ("IFACES", dev), ("DIRECTION", dir), ("NETNS", ns)]).expect_ok();
+    }
+    let server = udp_socket(&t.server, UDP_PORT, false);
+    let client = udp_socket(&t.client, 0, true);
+    let sport = client.local_addr().unwrap().port();
+
+    let cap = Capture::start(&t.client, &t.c_if);
+    client.send_to(&pattern(5, FULL_UDP), sa(SERVER_IP, UDP_PORT)).expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cached_pmtu(&t.client, SERVER_IP).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let icmps = frag_needed_frames(&cap.stop().frames, sport, MTU);
+    let pmtu = cached_pmtu(&t.client, SERVER_IP);
+    let fits = pattern(6, FUNNEL_MTU - 20 - 8);
+    client.send_to(&fits, sa(SERVER_IP, UDP_PORT)).expect("a datagram that fits");
+    let got = received(&server, Duration::from_millis(500));
+    let a = attachment(t.ino(&t.router), dev, direction).expect("router attachment in status");
+    let r = rule(&a, 0);
+    eprintln!(
+        "router {direction}: ICMP frag-needed at the client {icmps}, client path MTU {pmtu:?}, server got sizes {:?}, \
+         rule (packets, bytes, over_mtu) {r:?}",
+        got.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_eq!(icmps, 1, "one ICMP fragmentation-needed reached the client");
+    assert_eq!(pmtu, Some(FUNNEL_MTU));
+    assert_eq!(got, vec![fits.clone()]);
+    assert_eq!((r.0, r.2), (1, 1), "one funneled, one over the MTU");
+    t.teardown();
+}
+
+#[test]
+fn over_mtu_on_a_routers_egress() {
+    if !common::require_root("over_mtu_on_a_routers_egress") {
+        return;
+    }
+    funneling_router_replies("egress");
+}
+
+#[test]
+fn over_mtu_on_a_routers_ingress() {
+    if !common::require_root("over_mtu_on_a_routers_ingress") {
+        return;
+    }
+    funneling_router_replies("ingress");
 }
