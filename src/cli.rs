@@ -79,8 +79,9 @@ pub struct TargetArgs {
     #[arg(short, long, env = "NETNS")]
     pub netns: Option<String>,
 
-    /// Log what is attached, pinned and updated.
-    #[arg(short, long, env = "DEBUG")]
+    /// Log what is attached, pinned and updated (one `key=value` line per
+    /// event on stderr).  $DEBUG takes 1/0, true/false, yes/no, on/off.
+    #[arg(short, long, env = "DEBUG", value_parser = clap::builder::BoolishValueParser::new())]
     pub verbose: bool,
 }
 

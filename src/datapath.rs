@@ -400,6 +400,7 @@ impl RulesetMaps {
     /// programs (the kernel's synchronize_rcu on map-in-map updates), so no
     /// packet still walking them loses them.  Counters start at zero.
     pub fn install(&self, c: &Compiled, settings: Settings) -> Result<()> {
+        let started = std::time::Instant::now();
         let old = self.active_gen()?;
         let new = old ^ 1;
 
@@ -481,6 +482,16 @@ impl RulesetMaps {
                 Err(e) => Err(e).context("releasing the previous ruleset's tables"),
             }
         })?;
+        crate::log::event!(
+            "installed",
+            generation = format!("{old}->{new}"),
+            rules = c.params.nrules,
+            rule_entries = c.rules.len(),
+            prefixes = c.addrs.len(),
+            egress = settings.egress,
+            over_mtu = format!("{:?}", settings.over_mtu).to_lowercase(),
+            ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3)
+        );
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
 use crate::datapath::types::sfunnel_meta;
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
-use crate::log::debug;
+use crate::log::event;
 use crate::pins::Target;
 use crate::ruleset::Compiled;
 
@@ -53,7 +53,7 @@ pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32
                 })
             }
             Err(_) => {
-                debug!("interface {iface} not there yet (attempt {i}/{attempts}); retrying in {delay:?}");
+                event!("wait_iface", iface = iface, attempt = i, attempts = attempts, retry_in = format!("{delay:?}"));
                 std::thread::sleep(delay);
             }
         }
@@ -121,11 +121,18 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                     prog_id: pinned_prog(&dir)?.1,
                     what: "updated in place".into(),
                 };
-                debug!("{}/{}: {} (program {})", t.iface, t.direction, report.what, report.prog_id);
+                event!(
+                    "updated",
+                    iface = t.iface,
+                    direction = t.direction,
+                    prog_id = report.prog_id,
+                    generation = maps.active_gen()?,
+                    pins = dir.display()
+                );
                 return Ok(report);
             }
             Some(why) => {
-                debug!("{}/{}: replacing old pins: {why}", t.iface, t.direction);
+                event!("replace", iface = t.iface, direction = t.direction, why = why, pins = dir.display());
                 replaced = Some(why);
             }
         }
@@ -136,7 +143,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     let old_prog = replaced.as_ref().and_then(|_| pinned_prog(&dir).ok()).map(|(_, id)| id);
 
     let (mode, why) = attach::choose(opts.attach, ifindex)?;
-    debug!("{}/{}: attaching with {mode}: {why}", t.iface, t.direction);
+    event!("attach_mode", iface = t.iface, direction = t.direction, ifindex = ifindex, mode = mode, why = why);
+    let started = std::time::Instant::now();
     let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)))?;
     let maps = loaded.maps()?;
     maps.write_meta(&sfunnel_meta {
@@ -149,6 +157,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
         netns_ino: t.netns_ino,
     })?;
     let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
+    event!("prog_loaded", prog_id = prog_id, verified_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3));
     // On a fresh hook the rules go in while the program is being hooked
     // in: both wait for a grace period, and overlapped the waits do not add
     // up.  That is safe because the program sees no ruleset (generation 0,
@@ -204,7 +213,15 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
         Some(why) => format!("replaced ({why})"),
         None => "attached".into(),
     };
-    debug!("{}/{}: {what} with {mode}, program {prog_id}", t.iface, t.direction);
+    event!(
+        "attached",
+        iface = t.iface,
+        direction = t.direction,
+        mode = mode,
+        prog_id = prog_id,
+        what = what,
+        pins = dir.display()
+    );
     Ok(LoadReport { iface: t.iface.clone(), direction: t.direction, mode, prog_id, what })
 }
 
@@ -229,14 +246,18 @@ fn release(t: &Target, keep: Option<u32>) -> Result<()> {
     let link = dir.join("link");
     if link.exists() {
         tcx::detach_pinned(&link)?;
+        event!("detached", iface = t.iface, direction = t.direction, mode = Mode::Tcx, link = link.display());
     }
     let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
     if let (Ok((fd, ours)), Some(ifindex)) = (pinned_prog(&dir), ifindex) {
         if Some(ours) != keep && clsact::query(fd.as_fd(), ifindex, t.direction) == Some(ours) {
             clsact::detach(fd.as_fd(), ifindex, t.direction)?;
+            event!("detached", iface = t.iface, direction = t.direction, mode = Mode::Clsact, prog_id = ours);
         }
     }
-    t.remove_pins()
+    t.remove_pins()?;
+    event!("unpinned", iface = t.iface, direction = t.direction, pins = dir.display());
+    Ok(())
 }
 
 /// Why the pins of `t` are stale, if they are: its network namespace is
@@ -265,6 +286,9 @@ pub fn remove_stale(t: &Target) -> Result<()> {
     let link = t.dir().join("link");
     if link.exists() {
         tcx::detach_pinned(&link)?;
+        event!("detached", netns = t.netns_ino, iface = t.iface, direction = t.direction, link = link.display());
     }
-    t.remove_pins()
+    t.remove_pins()?;
+    event!("unpinned", netns = t.netns_ino, iface = t.iface, direction = t.direction, pins = t.dir().display());
+    Ok(())
 }

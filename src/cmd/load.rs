@@ -53,6 +53,13 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
             return Ok(Outcome::Invalid);
         }
     };
+    crate::log::event!(
+        "ruleset",
+        origin = src.origin,
+        rules = rs.rules.len(),
+        rule_entries = compiled.rules.len(),
+        over_mtu = format!("{:?}", args.over_mtu).to_lowercase()
+    );
     caps::require_for_load(args.target.netns.is_some())?;
     crate::datapath::check_kernel()?;
     pins::ensure_bpffs()?;

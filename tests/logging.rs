@@ -1,0 +1,104 @@
+//! Verbose logging (root): `DEBUG=1` (the container interface) and `-v`
+//! give one `sfunnel: event=NAME key=value ...` line per thing that was
+//! attached, installed, pinned, updated, detached or unpinned; without it a
+//! load prints nothing on stderr.  A real namespace and veth, loaded by the
+//! binary, removed even on failure.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::topology::{printed_prog_id, sfunnel, Topo};
+
+const RULES: &str = "udp dport 4739 actions funnel tcp sport 540 dport 80";
+
+/// The event lines of `stderr`, parsed: (event, fields).  Panics on any
+/// other line that is not libbpf's own.
+fn events(stderr: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let mut out = Vec::new();
+    for line in stderr.lines() {
+        if line.starts_with("libbpf: ") {
+            continue;
+        }
+        let rest = line.strip_prefix("sfunnel: event=").unwrap_or_else(|| panic!("not an event line: {line:?}"));
+        let (name, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        let mut fields = BTreeMap::new();
+        while !rest.is_empty() {
+            let (k, v) = rest.split_once('=').unwrap_or_else(|| panic!("no key=value in {line:?}"));
+            let (v, next) = if let Some(q) = v.strip_prefix('"') {
+                let end = q.find('"').unwrap_or_else(|| panic!("unterminated quote in {line:?}"));
+                (q[..end].to_string(), q[end + 1..].trim_start())
+            } else {
+                let (v, n) = v.split_once(' ').unwrap_or((v, ""));
+                (v.to_string(), n)
+            };
+            fields.insert(k.to_string(), v);
+            rest = next;
+        }
+        out.push((name.to_string(), fields));
+    }
+    out
+}
+
+fn find<'a>(ev: &'a [(String, BTreeMap<String, String>)], name: &str) -> &'a BTreeMap<String, String> {
+    &ev.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name} event in {ev:?}")).1
+}
+
+#[test]
+fn debug_logs_one_structured_line_per_event() {
+    if !common::require_root("debug_logs_one_structured_line_per_event") {
+        return;
+    }
+    let (t, iface) = Topo::single();
+    let ns = t.client.clone();
+    let env = |debug: Option<&'static str>| {
+        let mut e = vec![("SFUNNEL_RULESET", RULES), ("IFACES", iface.as_str()), ("DIRECTION", "egress")];
+        e.push(("NETNS", ns.as_str()));
+        if let Some(d) = debug {
+            e.push(("DEBUG", d));
+        }
+        e
+    };
+
+    // First load, DEBUG=1: the ruleset, the attach path, the program, the
+    // install and the attach, all naming the same program and pins.
+    let first = sfunnel(&[], &env(Some("1"))).expect_ok();
+    let prog = printed_prog_id(&first.stdout, &iface, "egress").expect("program id printed").to_string();
+    let ev = events(&first.stderr);
+    eprintln!("DEBUG=1 load:\n{}", first.stderr);
+    let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ruleset", "attach_mode", "prog_loaded", "installed", "attached"]);
+    assert_eq!(find(&ev, "ruleset")["rules"], "1");
+    assert_eq!(find(&ev, "attach_mode")["iface"], iface);
+    assert_eq!(find(&ev, "prog_loaded")["prog_id"], prog);
+    assert_eq!(find(&ev, "installed")["egress"], "true");
+    assert_eq!(find(&ev, "installed")["over_mtu"], "drop");
+    let attached = find(&ev, "attached");
+    assert_eq!((attached["prog_id"].as_str(), attached["direction"].as_str()), (prog.as_str(), "egress"));
+    let pins = attached["pins"].clone();
+    assert!(std::path::Path::new(&pins).join("prog").exists(), "the logged pin directory holds the program");
+
+    // Without DEBUG (and with DEBUG=0) a rerun says nothing on stderr.
+    for debug in [None, Some("0")] {
+        let quiet = sfunnel(&[], &env(debug)).expect_ok();
+        assert_eq!(quiet.stderr, "", "DEBUG={debug:?}: stderr must be empty");
+    }
+
+    // A rerun with -v: updated in place, same program and pins.
+    let rerun = sfunnel(&["load", "-v", "--netns", &ns, "-i", &iface, "-d", "egress", RULES], &[]).expect_ok();
+    let ev = events(&rerun.stderr);
+    let updated = find(&ev, "updated");
+    assert_eq!((updated["prog_id"].as_str(), updated["pins"].as_str()), (prog.as_str(), pins.as_str()));
+    assert!(find(&ev, "installed").contains_key("generation"));
+
+    // CLEAN=1 with DEBUG=1: detached and unpinned.
+    let clean =
+        sfunnel(&[], &[("CLEAN", "1"), ("DEBUG", "1"), ("IFACES", &iface), ("NETNS", &ns), ("DIRECTION", "egress")])
+            .expect_ok();
+    let ev = events(&clean.stderr);
+    let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["detached", "unpinned"], "{}", clean.stderr);
+    assert_eq!(find(&ev, "unpinned")["pins"], pins);
+    assert!(!std::path::Path::new(&pins).exists());
+    t.teardown();
+}
