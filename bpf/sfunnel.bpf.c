@@ -18,6 +18,7 @@
 #include "parse.h"
 #include "lookup.h"
 #include "funnel.h"
+#include "detect.h"
 
 SEC("tc")
 int sfunnel(struct __sk_buff *skb)
@@ -32,7 +33,7 @@ int sfunnel(struct __sk_buff *skb)
 						  SFUNNEL_STAT_MALFORMED);
 		return TC_ACT_UNSPEC;
 	}
-	if (lookup_rule(&p, &m)) {
+	if (lookup_rule(skb, &p, &m)) {
 		count_stat(SFUNNEL_STAT_MISS);
 		return TC_ACT_UNSPEC;
 	}
@@ -53,6 +54,19 @@ int sfunnel(struct __sk_buff *skb)
 		rc = funnel(skb, &p, proto, sport, dport);
 		break;
 	case SFUNNEL_ACT_UNFUNNEL:
+		if (proto == SFUNNEL_INNER_AUTO) {
+			/* Never a guess: exactly one inner protocol must fit. */
+			__u32 fits = inner_fits(skb, &p);
+
+			if (fits == FIT_UDP) {
+				proto = IPPROTO_UDP;
+			} else if (fits == FIT_TCP) {
+				proto = IPPROTO_TCP;
+			} else {
+				count_stat(SFUNNEL_STAT_UNDECIDED);
+				return TC_ACT_UNSPEC;
+			}
+		}
 		rc = unfunnel(skb, &p, proto);
 		break;
 	default:

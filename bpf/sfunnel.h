@@ -15,6 +15,11 @@
  *  - Every class also carries the set of shapes that can still match a packet
  *    in that class, so a packet only probes the shapes that can hit, and a
  *    miss usually ends after the array lookups.
+ *  - A ruleset that uses the `funneled` match sets SFUNNEL_PARAMS_FUNNELED:
+ *    the datapath then computes one bit, "this packet looks funneled"
+ *    (detect.h), and puts it in the rule key.  Rules without `funneled` have
+ *    entries under both values of the bit, rules with it only under 1, so
+ *    first match still holds.  Other rulesets never compute the bit.
  *  - A packet therefore costs at most 2 array + 2 LPM + 16 hash lookups,
  *    whatever the number of rules.  First match wins: each entry holds the
  *    index of the first rule that produced it, and the smallest index over the
@@ -28,7 +33,7 @@
 
 #include <linux/types.h>
 
-#define SFUNNEL_ABI_VERSION 2
+#define SFUNNEL_ABI_VERSION 3
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -56,6 +61,12 @@ enum sfunnel_action {
 	SFUNNEL_ACT_DROP = 4,
 };
 
+/* sfunnel_rule_val.proto of `unfunnel auto`: detect the inner protocol. */
+#define SFUNNEL_INNER_AUTO 0
+
+/* sfunnel_params.flags */
+#define SFUNNEL_PARAMS_FUNNELED 0x1 /* some rule uses `funneled` */
+
 enum sfunnel_addr_field {
 	SFUNNEL_FIELD_SADDR = 0,
 	SFUNNEL_FIELD_DADDR = 1,
@@ -75,6 +86,8 @@ struct sfunnel_params {
 	 */
 	__u64 octets[2][4];
 	__u32 root_shapes[2];
+	__u32 flags; /* SFUNNEL_PARAMS_* */
+	__u32 pad;   /* zero */
 };
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */
@@ -109,13 +122,14 @@ struct sfunnel_rule_key {
 	__u16 dport_class;
 	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP: the packet's L4 protocol */
 	__u8 shape;
-	__u8 pad[2];
+	__u8 funneled; /* 1: the packet looks funneled; 0 unless SFUNNEL_PARAMS_FUNNELED */
+	__u8 pad;
 };
 
 struct sfunnel_rule_val {
 	__u32 index;  /* the rule's position in the ruleset: smaller wins */
 	__u8 action;  /* enum sfunnel_action */
-	__u8 proto;   /* funnel: header to insert; unfunnel: inner protocol */
+	__u8 proto;   /* funnel: header to insert; unfunnel: inner protocol or SFUNNEL_INNER_AUTO */
 	__be16 sport; /* funnel header source port */
 	__be16 dport; /* funnel header destination port */
 	__u8 pad[2];
@@ -129,7 +143,8 @@ enum sfunnel_stat {
 	SFUNNEL_STAT_MISS = 3,       /* no rule matched */
 	SFUNNEL_STAT_TOO_BIG = 4,    /* funneling would overflow tot_len */
 	SFUNNEL_STAT_ERROR = 5,      /* a helper failed; see the verdict */
-	SFUNNEL_STAT_MAX = 6,
+	SFUNNEL_STAT_UNDECIDED = 6,  /* unfunnel auto: the inner header fits neither or both protocols */
+	SFUNNEL_STAT_MAX = 7,
 };
 
 /*

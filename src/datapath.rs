@@ -65,7 +65,7 @@ macro_rules! pod {
 }
 
 pod! {
-    sfunnel_params = 88,
+    sfunnel_params = 96,
     sfunnel_port_class = 12,
     sfunnel_addr_key = 12,
     sfunnel_addr_class = 8,
