@@ -31,6 +31,7 @@ use common::rng::Rng;
 use common::{random_packet, require_root, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use sfunnel::datapath::consts::{
     SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MAX, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4,
+    SFUNNEL_STAT_UNDECIDED,
 };
 
 /// Seed of the random tests unless SFUNNEL_TEST_SEED says otherwise.
@@ -432,6 +433,7 @@ fn build_cases() -> Vec<Case> {
     // A funneled-looking packet whose inner header is cut short by tot_len
     // (the IP packet is whole): there is no inner header to update.
     cases.extend(truncated_inner_cases());
+    cases.extend(funneled_cases());
     // The outer TCP header is removed whole, options included (data offset 8).
     {
         let p = inner_packet(Proto::Udp, &payload(30)).build();
@@ -556,6 +558,122 @@ fn build_cases() -> Vec<Case> {
     cases.push(fc);
 
     cases
+}
+
+/// The `funneled` match and `unfunnel auto` (README, "Recognising funneled
+/// packets"), by their definitions in `common::packet`.
+fn funneled_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // Funneled packets whose funnel source port a NAT rewrote to anything.
+    for (inner, outer, _, _, fs, fd) in COMBOS {
+        let p = inner_packet(inner, &payload(57)).build();
+        let f = expected_funnel(&p, outer, fs, fd);
+        for sport in [fs, 1, 827, 40000, 65535] {
+            let n = nat_rewrite(&f, [10, 0, 0, 9], [192, 168, 1, 2], sport, fd);
+            let (o, i) = (outer.name(), inner.name());
+            let what = format!("{i} over {o}, funnel sport {fs} rewritten to {sport}");
+            for (rules, act) in [
+                (format!("{o} dport {fd} funneled actions unfunnel {i}"), i),
+                (format!("{o} dport {fd} funneled actions unfunnel auto"), "auto"),
+                (format!("{o} funneled actions unfunnel auto"), "auto (no ports)"),
+            ] {
+                cases.push(unfunnel_case(format!("funneled + unfunnel {act}: {what}"), &rules, n.clone(), inner));
+            }
+        }
+    }
+
+    // Ordinary TCP SYNs to the port of a `funneled` rule: not funneled, so
+    // the rule misses.  With data, without, and each fixed field but one.
+    let rule = "tcp dport 179 funneled actions unfunnel udp";
+    let syn = |seq: u32, ack: u32, flags: u8, window: u16, options: Vec<u8>, data: &[u8]| {
+        let mut s = PacketSpec::tcp(540, 179, data);
+        if let packet::L4::Tcp { seq: q, ack: a, flags: f, window: w, options: o, .. } = &mut s.l4 {
+            (*q, *a, *f, *w, *o) = (seq, ack, flags, window, options);
+        }
+        s.build()
+    };
+    let (seq, ack) = (packet::FUNNEL_TCP_SEQ, packet::FUNNEL_TCP_ACK);
+    let udp_inside = inner_packet(Proto::Udp, &payload(20)).build()[ETH_HLEN + 20..].to_vec();
+    let mss = vec![2, 4, 5, 0xb4];
+    for (what, frame) in [
+        ("a SYN", syn(0x1234_5678, 0, 0x02, 64240, mss.clone(), b"")),
+        ("a SYN with data", syn(0x1234_5678, 0, 0x02, 64240, Vec::new(), b"GET / HTTP/1.1\r\n")),
+        ("a SYN with data, window 1024", syn(0x1234_5678, 0, 0x02, 1024, Vec::new(), b"hello")),
+        ("a SYN carrying a UDP header", syn(0x1234_5678, 0x1111, 0x02, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but seq", syn(seq ^ 1, ack, 0x02, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but ack", syn(seq, ack ^ 0x8000_0000, 0x02, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but flags SYN|ACK", syn(seq, ack, 0x12, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but window", syn(seq, ack, 0x02, 1025, Vec::new(), &udp_inside)),
+        ("funnel fields but data offset 6", syn(seq, ack, 0x02, 1024, vec![1, 1, 1, 1], &udp_inside)),
+    ] {
+        assert!(!packet::looks_funneled(&frame), "oracle: {what}");
+        cases.push(pass_case(format!("funneled: {what} to port 179 is not funneled"), rule, frame, SFUNNEL_STAT_MISS));
+    }
+    // The same SYN falls through to the next rule.
+    let plain = syn(0x1234_5678, 0, 0x02, 64240, Vec::new(), b"data");
+    cases.push(Case {
+        name: "funneled: an ordinary SYN skips the funneled rule and takes the next one".into(),
+        rules: format!("{rule}\ntcp dport 179 actions accept"),
+        input: plain.clone(),
+        verdict: TC_ACT_OK,
+        output: plain,
+        rule: Some(1),
+        stat: None,
+    });
+
+    // UDP: ordinary datagrams to the port of a `funneled` rule, even ones
+    // whose payload starts with a UDP-looking header of the right length.
+    let rule = "udp dport 6000 funneled actions unfunnel auto";
+    let mut fake = vec![0x13, 0x88, 0x17, 0x70, 0, 24, 0xab, 0xcd];
+    fake.extend_from_slice(&payload(16));
+    for (what, data) in [
+        ("a DNS-like query", b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x00\x00\x01\x00\x01".to_vec()),
+        ("a UDP-looking payload with a wrong checksum", fake),
+        ("7 bytes", payload(7)),
+    ] {
+        let frame = PacketSpec::udp(5000, 6000, &data).build();
+        assert!(!packet::looks_funneled(&frame), "oracle: {what}");
+        cases.push(pass_case(format!("funneled: {what} to UDP 6000 is not funneled"), rule, frame, SFUNNEL_STAT_MISS));
+    }
+
+    // unfunnel auto never guesses: a packet that fits neither protocol, or
+    // both, passes unchanged and is counted.
+    let plain = PacketSpec::udp(5000, 6000, &payload(40)).build();
+    cases.push(pass_case(
+        "unfunnel auto: an ordinary datagram fits neither inner protocol",
+        "udp dport 6000 actions unfunnel auto",
+        plain,
+        SFUNNEL_STAT_UNDECIDED,
+    ));
+    for outer in Proto::ALL {
+        let both = funneled_fitting_both(outer);
+        assert_eq!(packet::inner_fits(&both), (true, true), "oracle: fits both");
+        cases.push(pass_case(
+            format!("unfunnel auto: an inner UDP datagram without checksum that also fits TCP, over {}", outer.name()),
+            &format!("{} funneled actions unfunnel auto", outer.name()),
+            both,
+            SFUNNEL_STAT_UNDECIDED,
+        ));
+    }
+    cases
+}
+
+/// A funneled inner UDP datagram sent without a checksum (so it fits UDP by
+/// its length alone) whose bytes also pass as a TCP header with a valid
+/// zero-address checksum: `unfunnel auto` must refuse to choose.
+fn funneled_fitting_both(outer: Proto) -> Vec<u8> {
+    let mut data = payload(30);
+    data[4] = 0x50; // inner byte 12, the TCP data offset: 5
+    data[28] = 0;
+    data[29] = 0;
+    let spec = PacketSpec::udp(5555, 4739, &data).with_csum(L4Csum::None);
+    let seg = spec.segment();
+    // The segment's sum with zero addresses must make a valid TCP checksum.
+    let s = packet::pseudo_header([0; 4], [0; 4], packet::IPPROTO_TCP, seg.len()).add(&seg).fold();
+    let w = 0xFFFF - s;
+    let mut spec = spec;
+    spec.payload[28..30].copy_from_slice(&w.to_be_bytes());
+    expected_funnel(&spec.build(), outer, 540, 80)
 }
 
 /// Makes tot_len, the outer UDP length, the IP checksum and the outer L4
@@ -1266,6 +1384,7 @@ fn first_match(rs: &sfunnel::ruleset::Ruleset, frame: &[u8]) -> Option<usize> {
         proto,
         sport: be16(frame, l4),
         dport: be16(frame, l4 + 2),
+        funneled: packet::looks_funneled(frame),
     };
     rs.first_match(&pkt)
 }
