@@ -935,6 +935,113 @@ fn property_case(
     Ok(())
 }
 
+/// `unfunnel auto` and the `funneled` match over random packets: funneled
+/// ones (each inner × outer, after a NAT that rewrote addresses and the
+/// funnel ports) and ordinary ones (random TCP/UDP, some with a payload
+/// made to look like an inner header).  Two programs see every packet:
+/// `P actions unfunnel auto` and `P funneled actions unfunnel auto`.  Each
+/// must do exactly what the definitions in `common::packet` say
+/// (`inner_fits`, `looks_funneled`, which sum the inner bytes), and no
+/// funneled packet may come out with the wrong inner protocol.
+/// Cases: $SFUNNEL_AUTO_CASES (default 10,240).
+#[test]
+fn property_unfunnel_auto_never_mislabels() {
+    if !require_root("property_unfunnel_auto_never_mislabels") {
+        return;
+    }
+    let seed = Rng::seed_from_env(DEFAULT_SEED ^ 0xa070);
+    let total = env_usize("SFUNNEL_AUTO_CASES", 10_240);
+    let mut rng = Rng::new(seed);
+    let auto = Prog::with_rules("tcp actions unfunnel auto\nudp actions unfunnel auto").expect("load");
+    let gated = Prog::with_rules("tcp funneled actions unfunnel auto\nudp funneled actions unfunnel auto").expect("load");
+    let undecided_before = auto.maps.stats().unwrap()[SFUNNEL_STAT_UNDECIDED as usize];
+    // [funneled?][outcome]: unfunneled right, undecided (passed), unfunneled wrong.
+    let (mut right, mut undecided, mut wrong) = ([0usize; 2], [0usize; 2], 0usize);
+    let (mut ordinary_matched, mut want_undecided) = (0usize, 0u64);
+    let mut failures = Vec::new();
+    for k in 0..total {
+        let funneled = k % 2 == 0;
+        let (inner, outer) = (Proto::ALL[rng.below(2)], Proto::ALL[rng.below(2)]);
+        let frame = if funneled {
+            let p = random_packet(&mut rng, inner).build();
+            let f = expected_funnel(&p, outer, rng.u16().max(1), rng.u16().max(1));
+            nat_rewrite(&f, rng.addr(), rng.addr(), rng.u16().max(1), rng.u16().max(1))
+        } else {
+            let mut spec = random_packet(&mut rng, outer);
+            // Half of them: a payload that starts like a UDP header of the
+            // right length, or like a TCP header with a data offset that fits.
+            let n = spec.payload.len();
+            if rng.bool() && n >= 20 {
+                if rng.bool() {
+                    spec.payload[4..6].copy_from_slice(&(n as u16).to_be_bytes());
+                } else {
+                    spec.payload[12] = 0x50;
+                }
+            }
+            spec.build()
+        };
+        let want = packet::auto_inner(&frame);
+        let looks = packet::looks_funneled(&frame);
+        want_undecided += u64::from(want.is_none());
+        if funneled {
+            // The definitions never name the wrong protocol either.
+            assert!(want.is_none() || want == Some(inner), "oracle mislabels (seed {seed}, case {k})");
+            assert!(looks, "oracle: a funneled packet does not look funneled (seed {seed}, case {k})");
+        } else {
+            ordinary_matched += usize::from(want.is_some());
+        }
+        for (prog, gate) in [(&auto, false), (&gated, true)] {
+            let (verdict, out) = prog.run(&frame).expect("test run");
+            let applies = !gate || looks;
+            let expect = match want.filter(|_| applies) {
+                Some(p) => (TC_ACT_OK, expected_unfunnel(&frame, p)),
+                None => (TC_ACT_UNSPEC, frame.clone()),
+            };
+            if (verdict, &out) != (expect.0, &expect.1) {
+                if failures.len() < 5 {
+                    failures.push(format!(
+                        "case {k} (seed {seed}), {}, funneled {funneled} ({} over {}), definition: {want:?}, \
+                         looks funneled {looks}: verdict {verdict}, want {}\n{}",
+                        if gate { "funneled + auto" } else { "auto" },
+                        inner.name(),
+                        outer.name(),
+                        expect.0,
+                        diff(&expect.1, &out)
+                    ));
+                }
+                continue;
+            }
+            if gate {
+                continue;
+            }
+            let i = usize::from(funneled);
+            match (verdict, funneled) {
+                (TC_ACT_OK, true) if out == expected_unfunnel(&frame, inner) => right[i] += 1,
+                (TC_ACT_OK, true) => wrong += 1,
+                (TC_ACT_OK, false) => right[i] += 1,
+                _ => undecided[i] += 1,
+            }
+        }
+    }
+    let undecided_stat = auto.maps.stats().unwrap()[SFUNNEL_STAT_UNDECIDED as usize] - undecided_before;
+    println!(
+        "unfunnel auto: {total} random packets (seed {seed}); funneled: {} unfunneled right, {} undecided, {wrong} \
+         wrong; ordinary: {} undecided (passed), {ordinary_matched} fit one protocol by the definition; \
+         undecided stat +{undecided_stat}; {} disagreements with the definitions",
+        right[1],
+        undecided[1],
+        undecided[0],
+        failures.len()
+    );
+    for f in &failures {
+        eprintln!("{f}\n");
+    }
+    assert!(failures.is_empty(), "the datapath disagrees with the definitions (see stderr)");
+    assert_eq!(wrong, 0, "funneled packets unfunneled with the wrong inner protocol");
+    assert_eq!(undecided_stat, want_undecided, "the undecided stat counts every packet auto passed");
+    assert!(right[1] >= total / 2 - total / 100, "most funneled packets are unfunneled");
+}
+
 // ===========================================================================
 // 3. Robustness: truncations and random bytes
 // ===========================================================================
@@ -1367,6 +1474,9 @@ fn random_rule(rng: &mut Rng) -> String {
             m.push(format!("{field} {neg}{}", PORTS[rng.below(PORTS.len())]));
         }
     }
+    if rng.one_in(4) {
+        m.push("funneled".into());
+    }
     format!("ip {} actions accept", m.join(" "))
 }
 
@@ -1402,6 +1512,7 @@ fn lookup_agrees_with_first_match() {
     let mut rng = Rng::new(Rng::seed_from_env(0x5f_100c));
     let prog = Prog::load().expect("load");
     let (mut checked, mut matched, mut failures) = (0usize, 0usize, Vec::new());
+    let (mut funneled_pkts, mut funneled_wins) = (0usize, 0usize);
     for _ in 0..rulesets {
         let text: Vec<String> = (0..rng.range(1, 12)).map(|_| random_rule(&mut rng)).collect();
         let text = text.join("\n");
@@ -1410,9 +1521,23 @@ fn lookup_agrees_with_first_match() {
         let mut seen = vec![0u64; rs.rules.len()];
         for _ in 0..PACKETS {
             let (s, d) = (PORTS[rng.below(PORTS.len())], PORTS[rng.below(PORTS.len())]);
-            let spec = if rng.bool() { PacketSpec::tcp(s, d, b"x") } else { PacketSpec::udp(s, d, b"x") };
-            let frame = spec.with_addrs(ADDRS[rng.below(ADDRS.len())], ADDRS[rng.below(ADDRS.len())]).build();
+            let (saddr, daddr) = (ADDRS[rng.below(ADDRS.len())], ADDRS[rng.below(ADDRS.len())]);
+            let outer = Proto::ALL[rng.below(2)];
+            // A third of the packets are funneled (an inner packet behind a
+            // funnel header with these ports), the rest plain.
+            let frame = if rng.one_in(3) {
+                let inner = inner_packet(Proto::ALL[rng.below(2)], b"xyz").with_addrs(saddr, daddr).build();
+                expected_funnel(&inner, outer, s, d)
+            } else {
+                let spec = match outer {
+                    Proto::Tcp => PacketSpec::tcp(s, d, b"x"),
+                    Proto::Udp => PacketSpec::udp(s, d, b"x"),
+                };
+                spec.with_addrs(saddr, daddr).build()
+            };
+            funneled_pkts += usize::from(packet::looks_funneled(&frame));
             let want = first_match(&rs, &frame);
+            funneled_wins += usize::from(want.is_some_and(|i| rs.rules[i].matches.funneled));
             let (verdict, _) = prog.run(&frame).expect("test run");
             let counters: Vec<u64> = prog.maps.rule_counters().expect("counters").iter().map(|c| c.packets).collect();
             let moved: Vec<usize> = (0..seen.len()).filter(|&i| counters[i] != seen[i]).collect();
@@ -1433,9 +1558,10 @@ fn lookup_agrees_with_first_match() {
         }
     }
     println!(
-        "BPF lookup vs first match: {checked} packets over {rulesets} random rulesets ({matched} matched a rule), \
-         {} disagreements",
+        "BPF lookup vs first match: {checked} packets over {rulesets} random rulesets ({matched} matched a rule; \
+         {funneled_pkts} looked funneled, {funneled_wins} went to a `funneled` rule), {} disagreements",
         failures.len()
     );
+    assert!(funneled_wins > 0, "no packet exercised a `funneled` rule");
     assert!(failures.is_empty(), "{}", failures[..failures.len().min(5)].join("\n\n"));
 }
