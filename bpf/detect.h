@@ -103,13 +103,7 @@ static __always_inline int tcp_magic(struct __sk_buff *skb, const struct pkt *p)
 	       ((__be16 *)&th)[6] == bpf_htons(FUNNEL_DOFF_FLAGS) && th.window == bpf_htons(FUNNEL_WINDOW);
 }
 
-/* The `funneled` match: TCP by the magic fields, UDP by a plausible inner
- * header (see inner_fits). */
-static __always_inline __u8 looks_funneled(struct __sk_buff *skb, const struct pkt *p)
-{
-	if (p->proto == IPPROTO_TCP)
-		return tcp_magic(skb, p);
-	return inner_fits(skb, p) != 0;
-}
+/* The `funneled` match (lookup.h): TCP by the magic fields, UDP by a
+ * plausible inner header (inner_fits). */
 
 #endif /* SFUNNEL_DETECT_H */

@@ -56,7 +56,7 @@ int sfunnel(struct __sk_buff *skb)
 	case SFUNNEL_ACT_UNFUNNEL:
 		if (proto == SFUNNEL_INNER_AUTO) {
 			/* Never a guess: exactly one inner protocol must fit. */
-			__u32 fits = inner_fits(skb, &p);
+			__u32 fits = m.fits >= 0 ? m.fits : inner_fits(skb, &p);
 
 			if (fits == FIT_UDP) {
 				proto = IPPROTO_UDP;

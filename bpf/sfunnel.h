@@ -15,11 +15,12 @@
  *  - Every class also carries the set of shapes that can still match a packet
  *    in that class, so a packet only probes the shapes that can hit, and a
  *    miss usually ends after the array lookups.
- *  - A ruleset that uses the `funneled` match sets SFUNNEL_PARAMS_FUNNELED:
- *    the datapath then computes one bit, "this packet looks funneled"
- *    (detect.h), and puts it in the rule key.  Rules without `funneled` have
- *    entries under both values of the bit, rules with it only under 1, so
- *    first match still holds.  Other rulesets never compute the bit.
+ *  - When some TCP (UDP) rule uses the `funneled` match, the params say so
+ *    (SFUNNEL_PARAMS_FUNNELED_*): the datapath then computes one bit for TCP
+ *    (UDP) packets, "this packet looks funneled" (detect.h), and puts it in
+ *    the rule key.  Rules of that protocol without `funneled` have entries
+ *    under both values of the bit, rules with it only under 1, so first
+ *    match still holds.  Other packets and rulesets never compute the bit.
  *  - A packet therefore costs at most 2 array + 2 LPM + 16 hash lookups,
  *    whatever the number of rules.  First match wins: each entry holds the
  *    index of the first rule that produced it, and the smallest index over the
@@ -64,8 +65,9 @@ enum sfunnel_action {
 /* sfunnel_rule_val.proto of `unfunnel auto`: detect the inner protocol. */
 #define SFUNNEL_INNER_AUTO 0
 
-/* sfunnel_params.flags */
-#define SFUNNEL_PARAMS_FUNNELED 0x1 /* some rule uses `funneled` */
+/* sfunnel_params.flags: some rule of that protocol uses `funneled` (bit = slot) */
+#define SFUNNEL_PARAMS_FUNNELED_TCP 0x1
+#define SFUNNEL_PARAMS_FUNNELED_UDP 0x2
 
 enum sfunnel_addr_field {
 	SFUNNEL_FIELD_SADDR = 0,
@@ -122,7 +124,7 @@ struct sfunnel_rule_key {
 	__u16 dport_class;
 	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP: the packet's L4 protocol */
 	__u8 shape;
-	__u8 funneled; /* 1: the packet looks funneled; 0 unless SFUNNEL_PARAMS_FUNNELED */
+	__u8 funneled; /* 1: the packet looks funneled; 0 unless SFUNNEL_PARAMS_FUNNELED_* */
 	__u8 pad;
 };
 

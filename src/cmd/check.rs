@@ -64,8 +64,8 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
     println!("# {} rules from {}, {} map entries", rs.rules.len(), src.origin, compiled.rules.len());
     if rs.uses_funneled() {
         println!(
-            "# uses `funneled`: every packet is tested for it, and rules without it are entered twice \
-             (funneled or not)"
+            "# uses `funneled`: packets of its protocol are tested for it, and that protocol's rules \
+             without it are entered twice (funneled or not)"
         );
     }
     Ok(Outcome::Ok)

@@ -219,7 +219,9 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
     let mut entries_per_rule = vec![0usize; rs.rules.len()];
     let mut shapes_used = 0u32;
     let wildcard = vec![0u32];
-    let uses_funneled = rs.uses_funneled();
+    // Per protocol slot: does some rule of that protocol use `funneled`?
+    let funneled_slots: u32 =
+        rs.rules.iter().filter(|r| r.matches.funneled).fold(0, |acc, r| acc | 1 << r.matches.proto.slot());
 
     for (i, rule) in rs.rules.iter().enumerate() {
         let m = &rule.matches;
@@ -233,7 +235,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         let dp = m.dport.as_ref().map_or_else(|| wildcard.clone(), |p| dport_cls.classes(p));
 
         // Values of the key's `funneled` bit this rule is entered under.
-        let funneled_bits: &[u8] = match (uses_funneled, m.funneled) {
+        let funneled_bits: &[u8] = match (funneled_slots >> m.proto.slot() & 1 != 0, m.funneled) {
             (false, _) => &[0],
             (true, true) => &[1],
             (true, false) => &[0, 1],
@@ -330,7 +332,8 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             root_class: 0,
             octets: [saddr_cls.first_octets(), daddr_cls.first_octets()],
             root_shapes: [saddr_shapes[0], daddr_shapes[0]],
-            flags: if uses_funneled { SFUNNEL_PARAMS_FUNNELED } else { 0 },
+            // SFUNNEL_PARAMS_FUNNELED_TCP / _UDP: bit = protocol slot.
+            flags: funneled_slots,
             pad: 0,
         },
         ports,
@@ -391,12 +394,15 @@ mod tests {
     fn funneled_rules_take_bit_1_and_the_others_both_bits() {
         let rs = parse("tcp dport 80 funneled unfunnel auto\ntcp dport 80 accept\nudp drop").unwrap();
         let c = compile(&rs).unwrap();
-        assert_eq!(c.params.flags, SFUNNEL_PARAMS_FUNNELED);
+        assert_eq!(c.params.flags, SFUNNEL_PARAMS_FUNNELED_TCP);
         // The funneled rule: bit 1; `tcp dport 80 accept`: bit 0 only (bit 1
-        // is the first rule's); `udp drop`: both bits.
-        assert_eq!(c.entries_per_rule, vec![1, 1, 2]);
+        // is the first rule's); `udp drop`: bit 0 (no UDP rule uses it).
+        assert_eq!(c.entries_per_rule, vec![1, 1, 1]);
         let (k, v) = c.rules.iter().find(|(_, v)| v.index == 0).unwrap();
         assert_eq!((k.funneled, v.action, v.proto), (1, SFUNNEL_ACT_UNFUNNEL as u8, SFUNNEL_INNER_AUTO as u8));
+        // A UDP `funneled` rule: UDP rules get both bits, TCP rules one.
+        let c = compile(&parse("udp funneled dport 1 accept\ntcp accept\nudp drop").unwrap()).unwrap();
+        assert_eq!((c.params.flags, c.entries_per_rule.clone()), (SFUNNEL_PARAMS_FUNNELED_UDP, vec![1, 1, 2]));
         // Without `funneled` in the ruleset, every key has bit 0.
         let c = compile(&parse("tcp dport 80 accept").unwrap()).unwrap();
         assert_eq!((c.params.flags, c.rules[0].0.funneled), (0, 0));

@@ -66,7 +66,7 @@ impl<'c> Reference<'c> {
             shapes &= c.shapes >> slot;
         }
         // The datapath tests for `funneled` only when the ruleset uses it.
-        let funneled = u8::from(self.compiled.params.flags & SFUNNEL_PARAMS_FUNNELED != 0 && pkt.funneled);
+        let funneled = u8::from(self.compiled.params.flags >> pkt.proto.slot() & 1 != 0 && pkt.funneled);
         (0..SHAPES_PER_PROTO)
             .filter(|s| shapes & (shape_bit(pkt.proto, *s) >> slot) != 0)
             .filter_map(|s| {
