@@ -30,7 +30,11 @@ use sfunnel::ruleset;
 
 /// (row label, the two real rules, funnel header length)
 const VARIANTS: [(&str, [&str; 2], usize); 4] = [
-    ("ports", ["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp sport 540 dport 179 actions unfunnel udp"], 20),
+    (
+        "ports",
+        ["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp sport 540 dport 179 actions unfunnel udp"],
+        20,
+    ),
     (
         "funneled",
         ["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp dport 179 funneled actions unfunnel udp"],

@@ -953,7 +953,8 @@ fn property_unfunnel_auto_never_mislabels() {
     let total = env_usize("SFUNNEL_AUTO_CASES", 10_240);
     let mut rng = Rng::new(seed);
     let auto = Prog::with_rules("tcp actions unfunnel auto\nudp actions unfunnel auto").expect("load");
-    let gated = Prog::with_rules("tcp funneled actions unfunnel auto\nudp funneled actions unfunnel auto").expect("load");
+    let gated =
+        Prog::with_rules("tcp funneled actions unfunnel auto\nudp funneled actions unfunnel auto").expect("load");
     let undecided_before = auto.maps.stats().unwrap()[SFUNNEL_STAT_UNDECIDED as usize];
     // [funneled?][outcome]: unfunneled right, undecided (passed), unfunneled wrong.
     let (mut right, mut undecided, mut wrong) = ([0usize; 2], [0usize; 2], 0usize);

@@ -60,13 +60,16 @@ fn funneled_and_unfunnel_auto() {
     assert!(rs.rules[0].matches.funneled && rs.rules[1].matches.funneled);
     assert_eq!(rs.rules[0].action, Action::UnfunnelAuto);
     assert_eq!(rs.rules[1].action, Action::Unfunnel { proto: Proto::Tcp });
-    assert_eq!(rs.to_string(), "tcp dport 80 funneled actions unfunnel auto\nudp dport 81 funneled actions unfunnel tcp\n");
+    assert_eq!(
+        rs.to_string(),
+        "tcp dport 80 funneled actions unfunnel auto\nudp dport 81 funneled actions unfunnel tcp\n"
+    );
     assert_eq!(parse(&rs.to_string()).unwrap(), rs);
     // Without the word, nothing is funneled; `auto` needs no `funneled`.
     let rs = parse("tcp dport 80 unfunnel auto").unwrap();
     assert!(!rs.rules[0].matches.funneled && !rs.uses_funneled());
     // The JSON form names the match only where it is used.
-    let j = serde_json::to_value(&parse("tcp funneled unfunnel auto; udp accept").unwrap()).unwrap();
+    let j = serde_json::to_value(parse("tcp funneled unfunnel auto; udp accept").unwrap()).unwrap();
     assert_eq!(j["rules"][0]["match"]["funneled"], true);
     assert_eq!(j["rules"][0]["action"]["type"], "unfunnel_auto");
     assert!(j["rules"][1]["match"].get("funneled").is_none());
@@ -267,8 +270,9 @@ fn arb_port() -> impl Strategy<Value = u16> {
 }
 
 fn arb_packet() -> impl Strategy<Value = PacketFields> {
-    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port(), any::<bool>())
-        .prop_map(|(saddr, daddr, proto, sport, dport, funneled)| PacketFields { saddr, daddr, proto, sport, dport, funneled })
+    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port(), any::<bool>()).prop_map(
+        |(saddr, daddr, proto, sport, dport, funneled)| PacketFields { saddr, daddr, proto, sport, dport, funneled },
+    )
 }
 
 #[test]

@@ -240,9 +240,8 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             (true, true) => &[1],
             (true, false) => &[0, 1],
         };
-        let product = [sa.len(), da.len(), sp.len(), dp.len(), funneled_bits.len()]
-            .iter()
-            .fold(1u128, |acc, &n| acc * n as u128);
+        let product =
+            [sa.len(), da.len(), sp.len(), dp.len(), funneled_bits.len()].iter().fold(1u128, |acc, &n| acc * n as u128);
         if product + table.len() as u128 > MAX_ENTRIES as u128 {
             return Err(RulesetError {
                 line: rule.pos.line,
@@ -346,7 +345,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
 
 /// (saddr, daddr, sport, dport classes, protocol, shape, funneled): a rule
 /// key as a hashable tuple while compiling.
-type RuleKeyTuple = (u32, u32, u16, u16, u8, u8, u8);
+pub(crate) type RuleKeyTuple = (u32, u32, u16, u16, u8, u8, u8);
 
 fn push_addr_classes(
     out: &mut Vec<(sfunnel_addr_key, sfunnel_addr_class)>,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::ast::PacketFields;
-use super::compile::{shape_bit, Compiled};
+use super::compile::{shape_bit, Compiled, RuleKeyTuple};
 use crate::datapath::consts::*;
 use crate::datapath::types::{sfunnel_addr_class, sfunnel_rule_val};
 
@@ -14,7 +14,7 @@ pub struct Reference<'c> {
     /// (field, prefix length, network address) → class, standing in for the
     /// kernel's LPM trie.
     addrs: HashMap<(u8, u8, u32), sfunnel_addr_class>,
-    rules: HashMap<(u32, u32, u16, u16, u8, u8, u8), sfunnel_rule_val>,
+    rules: HashMap<RuleKeyTuple, sfunnel_rule_val>,
 }
 
 impl<'c> Reference<'c> {
@@ -27,7 +27,9 @@ impl<'c> Reference<'c> {
         let rules = compiled
             .rules
             .iter()
-            .map(|(k, v)| ((k.saddr_class, k.daddr_class, k.sport_class, k.dport_class, k.proto, k.shape, k.funneled), *v))
+            .map(|(k, v)| {
+                ((k.saddr_class, k.daddr_class, k.sport_class, k.dport_class, k.proto, k.shape, k.funneled), *v)
+            })
             .collect();
         Reference { compiled, addrs, rules }
     }

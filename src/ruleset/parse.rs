@@ -18,10 +18,9 @@ mod grammar {
 use grammar::{Grammar, Rule as G};
 
 /// Every keyword of the language, for "did you mean" suggestions.
-const KEYWORDS: &[&str] =
-    &[
-    "ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "funneled", "actions", "funnel", "unfunnel", "auto", "accept",
-    "drop",
+const KEYWORDS: &[&str] = &[
+    "ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "funneled", "actions", "funnel", "unfunnel", "auto",
+    "accept", "drop",
 ];
 
 /// Parses a whole ruleset.  Either every rule is valid and returned, or the
