@@ -13,7 +13,6 @@
 
 struct match {
 	const struct sfunnel_rule_val *rule;
-	__s32 fits; /* inner_fits() if the lookup computed it, else -1 */
 	__u32 gen;
 	__u32 counter_stride;
 };
@@ -103,17 +102,10 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	struct sfunnel_rule_key key = {};
 	const struct sfunnel_rule_val *best = NULL;
 	key.proto = p->proto;
-	out->fits = -1;
 	/* Only packets of a protocol whose rules use `funneled` pay for the
-	 * test (detect.h); a UDP test leaves inner_fits() for unfunnel auto. */
-	if (prm->flags & (1 << (slot / SHAPES_PER_PROTO))) {
-		if (p->proto == IPPROTO_TCP) {
-			key.funneled = tcp_magic(skb, p);
-		} else {
-			out->fits = inner_fits(skb, p);
-			key.funneled = out->fits != 0;
-		}
-	}
+	 * test (detect.h). */
+	if (prm->flags & (1 << (slot / SHAPES_PER_PROTO)))
+		key.funneled = looks_funneled(skb, p);
 	for (__u32 shape = 0; shape < SHAPES_PER_PROTO; shape++) {
 		if (!(shapes >> shape))
 			break;

@@ -56,13 +56,8 @@ int sfunnel(struct __sk_buff *skb)
 	case SFUNNEL_ACT_UNFUNNEL:
 		if (proto == SFUNNEL_INNER_AUTO) {
 			/* Never a guess: exactly one inner protocol must fit. */
-			__u32 fits = m.fits >= 0 ? m.fits : inner_fits(skb, &p);
-
-			if (fits == FIT_UDP) {
-				proto = IPPROTO_UDP;
-			} else if (fits == FIT_TCP) {
-				proto = IPPROTO_TCP;
-			} else {
+			proto = sfunnel_auto_proto(skb, fits_at(&p), fits_lens(&p), fits_addrs(&p)) & 0xff;
+			if (!proto) {
 				count_stat(SFUNNEL_STAT_UNDECIDED);
 				return TC_ACT_UNSPEC;
 			}
