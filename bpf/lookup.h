@@ -9,6 +9,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "detect.h"
 
 struct match {
 	const struct sfunnel_rule_val *rule;
@@ -51,7 +52,7 @@ static __always_inline int addr_class(const struct sfunnel_params *prm, void *tr
 }
 
 /* Returns 0 and the first matching rule, or -1 on a miss. */
-static __always_inline int lookup_rule(const struct pkt *p, struct match *out)
+static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *p, struct match *out)
 {
 	__u32 zero = 0;
 	__u32 *active_gen = bpf_map_lookup_elem(&active, &zero);
@@ -102,6 +103,10 @@ static __always_inline int lookup_rule(const struct pkt *p, struct match *out)
 	struct sfunnel_rule_key key = {};
 	const struct sfunnel_rule_val *best = NULL;
 	key.proto = p->proto;
+	/* Only packets of a protocol whose rules use `funneled` pay for the
+	 * test (detect.h). */
+	if (prm->flags & (1 << (slot / SHAPES_PER_PROTO)))
+		key.funneled = looks_funneled(skb, p);
 	for (__u32 shape = 0; shape < SHAPES_PER_PROTO; shape++) {
 		if (!(shapes >> shape))
 			break;

@@ -4,7 +4,7 @@
  * funneled.  By default it is dropped, and when its DF bit is set the
  * sender gets an ICMP "fragmentation needed" naming the MTU less the
  * funnel header, so path MTU discovery shrinks its packets until they fit
- * funneled.  With SFUNNEL_F_OVER_MTU_PASS it is passed unfunneled instead.
+ * funneled.  With SFUNNEL_PARAMS_OVER_MTU_PASS it is passed unfunneled instead.
  *
  * Which MTU:
  *  - egress: the device this program is attached to (bpf_check_mtu).  A
@@ -49,7 +49,7 @@ struct icmp_frag_hdr {
 static __always_inline __u32 funnel_exceeds_mtu(struct __sk_buff *skb, const struct pkt *p, __u32 hlen,
 						 __u32 flags)
 {
-	if (flags & SFUNNEL_F_EGRESS) {
+	if (flags & SFUNNEL_PARAMS_EGRESS) {
 		__u32 mtu = 0;
 
 		/* ifindex 0: the device the program runs on; len_diff is the header. */
@@ -142,7 +142,7 @@ static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct
 		return -1;
 	if (bpf_skb_store_bytes(skb, 0, &r->eth, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
 		return -1;
-	return bpf_redirect(skb->ifindex, flags & SFUNNEL_F_EGRESS ? BPF_F_INGRESS : 0);
+	return bpf_redirect(skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
 }
 
 #endif /* SFUNNEL_MTU_H */

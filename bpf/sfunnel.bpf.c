@@ -21,6 +21,7 @@
 #include "lookup.h"
 #include "funnel.h"
 #include "mtu.h"
+#include "detect.h"
 
 SEC("tc")
 int sfunnel(struct __sk_buff *skb)
@@ -35,7 +36,7 @@ int sfunnel(struct __sk_buff *skb)
 						  SFUNNEL_STAT_MALFORMED);
 		return TC_ACT_UNSPEC;
 	}
-	if (lookup_rule(&p, &m)) {
+	if (lookup_rule(skb, &p, &m)) {
 		count_stat(SFUNNEL_STAT_MISS);
 		return TC_ACT_UNSPEC;
 	}
@@ -58,7 +59,7 @@ int sfunnel(struct __sk_buff *skb)
 
 		if (mtu) {
 			count_over_mtu(&m);
-			if (m.flags & SFUNNEL_F_OVER_MTU_PASS) {
+			if (m.flags & SFUNNEL_PARAMS_OVER_MTU_PASS) {
 				count_stat(SFUNNEL_STAT_OVER_MTU);
 				return TC_ACT_UNSPEC;
 			}
@@ -70,6 +71,14 @@ int sfunnel(struct __sk_buff *skb)
 		break;
 	}
 	case SFUNNEL_ACT_UNFUNNEL:
+		if (proto == SFUNNEL_INNER_AUTO) {
+			/* Never a guess: exactly one inner protocol must fit. */
+			proto = sfunnel_auto_proto(skb, fits_at(&p), fits_lens(&p), fits_addrs(&p)) & 0xff;
+			if (!proto) {
+				count_stat(SFUNNEL_STAT_UNDECIDED);
+				return TC_ACT_UNSPEC;
+			}
+		}
 		rc = unfunnel(skb, &p, proto);
 		break;
 	default:

@@ -15,6 +15,12 @@
  *  - Every class also carries the set of shapes that can still match a packet
  *    in that class, so a packet only probes the shapes that can hit, and a
  *    miss usually ends after the array lookups.
+ *  - When some TCP (UDP) rule uses the `funneled` match, the params say so
+ *    (SFUNNEL_PARAMS_FUNNELED_*): the datapath then computes one bit for TCP
+ *    (UDP) packets, "this packet looks funneled" (detect.h), and puts it in
+ *    the rule key.  Rules of that protocol without `funneled` have entries
+ *    under both values of the bit, rules with it only under 1, so first
+ *    match still holds.  Other packets and rulesets never compute the bit.
  *  - A packet therefore costs at most 2 array + 2 LPM + 16 hash lookups,
  *    whatever the number of rules.  First match wins: each entry holds the
  *    index of the first rule that produced it, and the smallest index over the
@@ -56,6 +62,19 @@ enum sfunnel_action {
 	SFUNNEL_ACT_DROP = 4,
 };
 
+/* sfunnel_rule_val.proto of `unfunnel auto`: detect the inner protocol. */
+#define SFUNNEL_INNER_AUTO 0
+
+/*
+ * sfunnel_params.flags.  From the ruleset: some rule of that protocol uses
+ * `funneled` (bit = slot).  From the loader, per attachment: the direction,
+ * and what becomes of a packet too big to funnel (mtu.h).
+ */
+#define SFUNNEL_PARAMS_FUNNELED_TCP 0x1
+#define SFUNNEL_PARAMS_FUNNELED_UDP 0x2
+#define SFUNNEL_PARAMS_EGRESS 0x4        /* attached to egress (else ingress) */
+#define SFUNNEL_PARAMS_OVER_MTU_PASS 0x8 /* over the MTU: pass unfunneled (else drop) */
+
 enum sfunnel_addr_field {
 	SFUNNEL_FIELD_SADDR = 0,
 	SFUNNEL_FIELD_DADDR = 1,
@@ -75,13 +94,9 @@ struct sfunnel_params {
 	 */
 	__u64 octets[2][4];
 	__u32 root_shapes[2];
-	__u32 flags; /* SFUNNEL_F_*: set by the loader for its attachment */
-	__u32 pad;
+	__u32 flags; /* SFUNNEL_PARAMS_* */
+	__u32 pad;   /* zero */
 };
-
-/* `sfunnel_params.flags` */
-#define SFUNNEL_F_EGRESS 0x1        /* attached to egress (else ingress) */
-#define SFUNNEL_F_OVER_MTU_PASS 0x2 /* over the MTU: pass unfunneled (else drop) */
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */
 struct sfunnel_port_class {
@@ -115,13 +130,14 @@ struct sfunnel_rule_key {
 	__u16 dport_class;
 	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP: the packet's L4 protocol */
 	__u8 shape;
-	__u8 pad[2];
+	__u8 funneled; /* 1: the packet looks funneled; 0 unless SFUNNEL_PARAMS_FUNNELED_* */
+	__u8 pad;
 };
 
 struct sfunnel_rule_val {
 	__u32 index;  /* the rule's position in the ruleset: smaller wins */
 	__u8 action;  /* enum sfunnel_action */
-	__u8 proto;   /* funnel: header to insert; unfunnel: inner protocol */
+	__u8 proto;   /* funnel: header to insert; unfunnel: inner protocol or SFUNNEL_INNER_AUTO */
 	__be16 sport; /* funnel header source port */
 	__be16 dport; /* funnel header destination port */
 	__u8 pad[2];
@@ -135,8 +151,9 @@ enum sfunnel_stat {
 	SFUNNEL_STAT_MISS = 3,       /* no rule matched */
 	SFUNNEL_STAT_TOO_BIG = 4,    /* funneling would overflow tot_len */
 	SFUNNEL_STAT_ERROR = 5,      /* a helper failed; see the verdict */
-	SFUNNEL_STAT_OVER_MTU = 6,   /* funneled, it would not fit the MTU */
-	SFUNNEL_STAT_MAX = 7,
+	SFUNNEL_STAT_UNDECIDED = 6,  /* unfunnel auto: the inner header fits neither or both protocols */
+	SFUNNEL_STAT_OVER_MTU = 7,   /* funneled, it would not fit the MTU */
+	SFUNNEL_STAT_MAX = 8,
 };
 
 /*

@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   clang llvm            # compiles bpf/*.bpf.c at build time (never at run time)
   libelf-dev zlib1g-dev pkg-config   # libbpf-sys
-  iproute2 iptables ethtool iperf3 tcpdump bpftool   # system tests and demo
+  iproute2 iptables ethtool iperf3 tcpdump bpftool conntrack   # system tests and demo
   python3 python3-venv   # scripts/validate-k8s.sh: kubernetes-validate, hadolint (from PyPI, in a venv)
 )
 

@@ -254,10 +254,10 @@ impl Settings {
     pub fn flags(self) -> u32 {
         let mut f = 0;
         if self.egress {
-            f |= consts::SFUNNEL_F_EGRESS;
+            f |= consts::SFUNNEL_PARAMS_EGRESS;
         }
         if self.over_mtu == OverMtu::Pass {
-            f |= consts::SFUNNEL_F_OVER_MTU_PASS;
+            f |= consts::SFUNNEL_PARAMS_OVER_MTU_PASS;
         }
         f
     }
@@ -439,7 +439,7 @@ impl RulesetMaps {
         )?;
 
         write_ports(&self.ports, new, &c.ports)?;
-        let params = sfunnel_params { flags: settings.flags(), ..c.params };
+        let params = sfunnel_params { flags: c.params.flags | settings.flags(), ..c.params };
         self.params.update(&u32_key(new), params.as_bytes(), MapFlags::ANY)?;
         // Each map-in-map update waits for a grace period (synchronize_rcu);
         // made concurrently, the waits overlap instead of adding up.

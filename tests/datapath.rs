@@ -31,6 +31,7 @@ use common::rng::Rng;
 use common::{random_packet, require_root, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use sfunnel::datapath::consts::{
     SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MAX, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4,
+    SFUNNEL_STAT_UNDECIDED,
 };
 
 /// Seed of the random tests unless SFUNNEL_TEST_SEED says otherwise.
@@ -432,6 +433,7 @@ fn build_cases() -> Vec<Case> {
     // A funneled-looking packet whose inner header is cut short by tot_len
     // (the IP packet is whole): there is no inner header to update.
     cases.extend(truncated_inner_cases());
+    cases.extend(funneled_cases());
     // The outer TCP header is removed whole, options included (data offset 8).
     {
         let p = inner_packet(Proto::Udp, &payload(30)).build();
@@ -556,6 +558,122 @@ fn build_cases() -> Vec<Case> {
     cases.push(fc);
 
     cases
+}
+
+/// The `funneled` match and `unfunnel auto` (README, "Recognising funneled
+/// packets"), by their definitions in `common::packet`.
+fn funneled_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // Funneled packets whose funnel source port a NAT rewrote to anything.
+    for (inner, outer, _, _, fs, fd) in COMBOS {
+        let p = inner_packet(inner, &payload(57)).build();
+        let f = expected_funnel(&p, outer, fs, fd);
+        for sport in [fs, 1, 827, 40000, 65535] {
+            let n = nat_rewrite(&f, [10, 0, 0, 9], [192, 168, 1, 2], sport, fd);
+            let (o, i) = (outer.name(), inner.name());
+            let what = format!("{i} over {o}, funnel sport {fs} rewritten to {sport}");
+            for (rules, act) in [
+                (format!("{o} dport {fd} funneled actions unfunnel {i}"), i),
+                (format!("{o} dport {fd} funneled actions unfunnel auto"), "auto"),
+                (format!("{o} funneled actions unfunnel auto"), "auto (no ports)"),
+            ] {
+                cases.push(unfunnel_case(format!("funneled + unfunnel {act}: {what}"), &rules, n.clone(), inner));
+            }
+        }
+    }
+
+    // Ordinary TCP SYNs to the port of a `funneled` rule: not funneled, so
+    // the rule misses.  With data, without, and each fixed field but one.
+    let rule = "tcp dport 179 funneled actions unfunnel udp";
+    let syn = |seq: u32, ack: u32, flags: u8, window: u16, options: Vec<u8>, data: &[u8]| {
+        let mut s = PacketSpec::tcp(540, 179, data);
+        if let packet::L4::Tcp { seq: q, ack: a, flags: f, window: w, options: o, .. } = &mut s.l4 {
+            (*q, *a, *f, *w, *o) = (seq, ack, flags, window, options);
+        }
+        s.build()
+    };
+    let (seq, ack) = (packet::FUNNEL_TCP_SEQ, packet::FUNNEL_TCP_ACK);
+    let udp_inside = inner_packet(Proto::Udp, &payload(20)).build()[ETH_HLEN + 20..].to_vec();
+    let mss = vec![2, 4, 5, 0xb4];
+    for (what, frame) in [
+        ("a SYN", syn(0x1234_5678, 0, 0x02, 64240, mss.clone(), b"")),
+        ("a SYN with data", syn(0x1234_5678, 0, 0x02, 64240, Vec::new(), b"GET / HTTP/1.1\r\n")),
+        ("a SYN with data, window 1024", syn(0x1234_5678, 0, 0x02, 1024, Vec::new(), b"hello")),
+        ("a SYN carrying a UDP header", syn(0x1234_5678, 0x1111, 0x02, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but seq", syn(seq ^ 1, ack, 0x02, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but ack", syn(seq, ack ^ 0x8000_0000, 0x02, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but flags SYN|ACK", syn(seq, ack, 0x12, 1024, Vec::new(), &udp_inside)),
+        ("funnel fields but window", syn(seq, ack, 0x02, 1025, Vec::new(), &udp_inside)),
+        ("funnel fields but data offset 6", syn(seq, ack, 0x02, 1024, vec![1, 1, 1, 1], &udp_inside)),
+    ] {
+        assert!(!packet::looks_funneled(&frame), "oracle: {what}");
+        cases.push(pass_case(format!("funneled: {what} to port 179 is not funneled"), rule, frame, SFUNNEL_STAT_MISS));
+    }
+    // The same SYN falls through to the next rule.
+    let plain = syn(0x1234_5678, 0, 0x02, 64240, Vec::new(), b"data");
+    cases.push(Case {
+        name: "funneled: an ordinary SYN skips the funneled rule and takes the next one".into(),
+        rules: format!("{rule}\ntcp dport 179 actions accept"),
+        input: plain.clone(),
+        verdict: TC_ACT_OK,
+        output: plain,
+        rule: Some(1),
+        stat: None,
+    });
+
+    // UDP: ordinary datagrams to the port of a `funneled` rule, even ones
+    // whose payload starts with a UDP-looking header of the right length.
+    let rule = "udp dport 6000 funneled actions unfunnel auto";
+    let mut fake = vec![0x13, 0x88, 0x17, 0x70, 0, 24, 0xab, 0xcd];
+    fake.extend_from_slice(&payload(16));
+    for (what, data) in [
+        ("a DNS-like query", b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x00\x00\x01\x00\x01".to_vec()),
+        ("a UDP-looking payload with a wrong checksum", fake),
+        ("7 bytes", payload(7)),
+    ] {
+        let frame = PacketSpec::udp(5000, 6000, &data).build();
+        assert!(!packet::looks_funneled(&frame), "oracle: {what}");
+        cases.push(pass_case(format!("funneled: {what} to UDP 6000 is not funneled"), rule, frame, SFUNNEL_STAT_MISS));
+    }
+
+    // unfunnel auto never guesses: a packet that fits neither protocol, or
+    // both, passes unchanged and is counted.
+    let plain = PacketSpec::udp(5000, 6000, &payload(40)).build();
+    cases.push(pass_case(
+        "unfunnel auto: an ordinary datagram fits neither inner protocol",
+        "udp dport 6000 actions unfunnel auto",
+        plain,
+        SFUNNEL_STAT_UNDECIDED,
+    ));
+    for outer in Proto::ALL {
+        let both = funneled_fitting_both(outer);
+        assert_eq!(packet::inner_fits(&both), (true, true), "oracle: fits both");
+        cases.push(pass_case(
+            format!("unfunnel auto: an inner UDP datagram without checksum that also fits TCP, over {}", outer.name()),
+            &format!("{} funneled actions unfunnel auto", outer.name()),
+            both,
+            SFUNNEL_STAT_UNDECIDED,
+        ));
+    }
+    cases
+}
+
+/// A funneled inner UDP datagram sent without a checksum (so it fits UDP by
+/// its length alone) whose bytes also pass as a TCP header with a valid
+/// zero-address checksum: `unfunnel auto` must refuse to choose.
+fn funneled_fitting_both(outer: Proto) -> Vec<u8> {
+    let mut data = payload(30);
+    data[4] = 0x50; // inner byte 12, the TCP data offset: 5
+    data[28] = 0;
+    data[29] = 0;
+    let spec = PacketSpec::udp(5555, 4739, &data).with_csum(L4Csum::None);
+    let seg = spec.segment();
+    // The segment's sum with zero addresses must make a valid TCP checksum.
+    let s = packet::pseudo_header([0; 4], [0; 4], packet::IPPROTO_TCP, seg.len()).add(&seg).fold();
+    let w = 0xFFFF - s;
+    let mut spec = spec;
+    spec.payload[28..30].copy_from_slice(&w.to_be_bytes());
+    expected_funnel(&spec.build(), outer, 540, 80)
 }
 
 /// Makes tot_len, the outer UDP length, the IP checksum and the outer L4
@@ -816,6 +934,114 @@ fn property_case(
     }
     check_plain(&u2).map_err(|e| format!("unfunneled after NAT: {e}"))?;
     Ok(())
+}
+
+/// `unfunnel auto` and the `funneled` match over random packets: funneled
+/// ones (each inner × outer, after a NAT that rewrote addresses and the
+/// funnel ports) and ordinary ones (random TCP/UDP, some with a payload
+/// made to look like an inner header).  Two programs see every packet:
+/// `P actions unfunnel auto` and `P funneled actions unfunnel auto`.  Each
+/// must do exactly what the definitions in `common::packet` say
+/// (`inner_fits`, `looks_funneled`, which sum the inner bytes), and no
+/// funneled packet may come out with the wrong inner protocol.
+/// Cases: $SFUNNEL_AUTO_CASES (default 10,240).
+#[test]
+fn property_unfunnel_auto_never_mislabels() {
+    if !require_root("property_unfunnel_auto_never_mislabels") {
+        return;
+    }
+    let seed = Rng::seed_from_env(DEFAULT_SEED ^ 0xa070);
+    let total = env_usize("SFUNNEL_AUTO_CASES", 10_240);
+    let mut rng = Rng::new(seed);
+    let auto = Prog::with_rules("tcp actions unfunnel auto\nudp actions unfunnel auto").expect("load");
+    let gated =
+        Prog::with_rules("tcp funneled actions unfunnel auto\nudp funneled actions unfunnel auto").expect("load");
+    let undecided_before = auto.maps.stats().unwrap()[SFUNNEL_STAT_UNDECIDED as usize];
+    // [funneled?][outcome]: unfunneled right, undecided (passed), unfunneled wrong.
+    let (mut right, mut undecided, mut wrong) = ([0usize; 2], [0usize; 2], 0usize);
+    let (mut ordinary_matched, mut want_undecided) = (0usize, 0u64);
+    let mut failures = Vec::new();
+    for k in 0..total {
+        let funneled = k % 2 == 0;
+        let (inner, outer) = (Proto::ALL[rng.below(2)], Proto::ALL[rng.below(2)]);
+        let frame = if funneled {
+            let p = random_packet(&mut rng, inner).build();
+            let f = expected_funnel(&p, outer, rng.u16().max(1), rng.u16().max(1));
+            nat_rewrite(&f, rng.addr(), rng.addr(), rng.u16().max(1), rng.u16().max(1))
+        } else {
+            let mut spec = random_packet(&mut rng, outer);
+            // Half of them: a payload that starts like a UDP header of the
+            // right length, or like a TCP header with a data offset that fits.
+            let n = spec.payload.len();
+            if rng.bool() && n >= 20 {
+                if rng.bool() {
+                    spec.payload[4..6].copy_from_slice(&(n as u16).to_be_bytes());
+                } else {
+                    spec.payload[12] = 0x50;
+                }
+            }
+            spec.build()
+        };
+        let want = packet::auto_inner(&frame);
+        let looks = packet::looks_funneled(&frame);
+        want_undecided += u64::from(want.is_none());
+        if funneled {
+            // The definitions never name the wrong protocol either.
+            assert!(want.is_none() || want == Some(inner), "oracle mislabels (seed {seed}, case {k})");
+            assert!(looks, "oracle: a funneled packet does not look funneled (seed {seed}, case {k})");
+        } else {
+            ordinary_matched += usize::from(want.is_some());
+        }
+        for (prog, gate) in [(&auto, false), (&gated, true)] {
+            let (verdict, out) = prog.run(&frame).expect("test run");
+            let applies = !gate || looks;
+            let expect = match want.filter(|_| applies) {
+                Some(p) => (TC_ACT_OK, expected_unfunnel(&frame, p)),
+                None => (TC_ACT_UNSPEC, frame.clone()),
+            };
+            if (verdict, &out) != (expect.0, &expect.1) {
+                if failures.len() < 5 {
+                    failures.push(format!(
+                        "case {k} (seed {seed}), {}, funneled {funneled} ({} over {}), definition: {want:?}, \
+                         looks funneled {looks}: verdict {verdict}, want {}\n{}",
+                        if gate { "funneled + auto" } else { "auto" },
+                        inner.name(),
+                        outer.name(),
+                        expect.0,
+                        diff(&expect.1, &out)
+                    ));
+                }
+                continue;
+            }
+            if gate {
+                continue;
+            }
+            let i = usize::from(funneled);
+            match (verdict, funneled) {
+                (TC_ACT_OK, true) if out == expected_unfunnel(&frame, inner) => right[i] += 1,
+                (TC_ACT_OK, true) => wrong += 1,
+                (TC_ACT_OK, false) => right[i] += 1,
+                _ => undecided[i] += 1,
+            }
+        }
+    }
+    let undecided_stat = auto.maps.stats().unwrap()[SFUNNEL_STAT_UNDECIDED as usize] - undecided_before;
+    println!(
+        "unfunnel auto: {total} random packets (seed {seed}); funneled: {} unfunneled right, {} undecided, {wrong} \
+         wrong; ordinary: {} undecided (passed), {ordinary_matched} fit one protocol by the definition; \
+         undecided stat +{undecided_stat}; {} disagreements with the definitions",
+        right[1],
+        undecided[1],
+        undecided[0],
+        failures.len()
+    );
+    for f in &failures {
+        eprintln!("{f}\n");
+    }
+    assert!(failures.is_empty(), "the datapath disagrees with the definitions (see stderr)");
+    assert_eq!(wrong, 0, "funneled packets unfunneled with the wrong inner protocol");
+    assert_eq!(undecided_stat, want_undecided, "the undecided stat counts every packet auto passed");
+    assert!(right[1] >= total / 2 - total / 100, "most funneled packets are unfunneled");
 }
 
 // ===========================================================================
@@ -1250,6 +1476,9 @@ fn random_rule(rng: &mut Rng) -> String {
             m.push(format!("{field} {neg}{}", PORTS[rng.below(PORTS.len())]));
         }
     }
+    if rng.one_in(4) {
+        m.push("funneled".into());
+    }
     format!("ip {} actions accept", m.join(" "))
 }
 
@@ -1267,6 +1496,7 @@ fn first_match(rs: &sfunnel::ruleset::Ruleset, frame: &[u8]) -> Option<usize> {
         proto,
         sport: be16(frame, l4),
         dport: be16(frame, l4 + 2),
+        funneled: packet::looks_funneled(frame),
     };
     rs.first_match(&pkt)
 }
@@ -1284,6 +1514,7 @@ fn lookup_agrees_with_first_match() {
     let mut rng = Rng::new(Rng::seed_from_env(0x5f_100c));
     let prog = Prog::load().expect("load");
     let (mut checked, mut matched, mut failures) = (0usize, 0usize, Vec::new());
+    let (mut funneled_pkts, mut funneled_wins) = (0usize, 0usize);
     for _ in 0..rulesets {
         let text: Vec<String> = (0..rng.range(1, 12)).map(|_| random_rule(&mut rng)).collect();
         let text = text.join("\n");
@@ -1292,9 +1523,23 @@ fn lookup_agrees_with_first_match() {
         let mut seen = vec![0u64; rs.rules.len()];
         for _ in 0..PACKETS {
             let (s, d) = (PORTS[rng.below(PORTS.len())], PORTS[rng.below(PORTS.len())]);
-            let spec = if rng.bool() { PacketSpec::tcp(s, d, b"x") } else { PacketSpec::udp(s, d, b"x") };
-            let frame = spec.with_addrs(ADDRS[rng.below(ADDRS.len())], ADDRS[rng.below(ADDRS.len())]).build();
+            let (saddr, daddr) = (ADDRS[rng.below(ADDRS.len())], ADDRS[rng.below(ADDRS.len())]);
+            let outer = Proto::ALL[rng.below(2)];
+            // A third of the packets are funneled (an inner packet behind a
+            // funnel header with these ports), the rest plain.
+            let frame = if rng.one_in(3) {
+                let inner = inner_packet(Proto::ALL[rng.below(2)], b"xyz").with_addrs(saddr, daddr).build();
+                expected_funnel(&inner, outer, s, d)
+            } else {
+                let spec = match outer {
+                    Proto::Tcp => PacketSpec::tcp(s, d, b"x"),
+                    Proto::Udp => PacketSpec::udp(s, d, b"x"),
+                };
+                spec.with_addrs(saddr, daddr).build()
+            };
+            funneled_pkts += usize::from(packet::looks_funneled(&frame));
             let want = first_match(&rs, &frame);
+            funneled_wins += usize::from(want.is_some_and(|i| rs.rules[i].matches.funneled));
             let (verdict, _) = prog.run(&frame).expect("test run");
             let counters: Vec<u64> = prog.maps.rule_counters().expect("counters").iter().map(|c| c.packets).collect();
             let moved: Vec<usize> = (0..seen.len()).filter(|&i| counters[i] != seen[i]).collect();
@@ -1315,9 +1560,10 @@ fn lookup_agrees_with_first_match() {
         }
     }
     println!(
-        "BPF lookup vs first match: {checked} packets over {rulesets} random rulesets ({matched} matched a rule), \
-         {} disagreements",
+        "BPF lookup vs first match: {checked} packets over {rulesets} random rulesets ({matched} matched a rule; \
+         {funneled_pkts} looked funneled, {funneled_wins} went to a `funneled` rule), {} disagreements",
         failures.len()
     );
+    assert!(funneled_wins > 0, "no packet exercised a `funneled` rule");
     assert!(failures.is_empty(), "{}", failures[..failures.len().min(5)].join("\n\n"));
 }

@@ -18,7 +18,9 @@
 //!
 //! Tests: the matrix (4 combinations × payloads 3/4/1001 × NAT or not ×
 //! two offload settings), reruns under traffic, a bad ruleset on rerun,
-//! racing loaders, incompatible pins, missing privileges, clsact mode.
+//! racing loaders, incompatible pins, missing privileges, clsact mode;
+//! source-port NAT (two clients behind one SNAT, a stale conntrack entry):
+//! port-based unfunnel rules fail, `funneled` + `unfunnel auto` deliver.
 //! Known bug (see `matrix_endpoint_offloads_on_nat`): NAT of a funneled
 //! packet that is still CHECKSUM_PARTIAL leaves a wrong outer checksum.
 //!
@@ -40,7 +42,8 @@ use common::capture::{complete_inner_csum, l4_of, Capture, Frame};
 use common::packet::{be16, check_funneled, diff, expected_funnel, expected_unfunnel, l4_header_len, Ip, Proto};
 use common::topology::{
     attachment, env_load, env_unload, hook_prog_ids, in_ns, ip_str, nsh, nstat, printed_prog_id, prog_name,
-    rule_packets, run, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts, CLIENT_IP, PIN_ROOT, SERVER_IP,
+    rule_packets, run, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts, CLIENT2_IP, CLIENT_IP, PIN_ROOT,
+    ROUTER_S_IP, SERVER_IP,
 };
 
 // ---------------------------------------------------------------------------
@@ -900,15 +903,13 @@ fn simple_topo() -> Topo {
     t
 }
 
+/// (sent, received, checks at the two capture points) of `udp_exchange`.
+type Exchange = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<(&'static str, FrameCheck)>);
+
 /// Sends `n` distinct datagrams of 100 bytes (tagged with `tag`) from the
 /// client to the server's UDP/4739, captures on both router interfaces,
 /// and returns (sent, received, checks at the two points).
-fn udp_exchange(
-    t: &Topo,
-    n: usize,
-    tag: u8,
-    combo: &Combo,
-) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<(&'static str, FrameCheck)>) {
+fn udp_exchange(t: &Topo, n: usize, tag: u8, combo: &Combo) -> Exchange {
     let server = udp_socket(&t.server, 4739);
     let client = udp_socket(&t.client, 0);
     let sent: Vec<Vec<u8>> = (0..n)
@@ -1512,4 +1513,410 @@ fn clsact_mode_carries_traffic_and_unload_leaves_others_alone() {
     assert!(!pins_left, "our pins are gone");
     assert_eq!(got, sent, "plain traffic still flows after unload");
     assert_eq!(points[0].1.escaped, 5, "and it is no longer funneled");
+}
+
+// ---------------------------------------------------------------------------
+// Source-port NAT: two clients behind one SNAT, and a stale conntrack entry
+// ---------------------------------------------------------------------------
+//
+// Unfunnel rules that name the funnel header's source port miss as soon as
+// a NAT rewrites it.  Every client uses the same funnel source ports, so
+// two clients behind one masquerading router collide, and the router
+// rewrites the second client's.  `funneled` + `unfunnel auto` do not look
+// at that port.
+
+/// Server ingress by what NATs keep: the TCP funnel header's fixed fields,
+/// or a UDP header followed by a plausible inner header; the inner protocol
+/// from the packet.
+const SERVER_INGRESS_FUNNELED: &str = "\
+tcp dport 80 funneled actions unfunnel auto
+udp dport 81 funneled actions unfunnel auto";
+
+/// Client ingress (replies) the same way.
+const CLIENT_INGRESS_FUNNELED: &str = "\
+tcp sport 80 funneled actions unfunnel auto
+udp sport 81 funneled actions unfunnel auto";
+
+/// Client egress: the four combinations, plus a UDP probe through each
+/// funnel tuple that carries TCP (541 and 543), sent first so that the
+/// router's NAT mapping of those tuples is known before any TCP reply has
+/// to be funneled back (see `reply_rules`).
+const CLIENT_EGRESS_PROBES: &str = "\
+udp dport 4741 actions funnel tcp sport 541 dport 80
+udp dport 4742 actions funnel udp sport 543 dport 81";
+
+/// (application port, funnel tuple protocol and source port) of the probes.
+const PROBES: [(u16, &str, u16); 2] = [(4741, "tcp", 541), (4742, "udp", 543)];
+
+/// Local TCP ports of each client's TCP flows (tcp-over-tcp, tcp-over-udp):
+/// fixed, so that the server's reply rules can tell the clients apart.
+const TCP_LOCAL_PORTS: [[u16; 2]; 2] = [[47001, 47003], [47002, 47004]];
+
+/// The router's NAT: for (protocol, original source address and port)
+/// toward the service, the source port the server sees.
+fn nat_source_ports(router: &str) -> BTreeMap<(String, [u8; 4], u16), u16> {
+    let text = in_ns(router, || std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").unwrap_or_default());
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let Some(proto) = w.get(2) else { continue };
+        let field = |k: &str, nth: usize| w.iter().filter_map(|x| x.strip_prefix(k)).nth(nth).map(str::to_string);
+        let (Some(src), Some(sport), Some(reply_dport)) = (field("src=", 0), field("sport=", 0), field("dport=", 1))
+        else {
+            continue;
+        };
+        let (Ok(src), Ok(sport), Ok(nat)) = (src.parse::<Ipv4Addr>(), sport.parse(), reply_dport.parse()) else {
+            continue;
+        };
+        out.insert((proto.to_string(), src.octets(), sport), nat);
+    }
+    out
+}
+
+/// Server egress: each client's TCP replies funneled back with the
+/// mirrored funnel ports *as the router mapped them* (found with the
+/// probes), so that the router's conntrack takes them back to that client.
+fn reply_rules(nat: &BTreeMap<(String, [u8; 4], u16), u16>, clients: &[[u8; 4]]) -> String {
+    let mut rules = Vec::new();
+    for (ci, c) in clients.iter().enumerate() {
+        for (k, (_, outer, fsport)) in PROBES.iter().enumerate() {
+            let mapped = nat.get(&(outer.to_string(), *c, *fsport)).copied().unwrap_or_else(|| {
+                panic!("no NAT entry for {} {}:{fsport} (the probe did not cross the router)", outer, ip_str(*c))
+            });
+            let (app, dport) = if *outer == "tcp" { (7000, 80) } else { (7001, 81) };
+            rules.push(format!(
+                "tcp sport {app} dport {} actions funnel {outer} sport {dport} dport {mapped}",
+                TCP_LOCAL_PORTS[ci][k]
+            ));
+        }
+    }
+    rules.join("\n")
+}
+
+/// Sends `n` datagrams from `client_ns` to the service's UDP `port` and
+/// returns how many arrived at the server intact (payloads compared byte
+/// for byte).
+fn udp_flow(t: &Topo, client_ns: &str, port: u16, n: usize, seed: usize) -> usize {
+    let server = udp_socket(&t.server, port);
+    let client = udp_socket(client_ns, 0);
+    let sent: Vec<Vec<u8>> = (0..n).map(|k| pattern(seed * 64 + k, 200 + k)).collect();
+    for d in &sent {
+        client.send_to(d, sa(t.dest(), port)).expect("send");
+    }
+    let got = udp_recv(&server, n, Duration::from_secs(2));
+    sent.iter().filter(|d| got.iter().any(|(g, _)| g == *d)).count()
+}
+
+/// A TCP connection from `client_ns`, local port `local`, to the service's
+/// TCP `port`, echoing 2,000 bytes in chunks of 100 (TCP_NODELAY, one chunk
+/// in flight: non-GSO segments, NOTES §4).  Ok(bytes) when both directions
+/// carried exactly what was sent.
+fn tcp_flow(t: &Topo, client_ns: &str, local: u16, port: u16, seed: usize) -> Result<usize, String> {
+    use std::os::fd::FromRawFd as _;
+    let listener = in_ns(&t.server, move || bind_retry("listen", || TcpListener::bind(sa([0; 4], port))));
+    let server = std::thread::spawn(move || tcp_echo_server(listener));
+    let data = pattern(seed, 2000);
+    let dest = t.dest();
+    let client = (|| -> Result<Vec<u8>, String> {
+        let fd = in_ns(client_ns, move || -> Result<i32, String> {
+            // SAFETY: plain socket calls on a descriptor this closure owns;
+            // the sockaddr_in structs live across the calls that read them.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    return Err("socket".into());
+                }
+                let one: i32 = 1;
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const i32).cast(), 4);
+                let tv = libc::timeval { tv_sec: 3, tv_usec: 0 };
+                let tvp = (&tv as *const libc::timeval).cast();
+                let tvl = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tvp, tvl);
+                let sin = |a: [u8; 4], p: u16| libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: p.to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a) },
+                    sin_zero: [0; 8],
+                };
+                let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                let local_sa = sin([0; 4], local);
+                if libc::bind(fd, (&local_sa as *const libc::sockaddr_in).cast(), len) != 0 {
+                    libc::close(fd);
+                    return Err(format!("bind to local port {local}: {}", std::io::Error::last_os_error()));
+                }
+                let dst = sin(dest, port);
+                if libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    // SO_SNDTIMEO ran out: connect reports EINPROGRESS.
+                    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+                        return Err(format!("connect from local port {local}: no answer within 3 s"));
+                    }
+                    return Err(format!("connect from local port {local}: {e}"));
+                }
+                Ok(fd)
+            }
+        })?;
+        // SAFETY: fd is a connected TCP socket that nothing else owns.
+        let mut s = unsafe { TcpStream::from_raw_fd(fd) };
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let mut echo = Vec::new();
+        for chunk in data.chunks(100) {
+            s.write_all(chunk).map_err(|e| format!("client write: {e}"))?;
+            let mut back = vec![0u8; chunk.len()];
+            s.read_exact(&mut back).map_err(|e| format!("client read after {} bytes: {e}", echo.len()))?;
+            echo.extend_from_slice(&back);
+        }
+        s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+        let _ = s.read_to_end(&mut echo);
+        Ok(echo)
+    })();
+    let server = server.join().unwrap_or_else(|_| Err("server thread panicked".into()));
+    match (client, server) {
+        (Ok(c), Ok(s)) if c == data && s == data => Ok(data.len()),
+        (Ok(c), Ok(s)) => Err(format!("echo {} B, server got {} B, of {} B sent", c.len(), s.len(), data.len())),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// What one round of flows did: per client, per flow, delivered or why not.
+struct NatRound {
+    /// (client, flow, outcome)
+    flows: Vec<(usize, &'static str, Result<String, String>)>,
+}
+
+impl NatRound {
+    fn ok(&self, client: usize) -> usize {
+        self.flows.iter().filter(|(c, _, r)| *c == client && r.is_ok()).count()
+    }
+    fn of(&self, client: usize) -> usize {
+        self.flows.iter().filter(|(c, _, _)| *c == client).count()
+    }
+}
+
+/// Every flow of both clients, client 1 first: the two UDP combinations
+/// (5 datagrams each), then the two TCP combinations.
+fn nat_round(t: &Topo, clients: &[String], seed: usize) -> NatRound {
+    let mut flows = Vec::new();
+    for (ci, ns) in clients.iter().enumerate() {
+        for (name, port) in [("udp-over-tcp", 4739u16), ("udp-over-udp", 4740)] {
+            let n = udp_flow(t, ns, port, DATAGRAMS, seed + ci * 8 + port as usize);
+            let r = if n == DATAGRAMS {
+                Ok(format!("{n}/{DATAGRAMS} datagrams"))
+            } else {
+                Err(format!("{n}/{DATAGRAMS} datagrams"))
+            };
+            flows.push((ci, name, r));
+        }
+    }
+    for (ci, ns) in clients.iter().enumerate() {
+        for (k, (name, port)) in [("tcp-over-tcp", 7000u16), ("tcp-over-udp", 7001)].into_iter().enumerate() {
+            let r = tcp_flow(t, ns, TCP_LOCAL_PORTS[ci][k], port, seed + ci * 8 + k).map(|b| format!("{b} B echoed"));
+            flows.push((ci, name, r));
+        }
+    }
+    NatRound { flows }
+}
+
+/// Sends one probe datagram from each client through each TCP-carrying
+/// funnel tuple, client 1 first, and returns the router's NAT mapping.
+fn probe_nat(t: &Topo, clients: &[String]) -> BTreeMap<(String, [u8; 4], u16), u16> {
+    // Sockets that take the probes at the server (nothing answers them).
+    let _sinks: Vec<UdpSocket> = PROBES.iter().map(|(app, _, _)| udp_socket(&t.server, *app)).collect();
+    for ns in clients {
+        for (app, _, _) in PROBES {
+            udp_socket(ns, 0).send_to(b"probe", sa(t.dest(), app)).expect("probe");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    nat_source_ports(&t.router)
+}
+
+fn passed_stat(t: &Topo, ns: &str, iface: &str, dir: &str, name: &str) -> u64 {
+    attachment(t.ino(ns), iface, dir).and_then(|a| a["passed"][name].as_u64()).unwrap_or(0)
+}
+
+/// Two clients behind one router that masquerades both to one address,
+/// both funneling with the same funnel source ports: the router must
+/// rewrite the second client's.  Round 1, port-based unfunnel rules: the
+/// second client's flows all fail (the failure mode this test documents).
+/// Round 2, the same traffic under `funneled` + `unfunnel auto`: every flow
+/// of both clients arrives intact, with no checksum error at the server.
+#[test]
+fn snat_two_clients_port_rules_fail_funneled_delivers() {
+    if !root("snat_two_clients_port_rules_fail_funneled_delivers") {
+        return;
+    }
+    let mut t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false });
+    t.add_second_client();
+    let clients = vec![t.client.clone(), t.client2.clone()];
+    let egress = format!("{CLIENT_EGRESS}\n{CLIENT_EGRESS_PROBES}");
+    for (ns, i) in [(&t.client, &t.c_if), (&t.client2, &t.d_if)] {
+        load_ok(ns, i, "egress", &egress);
+        load_ok(ns, i, "ingress", CLIENT_INGRESS_FUNNELED);
+    }
+    // Probes (under the `funneled` rules, which unfunnel them as UDP: the
+    // port-based ones would take a UDP probe through 541 for TCP) learn
+    // the NAT mapping; then the round runs under its own server rules.
+    let client_ips = [CLIENT_IP, CLIENT2_IP];
+    let prepare = |server_ingress: &str| {
+        load_ok(&t.server, &t.s_if, "ingress", SERVER_INGRESS_FUNNELED);
+        let nat = probe_nat(&t, &clients);
+        load_ok(&t.server, &t.s_if, "egress", &reply_rules(&nat, &client_ips));
+        load_ok(&t.server, &t.s_if, "ingress", server_ingress);
+    };
+    let mut report = String::from("\n=== two clients behind one SNAT ===\n");
+
+    prepare(SERVER_INGRESS);
+    let before = nstat(&t.server, &CSUM_COUNTERS);
+    let r1 = nat_round(&t, &clients, 100);
+    let miss1 = passed_stat(&t, &t.server, &t.s_if, "ingress", "no_rule_matched");
+    let after1 = nstat(&t.server, &CSUM_COUNTERS);
+
+    prepare(SERVER_INGRESS_FUNNELED);
+    let r2 = nat_round(&t, &clients, 200);
+    let nat = nat_source_ports(&t.router);
+    report.push_str(
+        "router NAT of the funnel tuples after round 2 (proto client:funnel sport -> sport the server sees):\n",
+    );
+    for ((p, c, s), m) in &nat {
+        if (540..=543).contains(s) {
+            report.push_str(&format!("  {p} {}:{s} -> {m}\n", ip_str(*c)));
+        }
+    }
+    let rewritten = nat.iter().filter(|((_, c, s), m)| *c == CLIENT2_IP && (540..=543).contains(s) && s != *m).count();
+    let miss2 = passed_stat(&t, &t.server, &t.s_if, "ingress", "no_rule_matched") - miss1;
+    let undecided = passed_stat(&t, &t.server, &t.s_if, "ingress", "unfunnel_auto_undecided");
+    let after2 = nstat(&t.server, &CSUM_COUNTERS);
+    let unfunneled: u64 =
+        attachment(t.ino(&t.server), &t.s_if, "ingress").map(|a| rule_packets(&a).iter().sum()).unwrap_or(0);
+
+    for (label, r) in [("round 1, port-based unfunnel rules", &r1), ("round 2, funneled + unfunnel auto", &r2)] {
+        report.push_str(&format!(
+            "{label}: client 1 {}/{} flows intact, client 2 {}/{}\n",
+            r.ok(0),
+            r.of(0),
+            r.ok(1),
+            r.of(1)
+        ));
+        for (c, name, res) in &r.flows {
+            report.push_str(&format!(
+                "  client {} {name:<13} {}\n",
+                c + 1,
+                match res {
+                    Ok(s) => format!("ok: {s}"),
+                    Err(e) => format!("FAILED: {e}"),
+                }
+            ));
+        }
+    }
+    report.push_str(&format!(
+        "server ingress no_rule_matched: {miss1} in round 1, {miss2} in round 2; unfunnel_auto_undecided {undecided}; \
+         packets unfunneled by the round-2 rules {unfunneled}\n"
+    ));
+    report.push_str(&format!(
+        "server nstat: before {}; after round 1 {}; after round 2 {}\n",
+        fmt_counters(&before),
+        fmt_counters(&after1),
+        fmt_counters(&after2)
+    ));
+    eprintln!("{report}");
+    let csum_errors = |c: &[(String, u64)]| -> u64 {
+        c.iter().filter(|(n, _)| n == "UdpInCsumErrors" || n == "TcpInCsumErrors").map(|(_, v)| v).sum()
+    };
+    t.teardown();
+
+    assert_eq!(rewritten, 4, "the router did not rewrite the second client's four funnel source ports");
+    // Round 1: the documented failure.  Client 1 kept its ports and works;
+    // every flow of client 2 fails, and its funneled packets miss the rules.
+    assert_eq!(r1.ok(0), 4, "round 1: client 1 (ports kept) should work");
+    assert_eq!(r1.ok(1), 0, "round 1: port-based rules should fail client 2 (ports rewritten)");
+    assert!(miss1 > 0, "round 1: client 2's funneled packets should miss the port-based rules");
+    // Round 2: everything arrives, nothing is undecided, no checksum error.
+    assert_eq!((r2.ok(0), r2.ok(1)), (4, 4), "round 2: every flow of both clients intact");
+    assert_eq!((undecided, miss2), (0, 0), "round 2: packets left undecided or missed");
+    assert_eq!(csum_errors(&after2), csum_errors(&before), "server checksum errors");
+}
+
+/// The issue's measured case: the router DNATs the service, and a
+/// conntrack entry left over from an earlier flow (here inserted with
+/// `conntrack -I`: router:540 → server:80) takes the tuple the client's
+/// funnel flow would be masqueraded to, so the router rewrites the funnel
+/// source port 540.  Port-based unfunnel misses (the server's TCP stack
+/// gets a bare "SYN with payload" and answers RST); `funneled` delivers.
+#[test]
+fn stale_conntrack_rewrites_funnel_port_funneled_delivers() {
+    if !root("stale_conntrack_rewrites_funnel_port_funneled_delivers") {
+        return;
+    }
+    let t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false });
+    let (r, s) = (ip_str(ROUTER_S_IP), ip_str(SERVER_IP));
+    nsh(
+        &t.router,
+        &[
+            "conntrack",
+            "-I",
+            "-p",
+            "tcp",
+            "-s",
+            &r,
+            "-d",
+            &s,
+            "--sport",
+            "540",
+            "--dport",
+            "80",
+            "-r",
+            &s,
+            "-q",
+            &r,
+            "--reply-port-src",
+            "80",
+            "--reply-port-dst",
+            "540",
+            "--state",
+            "ESTABLISHED",
+            "-u",
+            "ASSURED,SEEN_REPLY",
+            "-t",
+            "600",
+        ],
+    );
+    load_ok(&t.client, &t.c_if, "egress", CLIENT_EGRESS);
+    load_ok(&t.server, &t.s_if, "ingress", SERVER_INGRESS);
+    let rst_before = nstat(&t.server, &["TcpOutRsts"]);
+    let n1 = udp_flow(&t, &t.client, 4739, DATAGRAMS, 300);
+    let miss1 = passed_stat(&t, &t.server, &t.s_if, "ingress", "no_rule_matched");
+    let rst_after = nstat(&t.server, &["TcpOutRsts"]);
+
+    load_ok(&t.server, &t.s_if, "ingress", SERVER_INGRESS_FUNNELED);
+    let n2 = udp_flow(&t, &t.client, 4739, DATAGRAMS, 301);
+    // Read now: in round 1 the server's RSTs ended the router's entry.
+    let mapped = nat_source_ports(&t.router).get(&("tcp".to_string(), CLIENT_IP, 540)).copied();
+    let miss2 = passed_stat(&t, &t.server, &t.s_if, "ingress", "no_rule_matched") - miss1;
+    let csum = nstat(&t.server, &CSUM_COUNTERS);
+    let unfunneled: u64 =
+        attachment(t.ino(&t.server), &t.s_if, "ingress").map(|a| rule_packets(&a).iter().sum()).unwrap_or(0);
+    eprintln!(
+        "\n=== stale conntrack entry ===\nrouter maps the funnel flow {}:540 -> svc:80 to source port {mapped:?}\n\
+         port-based rules: {n1}/{DATAGRAMS} datagrams delivered, server no_rule_matched {miss1}, server TCP RSTs sent \
+         {} -> {}\nfunneled + unfunnel auto: {n2}/{DATAGRAMS} delivered, {unfunneled} packets unfunneled, \
+         {miss2} missed; server nstat {}",
+        ip_str(CLIENT_IP),
+        rst_before[0].1,
+        rst_after[0].1,
+        fmt_counters(&csum)
+    );
+    t.teardown();
+    assert!(mapped.is_some_and(|m| m != 540), "the stale entry should force a new source port, got {mapped:?}");
+    assert_eq!(n1, 0, "port-based rules should miss every rewritten datagram");
+    assert!(miss1 >= DATAGRAMS as u64, "the misses should be counted");
+    assert!(rst_after[0].1 > rst_before[0].1, "the server should answer the bare SYNs with RST");
+    assert_eq!(n2, DATAGRAMS, "funneled + unfunnel auto delivers every datagram");
+    assert_eq!((unfunneled, miss2), (DATAGRAMS as u64, 0));
+    assert!(
+        csum.iter().all(|(n, v)| !(n == "UdpInCsumErrors" || n == "TcpInCsumErrors") || *v == 0),
+        "checksum errors"
+    );
 }

@@ -55,6 +55,27 @@ fn sets_ranges_and_negations() {
 }
 
 #[test]
+fn funneled_and_unfunnel_auto() {
+    let rs = parse("funneled dport 80 tcp unfunnel auto\nudp funneled dport 81 actions unfunnel tcp").unwrap();
+    assert!(rs.rules[0].matches.funneled && rs.rules[1].matches.funneled);
+    assert_eq!(rs.rules[0].action, Action::UnfunnelAuto);
+    assert_eq!(rs.rules[1].action, Action::Unfunnel { proto: Proto::Tcp });
+    assert_eq!(
+        rs.to_string(),
+        "tcp dport 80 funneled actions unfunnel auto\nudp dport 81 funneled actions unfunnel tcp\n"
+    );
+    assert_eq!(parse(&rs.to_string()).unwrap(), rs);
+    // Without the word, nothing is funneled; `auto` needs no `funneled`.
+    let rs = parse("tcp dport 80 unfunnel auto").unwrap();
+    assert!(!rs.rules[0].matches.funneled && !rs.uses_funneled());
+    // The JSON form names the match only where it is used.
+    let j = serde_json::to_value(parse("tcp funneled unfunnel auto; udp accept").unwrap()).unwrap();
+    assert_eq!(j["rules"][0]["match"]["funneled"], true);
+    assert_eq!(j["rules"][0]["action"]["type"], "unfunnel_auto");
+    assert!(j["rules"][1]["match"].get("funneled").is_none());
+}
+
+#[test]
 fn empty_and_comment_only_rulesets_are_valid() {
     assert_eq!(parse("").unwrap().rules.len(), 0);
     assert_eq!(parse("\n\n# nothing\n;;\n").unwrap().rules.len(), 0);
@@ -116,7 +137,12 @@ const BAD: &[(&str, usize, usize, &str)] = &[
         12,
         "this rule has no action: end it with `actions` and one of funnel, unfunnel, accept or drop",
     ),
-    ("tcp unfunnel", 1, 13, "expected `tcp` or `udp`, found the end of the input"),
+    ("tcp unfunnel", 1, 13, "expected `tcp`, `udp` or `auto`, found the end of the input"),
+    ("tcp dport 80 funneled funneled unfunnel auto", 1, 23, "`funneled` given twice"),
+    ("funneled dport 80 unfunnel auto", 1, 1, "`funneled` needs `tcp` or `udp`: it tests the funnel header of that protocol"),
+    ("tcp funneledd accept", 1, 5, "unknown word `funneledd`; did you mean `funneled`?"),
+    ("tcp funnel auto sport 1 dport 2", 1, 12, "expected `tcp` or `udp`, found `auto`"),
+    ("tcp funneled = 1 accept", 1, 14, "expected a match (ip, saddr, daddr, tcp, udp, sport, dport, funneled), `actions` or an action (funnel, unfunnel, accept, drop), found `=`"),
     ("tcp dport 80 actions actions accept", 1, 22, "expected an action (funnel, unfunnel, accept, drop), found `actions`"),
     ("tcp accept\ntcp accept\n   udp dport 99999 drop", 3, 14, "port 99999 is out of range: expected a port number (1-65535)"),
     ("tcp accept; udp sport 5 sport 6 drop", 1, 25, "`sport` given twice"),
@@ -124,7 +150,7 @@ const BAD: &[(&str, usize, usize, &str)] = &[
         "tcp accept extra",
         1,
         12,
-        "unknown word `extra`; rules are made of matches (ip, saddr, daddr, tcp, udp, sport, dport) and actions (funnel, unfunnel, accept, drop)",
+        "unknown word `extra`; rules are made of matches (ip, saddr, daddr, tcp, udp, sport, dport, funneled) and actions (funnel, unfunnel, accept, drop)",
     ),
 ];
 
@@ -205,19 +231,27 @@ fn arb_action() -> impl Strategy<Value = Action> {
     prop_oneof![
         (arb_proto(), 1u16.., 1u16..).prop_map(|(proto, sport, dport)| Action::Funnel { proto, sport, dport }),
         arb_proto().prop_map(|proto| Action::Unfunnel { proto }),
+        Just(Action::UnfunnelAuto),
         Just(Action::Accept),
         Just(Action::Drop),
     ]
 }
 
 fn arb_rule() -> impl Strategy<Value = Rule> {
-    (arb_addr_match(), arb_addr_match(), arb_proto(), arb_port_match(), arb_port_match(), arb_action()).prop_map(
-        |(saddr, daddr, proto, sport, dport, action)| Rule {
-            matches: Match { saddr, daddr, proto, sport, dport },
+    (
+        arb_addr_match(),
+        arb_addr_match(),
+        arb_proto(),
+        arb_port_match(),
+        arb_port_match(),
+        prop::bool::weighted(0.25),
+        arb_action(),
+    )
+        .prop_map(|(saddr, daddr, proto, sport, dport, funneled, action)| Rule {
+            matches: Match { saddr, daddr, proto, sport, dport, funneled },
             action,
             pos: Default::default(),
-        },
-    )
+        })
 }
 
 fn arb_addr() -> impl Strategy<Value = u32> {
@@ -236,8 +270,9 @@ fn arb_port() -> impl Strategy<Value = u16> {
 }
 
 fn arb_packet() -> impl Strategy<Value = PacketFields> {
-    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port())
-        .prop_map(|(saddr, daddr, proto, sport, dport)| PacketFields { saddr, daddr, proto, sport, dport })
+    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port(), any::<bool>()).prop_map(
+        |(saddr, daddr, proto, sport, dport, funneled)| PacketFields { saddr, daddr, proto, sport, dport, funneled },
+    )
 }
 
 #[test]
@@ -246,22 +281,35 @@ fn compiled_lookup_agrees_with_first_match() {
     const PACKETS: usize = 64;
     let mut runner = TestRunner::new(Config { cases: RULESETS, failure_persistence: None, ..Config::default() });
     let checked = std::cell::Cell::new(0u64);
+    // Coverage of `funneled`: rulesets using it, packets a funneled rule won.
+    let (with_funneled, funneled_wins) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let strategy = (prop::collection::vec(arb_rule(), 0..24), prop::collection::vec(arb_packet(), PACKETS));
     runner
         .run(&strategy, |(rules, packets)| {
             let rs = Ruleset { rules };
             let compiled = compile(&rs).expect("these rulesets stay under the entry cap");
             let reference = Reference::new(&compiled);
+            with_funneled.set(with_funneled.get() + u64::from(rs.uses_funneled()));
             for p in &packets {
                 let want = rs.first_match(p).map(|i| i as u32);
                 prop_assert_eq!(reference.lookup(p), want, "packet {:?}\nruleset:\n{}", p, rs);
+                if want.is_some_and(|i| rs.rules[i as usize].matches.funneled) {
+                    funneled_wins.set(funneled_wins.get() + 1);
+                }
             }
             checked.set(checked.get() + packets.len() as u64);
             Ok(())
         })
         .unwrap();
-    eprintln!("compiled lookup == first match for {} (ruleset, packet) cases over {RULESETS} rulesets", checked.get());
+    eprintln!(
+        "compiled lookup == first match for {} (ruleset, packet) cases over {RULESETS} rulesets \
+         ({} of them use `funneled`; a funneled rule won {} packets)",
+        checked.get(),
+        with_funneled.get(),
+        funneled_wins.get()
+    );
     assert_eq!(checked.get(), u64::from(RULESETS) * PACKETS as u64);
+    assert!(with_funneled.get() > u64::from(RULESETS) / 2 && funneled_wins.get() > 1000, "`funneled` under-covered");
 }
 
 #[test]
@@ -295,6 +343,8 @@ fn arb_text() -> impl Strategy<Value = String> {
                 "actions",
                 "funnel",
                 "unfunnel",
+                "funneled",
+                "auto",
                 "accept",
                 "drop",
                 "!=",

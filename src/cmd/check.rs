@@ -44,6 +44,7 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
             .collect();
         let out = json!({
             "rules": rules,
+            "uses_funneled": rs.uses_funneled(),
             "entries": compiled.rules.len(),
             "address_classes": compiled.addrs.len(),
         });
@@ -61,5 +62,11 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
         println!("{:width$}  # {note}", r.to_string());
     }
     println!("# {} rules from {}, {} map entries", rs.rules.len(), src.origin, compiled.rules.len());
+    if rs.uses_funneled() {
+        println!(
+            "# uses `funneled`: packets of its protocol are tested for it, and that protocol's rules \
+             without it are entered twice (funneled or not)"
+        );
+    }
     Ok(Outcome::Ok)
 }

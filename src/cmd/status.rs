@@ -28,13 +28,14 @@ pub struct Attachment {
     pub error: Option<String>,
 }
 
-const STAT_NAMES: [(&str, u32); 7] = [
+const STAT_NAMES: [(&str, u32); 8] = [
     ("not_ipv4_tcp_udp", SFUNNEL_STAT_NOT_IPV4),
     ("fragment", SFUNNEL_STAT_FRAGMENT),
     ("malformed", SFUNNEL_STAT_MALFORMED),
     ("no_rule_matched", SFUNNEL_STAT_MISS),
     ("too_big", SFUNNEL_STAT_TOO_BIG),
     ("error", SFUNNEL_STAT_ERROR),
+    ("unfunnel_auto_undecided", SFUNNEL_STAT_UNDECIDED),
     ("over_mtu", SFUNNEL_STAT_OVER_MTU),
 ];
 

@@ -78,6 +78,10 @@ pub struct Match {
     pub proto: Proto,
     pub sport: Option<PortMatch>,
     pub dport: Option<PortMatch>,
+    /// `funneled`: the packet looks funneled (README, "funneled"): for TCP
+    /// the funnel header's fixed fields, for UDP a plausible inner header.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub funneled: bool,
 }
 
 /// An IPv4 prefix; `addr` has no bits set past `len`.
@@ -186,6 +190,11 @@ pub enum Action {
     Unfunnel {
         proto: Proto,
     },
+    /// `unfunnel auto`: remove the funnel header, telling the inner
+    /// protocol from the packet; a packet that fits neither or both is
+    /// passed unchanged.
+    #[serde(rename = "unfunnel_auto")]
+    UnfunnelAuto,
     Accept,
     Drop,
 }
@@ -198,10 +207,13 @@ impl Match {
             && self.daddr.is_none_or(|m| m.matches(pkt.daddr))
             && self.sport.as_ref().is_none_or(|m| m.matches(pkt.sport))
             && self.dport.as_ref().is_none_or(|m| m.matches(pkt.dport))
+            && (!self.funneled || pkt.funneled)
     }
 }
 
-/// What a rule looks at in a packet: the outer IPv4 addresses and L4 ports.
+/// What a rule looks at in a packet: the outer IPv4 addresses and L4
+/// ports, and whether the packet looks funneled (the datapath's test,
+/// bpf/detect.h; the README defines it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacketFields {
     pub saddr: u32,
@@ -209,9 +221,16 @@ pub struct PacketFields {
     pub proto: Proto,
     pub sport: u16,
     pub dport: u16,
+    pub funneled: bool,
 }
 
 impl Ruleset {
+    /// True when some rule uses `funneled`: only then does the datapath
+    /// test packets for it.
+    pub fn uses_funneled(&self) -> bool {
+        self.rules.iter().any(|r| r.matches.funneled)
+    }
+
     /// The first rule that matches, by a plain top-to-bottom scan.  This is
     /// the definition of the semantics; the compiled form must agree with it.
     pub fn first_match(&self, pkt: &PacketFields) -> Option<usize> {
@@ -303,6 +322,9 @@ impl fmt::Display for Match {
         if let Some(m) = &self.dport {
             write!(f, " dport {m}")?;
         }
+        if self.funneled {
+            f.write_str(" funneled")?;
+        }
         Ok(())
     }
 }
@@ -314,6 +336,7 @@ impl fmt::Display for Action {
                 write!(f, "funnel {proto} sport {sport} dport {dport}")
             }
             Action::Unfunnel { proto } => write!(f, "unfunnel {proto}"),
+            Action::UnfunnelAuto => f.write_str("unfunnel auto"),
             Action::Accept => f.write_str("accept"),
             Action::Drop => f.write_str("drop"),
         }

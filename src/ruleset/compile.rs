@@ -18,6 +18,12 @@
 //! 3. Every class also records which shapes have a rule that admits it, so
 //!    the datapath probes only shapes that can still match.
 //!
+//! 4. A ruleset that uses `funneled` adds one bit to the key: whether the
+//!    packet looks funneled, computed by the datapath only then.  A rule
+//!    with `funneled` is entered under bit 1 only, any other rule under both
+//!    0 and 1, so each key still holds the first rule that matches a packet
+//!    with that bit.
+//!
 //! A packet costs 2 array lookups, at most 2 LPM lookups and at most 16 hash
 //! lookups, whatever the number of rules.  The price is paid in entries: a
 //! rule costs the product of its class-set sizes, so negations and wide
@@ -186,6 +192,10 @@ fn rule_val(index: u32, action: &Action) -> sfunnel_rule_val {
             v.action = SFUNNEL_ACT_UNFUNNEL as u8;
             v.proto = proto.number();
         }
+        Action::UnfunnelAuto => {
+            v.action = SFUNNEL_ACT_UNFUNNEL as u8;
+            v.proto = SFUNNEL_INNER_AUTO as u8;
+        }
         Action::Accept => v.action = SFUNNEL_ACT_ACCEPT as u8,
         Action::Drop => v.action = SFUNNEL_ACT_DROP as u8,
     }
@@ -209,6 +219,9 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
     let mut entries_per_rule = vec![0usize; rs.rules.len()];
     let mut shapes_used = 0u32;
     let wildcard = vec![0u32];
+    // Per protocol slot: does some rule of that protocol use `funneled`?
+    let funneled_slots: u32 =
+        rs.rules.iter().filter(|r| r.matches.funneled).fold(0, |acc, r| acc | 1 << r.matches.proto.slot());
 
     for (i, rule) in rs.rules.iter().enumerate() {
         let m = &rule.matches;
@@ -221,7 +234,14 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         let sp = m.sport.as_ref().map_or_else(|| wildcard.clone(), |p| sport_cls.classes(p));
         let dp = m.dport.as_ref().map_or_else(|| wildcard.clone(), |p| dport_cls.classes(p));
 
-        let product = [sa.len(), da.len(), sp.len(), dp.len()].iter().fold(1u128, |acc, &n| acc * n as u128);
+        // Values of the key's `funneled` bit this rule is entered under.
+        let funneled_bits: &[u8] = match (funneled_slots >> m.proto.slot() & 1 != 0, m.funneled) {
+            (false, _) => &[0],
+            (true, true) => &[1],
+            (true, false) => &[0, 1],
+        };
+        let product =
+            [sa.len(), da.len(), sp.len(), dp.len(), funneled_bits.len()].iter().fold(1u128, |acc, &n| acc * n as u128);
         if product + table.len() as u128 > MAX_ENTRIES as u128 {
             return Err(RulesetError {
                 line: rule.pos.line,
@@ -252,10 +272,12 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             for &d in &da {
                 for &s in &sp {
                     for &p in &dp {
-                        let key = (a, d, s as u16, p as u16, proto, shape as u8);
-                        if let std::collections::hash_map::Entry::Vacant(e) = table.entry(key) {
-                            e.insert(i as u32);
-                            entries_per_rule[i] += 1;
+                        for &f in funneled_bits {
+                            let key = (a, d, s as u16, p as u16, proto, shape as u8, f);
+                            if let std::collections::hash_map::Entry::Vacant(e) = table.entry(key) {
+                                e.insert(i as u32);
+                                entries_per_rule[i] += 1;
+                            }
                         }
                     }
                 }
@@ -286,7 +308,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
 
     let rules = table
         .into_iter()
-        .map(|((sa, da, sc, dc, proto, shape), index)| {
+        .map(|((sa, da, sc, dc, proto, shape, funneled), index)| {
             let key = sfunnel_rule_key {
                 saddr_class: sa,
                 daddr_class: da,
@@ -294,7 +316,8 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
                 dport_class: dc,
                 proto,
                 shape,
-                pad: [0; 2],
+                funneled,
+                pad: 0,
             };
             (key, rule_val(index, &rs.rules[index as usize].action))
         })
@@ -308,8 +331,9 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             root_class: 0,
             octets: [saddr_cls.first_octets(), daddr_cls.first_octets()],
             root_shapes: [saddr_shapes[0], daddr_shapes[0]],
-            // Per attachment: RulesetMaps::install sets them.
-            flags: 0,
+            // SFUNNEL_PARAMS_FUNNELED_TCP / _UDP: bit = protocol slot; the
+            // per-attachment bits are RulesetMaps::install's.
+            flags: funneled_slots,
             pad: 0,
         },
         ports,
@@ -320,9 +344,9 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
     })
 }
 
-/// (saddr, daddr, sport, dport classes, protocol, shape): a rule key as a
-/// hashable tuple while compiling.
-type RuleKeyTuple = (u32, u32, u16, u16, u8, u8);
+/// (saddr, daddr, sport, dport classes, protocol, shape, funneled): a rule
+/// key as a hashable tuple while compiling.
+pub(crate) type RuleKeyTuple = (u32, u32, u16, u16, u8, u8, u8);
 
 fn push_addr_classes(
     out: &mut Vec<(sfunnel_addr_key, sfunnel_addr_class)>,
@@ -364,6 +388,24 @@ mod tests {
         assert_eq!(c.ports[8081].dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
         // Only daddr is looked up: the root and 1.1.1.1/32.
         assert_eq!(c.addrs.len(), 2);
+    }
+
+    #[test]
+    fn funneled_rules_take_bit_1_and_the_others_both_bits() {
+        let rs = parse("tcp dport 80 funneled unfunnel auto\ntcp dport 80 accept\nudp drop").unwrap();
+        let c = compile(&rs).unwrap();
+        assert_eq!(c.params.flags, SFUNNEL_PARAMS_FUNNELED_TCP);
+        // The funneled rule: bit 1; `tcp dport 80 accept`: bit 0 only (bit 1
+        // is the first rule's); `udp drop`: bit 0 (no UDP rule uses it).
+        assert_eq!(c.entries_per_rule, vec![1, 1, 1]);
+        let (k, v) = c.rules.iter().find(|(_, v)| v.index == 0).unwrap();
+        assert_eq!((k.funneled, v.action, v.proto), (1, SFUNNEL_ACT_UNFUNNEL as u8, SFUNNEL_INNER_AUTO as u8));
+        // A UDP `funneled` rule: UDP rules get both bits, TCP rules one.
+        let c = compile(&parse("udp funneled dport 1 accept\ntcp accept\nudp drop").unwrap()).unwrap();
+        assert_eq!((c.params.flags, c.entries_per_rule.clone()), (SFUNNEL_PARAMS_FUNNELED_UDP, vec![1, 1, 2]));
+        // Without `funneled` in the ruleset, every key has bit 0.
+        let c = compile(&parse("tcp dport 80 accept").unwrap()).unwrap();
+        assert_eq!((c.params.flags, c.rules[0].0.funneled), (0, 0));
     }
 
     #[test]

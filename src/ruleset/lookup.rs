@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::ast::PacketFields;
-use super::compile::{shape_bit, Compiled};
+use super::compile::{shape_bit, Compiled, RuleKeyTuple};
 use crate::datapath::consts::*;
 use crate::datapath::types::{sfunnel_addr_class, sfunnel_rule_val};
 
@@ -14,7 +14,7 @@ pub struct Reference<'c> {
     /// (field, prefix length, network address) → class, standing in for the
     /// kernel's LPM trie.
     addrs: HashMap<(u8, u8, u32), sfunnel_addr_class>,
-    rules: HashMap<(u32, u32, u16, u16, u8, u8), sfunnel_rule_val>,
+    rules: HashMap<RuleKeyTuple, sfunnel_rule_val>,
 }
 
 impl<'c> Reference<'c> {
@@ -27,7 +27,9 @@ impl<'c> Reference<'c> {
         let rules = compiled
             .rules
             .iter()
-            .map(|(k, v)| ((k.saddr_class, k.daddr_class, k.sport_class, k.dport_class, k.proto, k.shape), *v))
+            .map(|(k, v)| {
+                ((k.saddr_class, k.daddr_class, k.sport_class, k.dport_class, k.proto, k.shape, k.funneled), *v)
+            })
             .collect();
         Reference { compiled, addrs, rules }
     }
@@ -65,6 +67,8 @@ impl<'c> Reference<'c> {
             da = c.class;
             shapes &= c.shapes >> slot;
         }
+        // The datapath tests for `funneled` only when the ruleset uses it.
+        let funneled = u8::from(self.compiled.params.flags >> pkt.proto.slot() & 1 != 0 && pkt.funneled);
         (0..SHAPES_PER_PROTO)
             .filter(|s| shapes & (shape_bit(pkt.proto, *s) >> slot) != 0)
             .filter_map(|s| {
@@ -76,6 +80,7 @@ impl<'c> Reference<'c> {
                     pick(SHAPE_DPORT, u32::from(dp.dport_class)) as u16,
                     pkt.proto.number(),
                     s as u8,
+                    funneled,
                 );
                 self.rules.get(&key).map(|v| v.index)
             })

@@ -18,8 +18,10 @@ mod grammar {
 use grammar::{Grammar, Rule as G};
 
 /// Every keyword of the language, for "did you mean" suggestions.
-const KEYWORDS: &[&str] =
-    &["ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "actions", "funnel", "unfunnel", "accept", "drop"];
+const KEYWORDS: &[&str] = &[
+    "ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "funneled", "actions", "funnel", "unfunnel", "auto",
+    "accept", "drop",
+];
 
 /// Parses a whole ruleset.  Either every rule is valid and returned, or the
 /// first error is.
@@ -48,6 +50,7 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
     let mut daddr = None;
     let mut sport = None;
     let mut dport = None;
+    let mut funneled: Option<Span<'_>> = None;
     let mut actions: Vec<(Action, Span<'_>, &str)> = Vec::new();
 
     for item in pair.into_inner() {
@@ -86,11 +89,20 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
                 let slot = if field.as_str() == "sport" { &mut sport } else { &mut dport };
                 set_once(input, slot, m, field.as_span(), field.as_str())?;
             }
+            G::funneled => {
+                if funneled.replace(span).is_some() {
+                    return Err(err(input, span, "`funneled` given twice"));
+                }
+            }
             G::kw_actions => {}
             G::funnel => actions.push((build_funnel(input, item)?, span, "funnel")),
             G::unfunnel => {
-                let p = build_proto(&item.into_inner().nth(1).expect("unfunnel has a protocol"));
-                actions.push((Action::Unfunnel { proto: p }, span, "unfunnel"));
+                let inner = item.into_inner().nth(1).expect("unfunnel has an inner protocol");
+                let a = match inner.as_str() {
+                    "auto" => Action::UnfunnelAuto,
+                    _ => Action::Unfunnel { proto: build_proto(&inner) },
+                };
+                actions.push((a, span, "unfunnel"));
             }
             G::accept => actions.push((Action::Accept, span, "accept")),
             G::drop => actions.push((Action::Drop, span, "drop")),
@@ -99,6 +111,13 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
     }
 
     let Some((proto, _)) = proto else {
+        if let Some(span) = funneled {
+            return Err(err(
+                input,
+                span,
+                "`funneled` needs `tcp` or `udp`: it tests the funnel header of that protocol",
+            ));
+        }
         return Err(err(input, rule_span, "a rule needs `tcp` or `udp`: which protocol does it match?"));
     };
     let action = match actions.as_slice() {
@@ -116,7 +135,8 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
             return Err(err(input, span, msg));
         }
     };
-    Ok(Rule { matches: Match { saddr, daddr, proto, sport, dport }, action, pos: SourcePos { line, col } })
+    let funneled = funneled.is_some();
+    Ok(Rule { matches: Match { saddr, daddr, proto, sport, dport, funneled }, action, pos: SourcePos { line, col } })
 }
 
 fn set_once<T>(input: &str, slot: &mut Option<T>, value: T, span: Span<'_>, word: &str) -> Result<(), RulesetError> {
@@ -221,7 +241,7 @@ fn build_net(input: &str, pair: Pair<'_, G>) -> Result<Ipv4Net, RulesetError> {
     Ok(Ipv4Net::new(addr, len))
 }
 
-const MATCH_WORDS: &str = "a match (ip, saddr, daddr, tcp, udp, sport, dport)";
+const MATCH_WORDS: &str = "a match (ip, saddr, daddr, tcp, udp, sport, dport, funneled)";
 
 /// What a grammar rule means to a user, for "expected …" messages.
 fn describe(r: G) -> &'static str {
@@ -239,8 +259,11 @@ fn describe(r: G) -> &'static str {
         | G::port_match
         | G::port_field
         | G::kw_sport
-        | G::kw_dport => MATCH_WORDS,
+        | G::kw_dport
+        | G::funneled
+        | G::kw_funneled => MATCH_WORDS,
         G::l4_proto | G::kw_tcp | G::kw_udp => "`tcp` or `udp`",
+        G::inner_proto | G::kw_auto => "`tcp`, `udp` or `auto`",
         G::kw_actions => "`actions`",
         G::funnel | G::unfunnel | G::accept | G::drop | G::kw_funnel | G::kw_unfunnel | G::kw_accept | G::kw_drop => {
             "an action (funnel, unfunnel, accept, drop)"
@@ -306,7 +329,7 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
         let msg = match best {
             Some((_, k)) => format!("unknown word `{found}`; did you mean `{k}`?"),
             None => format!(
-                "unknown word `{found}`; rules are made of matches (ip, saddr, daddr, tcp, udp, sport, dport) and actions (funnel, unfunnel, accept, drop)"
+                "unknown word `{found}`; rules are made of matches (ip, saddr, daddr, tcp, udp, sport, dport, funneled) and actions (funnel, unfunnel, accept, drop)"
             ),
         };
         return RulesetError::at(input, pos, msg);

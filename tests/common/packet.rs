@@ -697,3 +697,75 @@ fn region(frame: &[u8], off: usize) -> &'static str {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join("")
 }
+
+// ---------------------------------------------------------------------------
+// The `funneled` match and `unfunnel auto`, by their definitions (README,
+// "Recognising funneled packets")
+// ---------------------------------------------------------------------------
+
+/// Which inner protocols fit the bytes after the outer L4 header of a
+/// well-formed frame: (UDP, TCP).  The definition, literally: the outer
+/// header is a TCP header of 20 bytes or a UDP header with a checksum, the
+/// outer checksum is valid, and
+/// - UDP: the inner length field equals the remaining length and the inner
+///   checksum is 0 or valid with zero addresses;
+/// - TCP: at least 20 bytes remain, the data offset is ≥ 5 and fits, and the
+///   inner checksum is valid with zero addresses.
+///
+/// The payload is summed here; the datapath derives the same answer from
+/// the outer checksum (valid, by the second condition) without reading it.
+pub fn inner_fits(frame: &[u8]) -> (bool, bool) {
+    let ip = Ip::of(frame);
+    let Some(outer) = Proto::from_number(ip.proto) else { return (false, false) };
+    let seg = &frame[ip.l4_off()..ip.end()];
+    let min = if outer == Proto::Tcp { 20 } else { 8 };
+    if seg.len() < min || l4_header_len(outer, seg) != min {
+        return (false, false);
+    }
+    if outer == Proto::Udp && be16(seg, 6) == 0 {
+        return (false, false);
+    }
+    if check_l4(seg, ip.saddr, ip.daddr, outer).is_err() {
+        return (false, false);
+    }
+    let inner = &seg[min..];
+    let n = inner.len();
+    if n < 8 {
+        return (false, false);
+    }
+    let udp = usize::from(be16(inner, 4)) == n && check_l4(inner, [0; 4], [0; 4], Proto::Udp).is_ok();
+    let tcp = n >= 20 && {
+        let doff = usize::from(inner[12] >> 4) * 4;
+        doff >= 20 && doff <= n && check_l4(inner, [0; 4], [0; 4], Proto::Tcp).is_ok()
+    };
+    (udp, tcp)
+}
+
+/// The `funneled` match: a TCP packet whose header carries the funnel
+/// header's fixed fields (seq, ack, data offset 5, flags SYN only, window),
+/// or a UDP packet with a plausible inner header ([`inner_fits`]).
+pub fn looks_funneled(frame: &[u8]) -> bool {
+    let ip = Ip::of(frame);
+    let seg = &frame[ip.l4_off()..ip.end()];
+    match Proto::from_number(ip.proto) {
+        Some(Proto::Tcp) => {
+            seg.len() >= 20
+                && u32::from_be_bytes([seg[4], seg[5], seg[6], seg[7]]) == FUNNEL_TCP_SEQ
+                && u32::from_be_bytes([seg[8], seg[9], seg[10], seg[11]]) == FUNNEL_TCP_ACK
+                && seg[12] == 5 << 4
+                && seg[13] == FUNNEL_TCP_FLAGS
+                && be16(seg, 14) == FUNNEL_TCP_WINDOW
+        }
+        Some(Proto::Udp) => inner_fits(frame) != (false, false),
+        None => false,
+    }
+}
+
+/// What `unfunnel auto` decides: the one protocol that fits, else None.
+pub fn auto_inner(frame: &[u8]) -> Option<Proto> {
+    match inner_fits(frame) {
+        (true, false) => Some(Proto::Udp),
+        (false, true) => Some(Proto::Tcp),
+        _ => None,
+    }
+}

@@ -5,6 +5,10 @@
 //!   10.201.1.2 ── veth ── 10.201.1.1   10.201.3.1 ── veth ── 10.201.3.2
 //!    if `c`              if `rc`  service 10.201.2.1/32 on lo   if `rs`        if `s`
 //! ```
+//! [`Topo::add_second_client`] adds a second client, `<tag>-d`, at
+//! 10.201.4.2 behind the router's `rd` interface (10.201.4.1), set up like
+//! the first; with `nat` the router masquerades both towards the server.
+//!
 //! Every name is unique per test: namespaces are `sfe2e<pid>-<n>-{c,r,s}`,
 //! interfaces `sf<pid hex>g<n hex>{c,rc,rs,s}` (≤ 15 characters; they only
 //! ever exist inside the test's own namespaces).  Dropping a [`Topo`] runs
@@ -33,6 +37,8 @@ pub const CLIENT_IP: [u8; 4] = [10, 201, 1, 2];
 pub const ROUTER_C_IP: [u8; 4] = [10, 201, 1, 1];
 pub const ROUTER_S_IP: [u8; 4] = [10, 201, 3, 1];
 pub const SERVER_IP: [u8; 4] = [10, 201, 3, 2];
+pub const CLIENT2_IP: [u8; 4] = [10, 201, 4, 2];
+pub const ROUTER_D_IP: [u8; 4] = [10, 201, 4, 1];
 /// The "Kubernetes Service" address the router owns and DNATs.
 pub const SERVICE_IP: [u8; 4] = [10, 201, 2, 1];
 
@@ -381,6 +387,13 @@ pub struct Topo {
     pub rs_if: String,
     /// Server's interface.
     pub s_if: String,
+    /// The second client and its interface, and the router's interface
+    /// towards it: empty until [`Topo::add_second_client`].
+    pub client2: String,
+    pub d_if: String,
+    pub rd_if: String,
+    /// Stem of the interface names.
+    if_stem: String,
     pub opts: TopoOpts,
     /// Namespaces created so far, with their inodes (keys of the pin tree).
     created: Vec<(String, u64)>,
@@ -397,6 +410,10 @@ impl Topo {
             rc_if: format!("{ifp}rc"),
             rs_if: format!("{ifp}rs"),
             s_if: format!("{ifp}s"),
+            client2: String::new(),
+            d_if: String::new(),
+            rd_if: String::new(),
+            if_stem: ifp.clone(),
             opts,
             created: Vec::new(),
         };
@@ -423,6 +440,10 @@ impl Topo {
             rc_if: format!("{ifp}b"),
             rs_if: String::new(),
             s_if: String::new(),
+            client2: String::new(),
+            d_if: String::new(),
+            rd_if: String::new(),
+            if_stem: ifp.clone(),
             opts: TopoOpts::default(),
             created: Vec::new(),
         };
@@ -517,6 +538,33 @@ impl Topo {
                 );
             }
             nsh(r, &["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
+        }
+    }
+
+    /// Adds the second client, `<tag>-d` (10.201.4.2), behind the router's
+    /// `rd` interface, configured like the first client (MTU, autocorking,
+    /// offloads as `opts` say).  With `nat`, the router's MASQUERADE
+    /// towards the server covers it too: both clients reach the server from
+    /// ROUTER_S_IP.
+    pub fn add_second_client(&mut self) {
+        let stem = self.client.strip_suffix("-c").expect("a three-namespace topology").to_string();
+        self.client2 = format!("{stem}-d");
+        self.d_if = format!("{}d", self.if_stem);
+        self.rd_if = format!("{}rd", self.if_stem);
+        let (d, r) = (self.client2.clone(), self.router.clone());
+        self.add_ns(&d);
+        sh(&["ip", "-n", &d, "link", "add", &self.d_if, "type", "veth", "peer", "name", &self.rd_if, "netns", &r]);
+        sh(&["ip", "-n", &d, "addr", "add", &format!("{}/24", ip_str(CLIENT2_IP)), "dev", &self.d_if]);
+        sh(&["ip", "-n", &r, "addr", "add", &format!("{}/24", ip_str(ROUTER_D_IP)), "dev", &self.rd_if]);
+        sh(&["ip", "-n", &d, "link", "set", &self.d_if, "mtu", "1480", "up"]);
+        sh(&["ip", "-n", &r, "link", "set", &self.rd_if, "up"]);
+        sh(&["ip", "-n", &d, "route", "add", "default", "via", &ip_str(ROUTER_D_IP)]);
+        nsh(&d, &["sysctl", "-qw", "net.ipv4.tcp_autocorking=0"]);
+        if self.opts.endpoints_offloads_off {
+            nsh(&d, &["ethtool", "-K", &self.d_if, "tx", "off", "tso", "off", "gso", "off"]);
+        }
+        if self.opts.router_offloads_off {
+            nsh(&r, &["ethtool", "-K", &self.rd_if, "tx", "off", "tso", "off", "gso", "off"]);
         }
     }
 
