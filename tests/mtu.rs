@@ -131,6 +131,15 @@ fn cached_pmtu(ns: &str, to: [u8; 4]) -> Option<usize> {
     words.next()?.parse().ok()
 }
 
+/// Waits up to 5 s for `ns` to cache a path MTU towards `to` (an ICMP
+/// arriving); the caller checks what is cached.
+fn wait_for_pmtu(ns: &str, to: [u8; 4]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cached_pmtu(ns, to).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// (packets, bytes, over_mtu) of rule `i` of one attachment.
 fn rule(a: &Value, i: usize) -> (u64, u64, u64) {
     let r = &a["rules"][i];
@@ -270,10 +279,7 @@ fn over_mtu_drop_tells_the_sender_and_traffic_adapts() {
     let cap = Capture::start(&t.client, &t.c_if);
     let big = pattern(1, FULL_UDP);
     client.send_to(&big, sa(SERVER_IP, UDP_PORT)).expect("the first send goes out");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while cached_pmtu(&t.client, SERVER_IP).is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_pmtu(&t.client, SERVER_IP);
     let frames = cap.stop().frames;
     let icmps = frag_needed_frames(&frames, sport, MTU);
     let pmtu = cached_pmtu(&t.client, SERVER_IP);
@@ -370,10 +376,7 @@ fn funneling_router_replies(direction: &str) {
 
     let cap = Capture::start(&t.client, &t.c_if);
     client.send_to(&pattern(5, FULL_UDP), sa(SERVER_IP, UDP_PORT)).expect("send");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while cached_pmtu(&t.client, SERVER_IP).is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_pmtu(&t.client, SERVER_IP);
     let icmps = frag_needed_frames(&cap.stop().frames, sport, MTU);
     let pmtu = cached_pmtu(&t.client, SERVER_IP);
     let fits = pattern(6, FUNNEL_MTU - 20 - 8);
