@@ -140,6 +140,14 @@ struct {
 	__uint(value_size, SCRATCH_SIZE);
 } scratch SEC(".maps");
 
+/* The segmentation detour (detour.h); written by the loader. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sfunnel_detour);
+} detour SEC(".maps");
+
 /* Loader bookkeeping; the datapath never reads it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -8,7 +8,9 @@
  * TCX (TCX_NEXT) and "continue" for a cls_bpf filter; a funnel, unfunnel
  * or accept returns TC_ACT_OK; drop returns TC_ACT_SHOT.  A funnel that
  * would exceed the MTU is dropped (with an ICMP reply redirected to the
- * sender: TC_ACT_REDIRECT) or passed unfunneled (mtu.h).
+ * sender: TC_ACT_REDIRECT) or passed unfunneled (mtu.h).  On egress, a GSO
+ * packet to funnel goes through the segmentation detour (detour.h):
+ * TC_ACT_REDIRECT, and sfunnel_detour funnels its segments.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -22,12 +24,17 @@
 #include "funnel.h"
 #include "mtu.h"
 #include "detect.h"
+#include "detour.h"
 
 SEC("tc")
 int sfunnel(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	struct match m;
+
+	if (detour_returned(skb))
+		return TC_ACT_UNSPEC;
+
 	int rc = parse_ipv4(skb, &p);
 
 	if (rc != PARSE_OK) {
@@ -55,6 +62,7 @@ int sfunnel(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	case SFUNNEL_ACT_FUNNEL: {
 		__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+
 		__u32 mtu = funnel_exceeds_mtu(skb, &p, hlen, m.flags);
 
 		if (mtu) {
@@ -66,6 +74,17 @@ int sfunnel(struct __sk_buff *skb)
 			/* Tell the sender the size that fits once funneled. */
 			rc = mtu > hlen ? reply_frag_needed(skb, &p, mtu - hlen, m.flags) : -1;
 			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
+		}
+		/* GSO packets, and all of TCP so that a flow keeps its order. */
+		if ((m.flags & SFUNNEL_PARAMS_EGRESS) && (skb->gso_size || p.proto == IPPROTO_TCP)) {
+			rc = detour_send(skb, &p, hlen);
+			if (rc == DETOUR_SENT)
+				return TC_ACT_REDIRECT;
+			if (rc == DETOUR_BROKEN) {
+				count_stat(SFUNNEL_STAT_ERROR);
+				return TC_ACT_SHOT;
+			}
+			/* No detour: funneled here, GSO or not (as 0.0.11 did). */
 		}
 		rc = funnel(skb, &p, proto, sport, dport);
 		break;
@@ -103,6 +122,62 @@ int sfunnel(struct __sk_buff *skb)
 		count_stat(SFUNNEL_STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
+}
+
+/*
+ * The detour's far end (detour.h): the ingress of the helper veth end that
+ * segments come in on.  Each is funneled by the rule that sent its GSO
+ * packet here and goes back out of the attachment's interface.
+ */
+SEC("tc")
+int sfunnel_detour(struct __sk_buff *skb)
+{
+	const struct sfunnel_detour *d = detour_get();
+	struct pkt p = {};
+	struct match m;
+
+	if (!d || !d->dev_ifindex)
+		return TC_ACT_SHOT;
+	__u32 dev = d->dev_ifindex;
+
+	/* Only segments of IPv4 GSO packets are sent here; anything else is
+	 * the helper's own traffic, and never leaves. */
+	if (parse_ipv4(skb, &p) != PARSE_OK)
+		return TC_ACT_SHOT;
+	/* The ruleset may have changed since: a packet that no funnel rule
+	 * matches now goes on unchanged. */
+	if (lookup_rule(skb, &p, &m) || m.rule->action != SFUNNEL_ACT_FUNNEL)
+		return bpf_redirect(dev, 0);
+
+	__u8 proto = m.rule->proto;
+	__be16 sport = m.rule->sport, dport = m.rule->dport;
+	__u32 len = skb->len, mtu = 0;
+	__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+
+	/* Left whole by the helper, it cannot be funneled. */
+	if (skb->gso_size) {
+		count_stat(SFUNNEL_STAT_ERROR);
+		return TC_ACT_SHOT;
+	}
+	/* Segments were cut to fit; one that does not (UDP GSO, or the MTU
+	 * changed on the way) is dropped as the guard drops, without a reply. */
+	if (bpf_check_mtu(skb, dev, &mtu, hlen, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED) {
+		count_over_mtu(&m);
+		return TC_ACT_SHOT;
+	}
+	switch (funnel(skb, &p, proto, sport, dport)) {
+	case FUNNEL_OK:
+		count_rule(&m, len);
+		break;
+	case FUNNEL_BROKEN:
+		count_stat(SFUNNEL_STAT_ERROR);
+		return TC_ACT_SHOT;
+	default:
+		/* Left unchanged, as the main program leaves such packets. */
+		count_stat(SFUNNEL_STAT_ERROR);
+		break;
+	}
+	return bpf_redirect(dev, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -34,7 +34,7 @@
 
 #include <linux/types.h>
 
-#define SFUNNEL_ABI_VERSION 3
+#define SFUNNEL_ABI_VERSION 4
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -186,6 +186,17 @@ struct sfunnel_meta {
 	__u32 tc_handle;   /* clsact only */
 	__u32 tc_prio;     /* clsact only */
 	__u64 netns_ino;   /* inode of the network namespace */
+};
+
+/*
+ * `detour[0]`: the segmentation detour of an egress attachment (detour.h).
+ * All zero: no detour, GSO packets are funneled as they are.
+ */
+struct sfunnel_detour {
+	__u32 dev_ifindex; /* the interface the attachment is on */
+	__u32 out_ifindex; /* helper end that GSO packets are sent out of */
+	__u32 in_ifindex;  /* helper end that their segments come in on */
+	__u32 pad;         /* zero */
 };
 
 #endif /* SFUNNEL_H */

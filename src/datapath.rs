@@ -73,12 +73,13 @@ pod! {
     sfunnel_rule_val = 12,
     sfunnel_counter = 32,
     sfunnel_meta = 32,
+    sfunnel_detour = 16,
 }
 
 /// The names under which an attachment's maps are pinned, in the order
 /// `RulesetMaps` holds them.
-pub const MAP_PINS: [&str; 9] =
-    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "text_maps", "stats", "meta"];
+pub const MAP_PINS: [&str; 10] =
+    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "text_maps", "stats", "meta", "detour"];
 
 /// A loaded (not attached, not pinned) instance of the program and maps.
 pub struct Loaded {
@@ -110,6 +111,8 @@ impl Loaded {
         let mut open = SfunnelSkelBuilder::default().open(storage).context("opening the embedded BPF object")?;
         if let Some(t) = tcx {
             open.progs.sfunnel.set_attach_type(t);
+            // The detour's program sits on a helper's ingress (detour.rs).
+            open.progs.sfunnel_detour.set_attach_type(libbpf_rs::ProgramAttachType::TcxIngress);
         }
         let skel = open.load().context(
             "loading the BPF program (the kernel refused it: it needs CAP_BPF, CAP_PERFMON and \
@@ -132,17 +135,22 @@ impl Loaded {
             text_maps: h(&m.text_maps)?,
             stats: h(&m.stats)?,
             meta: h(&m.meta)?,
+            detour: h(&m.detour)?,
         })
     }
 
-    /// Pins the program as `dir/prog` and the maps under their `MAP_PINS`
-    /// names.  On failure, what was pinned is unpinned again.
+    /// Pins the program as `dir/prog`, the detour's as `dir/detour_prog`,
+    /// and the maps under their `MAP_PINS` names.  On failure, what was
+    /// pinned is unpinned again.
     pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
         let mut done: Vec<std::path::PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             let prog = dir.join("prog");
             self.skel.progs.sfunnel.pin(&prog).with_context(|| format!("pinning {}", prog.display()))?;
             done.push(prog);
+            let detour = dir.join("detour_prog");
+            self.skel.progs.sfunnel_detour.pin(&detour).with_context(|| format!("pinning {}", detour.display()))?;
+            done.push(detour);
             let maps = self.maps()?;
             for (name, mut map) in MAP_PINS.iter().zip(maps.all_mut()) {
                 let path = dir.join(name);
@@ -161,6 +169,11 @@ impl Loaded {
 
     pub fn program(&self) -> &libbpf_rs::ProgramMut<'static> {
         &self.skel.progs.sfunnel
+    }
+
+    /// The detour's program (bpf/detour.h), for a helper's ingress.
+    pub fn detour_program(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.sfunnel_detour
     }
 
     /// Runs the program on `frame` (Ethernet onwards) with PROG_TEST_RUN.
@@ -218,6 +231,7 @@ pub struct RulesetMaps {
     pub text_maps: MapHandle,
     pub stats: MapHandle,
     pub meta: MapHandle,
+    pub detour: MapHandle,
 }
 
 /// Packets and bytes of one rule, summed over CPUs.
@@ -360,10 +374,11 @@ impl RulesetMaps {
             text_maps: open("text_maps")?,
             stats: open("stats")?,
             meta: open("meta")?,
+            detour: open("detour")?,
         })
     }
 
-    fn all_mut(self) -> [MapHandle; 9] {
+    fn all_mut(self) -> [MapHandle; 10] {
         [
             self.active,
             self.params,
@@ -374,6 +389,7 @@ impl RulesetMaps {
             self.text_maps,
             self.stats,
             self.meta,
+            self.detour,
         ]
     }
 
@@ -384,6 +400,17 @@ impl RulesetMaps {
 
     pub fn write_meta(&self, m: &sfunnel_meta) -> Result<()> {
         self.meta.update(&u32_key(0), m.as_bytes(), MapFlags::ANY).context("writing the meta map")
+    }
+
+    pub fn read_detour(&self) -> Result<sfunnel_detour> {
+        let v = self.detour.lookup(&u32_key(0), MapFlags::ANY)?.context("the detour map has no entry")?;
+        Ok(sfunnel_detour::from_bytes(&v))
+    }
+
+    /// The value changes only when a helper pair is made (detour.rs), and
+    /// then from all zero (no detour) to complete.
+    pub fn write_detour(&self, d: &sfunnel_detour) -> Result<()> {
+        self.detour.update(&u32_key(0), d.as_bytes(), MapFlags::ANY).context("writing the detour map")
     }
 
     /// The generation in use.

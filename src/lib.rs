@@ -5,6 +5,7 @@ pub mod caps;
 pub mod cli;
 pub mod cmd;
 pub mod datapath;
+pub mod detour;
 pub mod loader;
 pub mod log;
 pub mod netns;

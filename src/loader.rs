@@ -1,7 +1,7 @@
 //! Load, update and unload one attachment (netns × interface × direction).
 //! The caller has entered the namespace and holds the pin lock.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
-use crate::datapath::types::sfunnel_meta;
+use crate::datapath::consts::SFUNNEL_ACT_FUNNEL;
+use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
 use crate::log::event;
 use crate::pins::Target;
@@ -102,6 +103,47 @@ fn reuse_problem(t: &Target, ifindex: u32) -> Option<String> {
     None
 }
 
+/// Whether `t` needs the segmentation detour for `compiled`: egress, with
+/// some funnel rule (GSO packets only leave through egress).
+fn wants_detour(t: &Target, compiled: &Compiled) -> bool {
+    t.direction == Direction::Egress && compiled.rules.iter().any(|(_, v)| v.action as u32 == SFUNNEL_ACT_FUNNEL)
+}
+
+/// Makes the helper pair of the interface `ifindex` afresh, hooks the
+/// detour program `prog` on its far end, and points the datapath at it.
+/// Returns the TCX link (the caller pins it as `detour_link`).  On failure
+/// the pair is gone again, and the hook with it.
+fn hook_detour(maps: &RulesetMaps, prog: BorrowedFd<'_>, ifindex: u32, mode: Mode) -> Result<Option<OwnedFd>> {
+    crate::detour::remove(ifindex)?;
+    let (pair, _) = crate::detour::ensure(ifindex)?;
+    let hooked = match mode {
+        Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
+        Mode::Clsact => clsact::attach(prog, pair.inn, Direction::Ingress, None).map(|()| None),
+    }
+    .and_then(|link| {
+        let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, pad: 0 };
+        maps.write_detour(&d).map(|()| link)
+    });
+    match hooked {
+        Ok(link) => {
+            event!("detour", ifindex = ifindex, out_ifindex = pair.out, in_ifindex = pair.inn, mode = mode);
+            Ok(link)
+        }
+        Err(e) => {
+            let _ = crate::detour::remove(ifindex);
+            Err(e).context("setting up the segmentation detour")
+        }
+    }
+}
+
+/// Whether the datapath's detour record still names the interface's pair.
+fn detour_intact(maps: &RulesetMaps, ifindex: u32) -> bool {
+    match (maps.read_detour(), crate::detour::find(ifindex)) {
+        (Ok(d), Some(p)) => d.dev_ifindex == ifindex && d.out_ifindex == p.out && d.in_ifindex == p.inn,
+        _ => false,
+    }
+}
+
 /// Loads or updates the ruleset on one target.
 pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadReport> {
     let ifindex = wait_for_iface(&t.iface, opts.attempts, opts.retry_delay)?;
@@ -112,8 +154,21 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
         match reuse_problem(t, ifindex) {
             None => {
                 let maps = RulesetMaps::from_pins(&dir)?;
-                maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 let meta = maps.read_meta()?;
+                // The detour first: the new funnel rules may send GSO
+                // packets to it as soon as they are in.
+                if wants_detour(t, compiled) && !detour_intact(&maps, ifindex) {
+                    let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
+                        .context("opening the pinned detour program")?;
+                    let link = hook_detour(&maps, prog.as_fd(), ifindex, mode_of(&meta).unwrap_or(Mode::Tcx))?;
+                    if let Some(link) = link {
+                        if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
+                            let _ = crate::detour::remove(ifindex);
+                            return Err(e);
+                        }
+                    }
+                }
+                maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 let report = LoadReport {
                     iface: t.iface.clone(),
                     direction: t.direction,
@@ -158,6 +213,17 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     })?;
     let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
     event!("prog_loaded", prog_id = prog_id, verified_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3));
+    // The detour is in place before any funnel rule can send GSO packets
+    // to it.  Its TCX link is pinned with the other pins, below.
+    let detour = wants_detour(t, compiled);
+    let detour_link =
+        if detour { hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode)? } else { None };
+    // Undoes the detour when the load fails from here on.
+    let undo_detour = || {
+        if detour {
+            let _ = crate::detour::remove(ifindex);
+        }
+    };
     // On a fresh hook the rules go in while the program is being hooked
     // in: both wait for a grace period, and overlapped the waits do not add
     // up.  That is safe because the program sees no ruleset (generation 0,
@@ -179,11 +245,18 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
         let installed = install.join().unwrap_or_else(|_| Err(anyhow!("the ruleset install thread panicked")));
         (installed, attached)
     });
-    let mut link = attached?;
+    let mut link = match attached {
+        Ok(l) => l,
+        Err(e) => {
+            undo_detour();
+            return Err(e);
+        }
+    };
     if let Err(e) = installed {
         if mode == Mode::Clsact && old_prog.is_none() {
             let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
         }
+        undo_detour();
         return Err(e);
     }
     if replaced.is_some() {
@@ -192,20 +265,28 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
             if mode == Mode::Clsact {
                 let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
             }
+            undo_detour();
             return Err(e).context("removing the old pins");
         }
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // Pin; if that fails, undo the attach so nothing is left half-done.
-    let pinned = loaded.pin(&dir).and_then(|()| match link.as_mut() {
-        Some(l) => l.pin(dir.join("link")).context("pinning the TCX link"),
-        None => Ok(()),
-    });
+    let pinned = loaded
+        .pin(&dir)
+        .and_then(|()| match link.as_mut() {
+            Some(l) => l.pin(dir.join("link")).context("pinning the TCX link"),
+            None => Ok(()),
+        })
+        .and_then(|()| match &detour_link {
+            Some(l) => tcx::pin_link(l.as_fd(), &dir.join("detour_link")),
+            None => Ok(()),
+        });
     if let Err(e) = pinned {
         if mode == Mode::Clsact {
             let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
         }
         drop(link);
+        undo_detour();
         let _ = t.remove_pins();
         return Err(e);
     }
@@ -243,12 +324,19 @@ fn unload_old(t: &Target, new_id: u32) -> Result<()> {
 /// ours in place).
 fn release(t: &Target, keep: Option<u32>) -> Result<()> {
     let dir = t.dir();
+    let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
+    // The helper pair, and with it the detour's hook; but not the pair a
+    // replacing load has just made for the same interface.
+    if let Ok(d) = RulesetMaps::from_pins(&dir).and_then(|m| m.read_detour()) {
+        if d.dev_ifindex != 0 && (keep.is_none() || Some(d.dev_ifindex) != ifindex) {
+            crate::detour::remove(d.dev_ifindex)?;
+        }
+    }
     let link = dir.join("link");
     if link.exists() {
         tcx::detach_pinned(&link)?;
         event!("detached", iface = t.iface, direction = t.direction, mode = Mode::Tcx, link = link.display());
     }
-    let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
     if let (Ok((fd, ours)), Some(ifindex)) = (pinned_prog(&dir), ifindex) {
         if Some(ours) != keep && clsact::query(fd.as_fd(), ifindex, t.direction) == Some(ours) {
             clsact::detach(fd.as_fd(), ifindex, t.direction)?;
@@ -283,6 +371,13 @@ pub fn stale(t: &Target) -> Option<String> {
 /// Removes the pins of a stale target.  Its hook went with its device or
 /// namespace; a TCX link that outlived them is detached first.
 pub fn remove_stale(t: &Target) -> Result<()> {
+    // A namespace that is still there keeps the helper pair of an interface
+    // that is gone: delete it there.
+    let detour = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_detour()).map(|d| d.dev_ifindex).unwrap_or(0);
+    if let (true, Some(ns)) = (detour != 0, crate::netns::find(t.netns_ino)) {
+        let ns = ns.to_string_lossy().into_owned();
+        crate::netns::run_in(&ns, move || crate::detour::remove(detour))?;
+    }
     let link = t.dir().join("link");
     if link.exists() {
         tcx::detach_pinned(&link)?;

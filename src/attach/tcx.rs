@@ -2,6 +2,7 @@
 //! libbpf's bpf_program__attach_tcx and owns the link it returns.
 
 use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -73,4 +74,30 @@ pub fn attached_ids(ifindex: u32, d: Direction) -> Vec<u32> {
     // SAFETY: the kernel wrote `count` back into the union's count field.
     let n = unsafe { opts.__bindgen_anon_1.count } as usize;
     ids[..n.min(ids.len())].to_vec()
+}
+
+/// Links the program `prog` at the end of the interface's TCX ingress
+/// chain; the link lives as long as the returned fd or a pin of it.
+pub fn attach_ingress_fd(prog: BorrowedFd<'_>, ifindex: u32) -> Result<OwnedFd> {
+    let opts =
+        libbpf_sys::bpf_link_create_opts { sz: size_of::<libbpf_sys::bpf_link_create_opts>() as _, ..Default::default() };
+    // SAFETY: prog is a valid program fd; opts is valid and sized.
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, libbpf_sys::BPF_TCX_INGRESS, &opts) };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd)).context(format!("creating a TCX link on ifindex {ifindex}"));
+    }
+    // SAFETY: a new link fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins the link `link` at `pin`, replacing a pin left there.
+pub fn pin_link(link: BorrowedFd<'_>, pin: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(pin);
+    let c = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).context("a pin path with a NUL byte")?;
+    // SAFETY: link is a valid fd; c is a NUL-terminated path.
+    let rc = unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), c.as_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(-rc)).context(format!("pinning the TCX link at {}", pin.display()));
+    }
+    Ok(())
 }

@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The segmentation detour: funneling GSO packets (README, "TCP at speed").
+ *
+ * A GSO packet is cut into segments after tc egress, by the segmenter that
+ * its outer IP protocol picks.  That segmenter would take a funnel header
+ * for the packet's own L4 header and leave segments 2..N without the inner
+ * one, so a GSO packet is never funneled whole.  Instead, an egress
+ * attachment whose ruleset funnels owns a veth pair in its namespace
+ * (created by the loader, recorded in `detour[0]`):
+ *
+ *   dev egress   a GSO packet that a funnel rule matches is redirected out
+ *                of `out`, its gso_size first lowered if the funneled
+ *                segments would not fit the MTU.  So is every TCP packet
+ *                to funnel, GSO or not: a flow's packets then all take one
+ *                path, in order (a short packet sent straight on would
+ *                overtake the segments still in the detour, and TCP reads
+ *                reordering as loss);
+ *   out          has gso_max_segs 1, so the kernel segments it there, as
+ *                it would for a device without TSO (checksums stay
+ *                CHECKSUM_PARTIAL: funnel.h handles both);
+ *   in ingress   sfunnel_detour funnels each segment and redirects it to
+ *                dev's egress;
+ *   dev egress   a packet that came in on `in` is already funneled, and
+ *                passes on to the next program untouched.
+ */
+#ifndef SFUNNEL_DETOUR_H
+#define SFUNNEL_DETOUR_H
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include "maps.h"
+#include "parse.h"
+
+/* Largest gso_size cut: a funnel header and then some (TCP options). */
+#define DETOUR_MAX_CUT 128
+
+enum detour_result {
+	DETOUR_NONE = 0,   /* no detour: the packet is unchanged */
+	DETOUR_SENT = 1,   /* redirected (return TC_ACT_REDIRECT) */
+	DETOUR_BROKEN = 2, /* changed and then a helper failed: drop it */
+};
+
+static __always_inline const struct sfunnel_detour *detour_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&detour, &zero);
+}
+
+/* Whether the packet is a segment coming back from the detour, funneled. */
+static __always_inline int detour_returned(const struct __sk_buff *skb)
+{
+	if (!skb->ingress_ifindex)
+		return 0; /* generated on this host: not from the detour */
+	const struct sfunnel_detour *d = detour_get();
+
+	return d && d->in_ifindex && d->in_ifindex == skb->ingress_ifindex;
+}
+
+/*
+ * Sends a GSO packet through the detour.  Segments are l3 + l4 header +
+ * gso_size long; funneled they grow by hlen.  Where that exceeds the MTU,
+ * gso_size comes down by the excess: adjust_room grown lowers it, and
+ * shrunk again with FIXED_GSO leaves it so, the bytes as they were.
+ */
+static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *p, __u32 hlen)
+{
+	const struct sfunnel_detour *d = detour_get();
+
+	if (!d || !d->out_ifindex)
+		return DETOUR_NONE;
+	__u32 out = d->out_ifindex, mtu = 0;
+
+	if (!skb->gso_size)
+		goto send;
+	/* On a GSO packet the check passes; it reports the MTU either way. */
+	bpf_check_mtu(skb, 0, &mtu, 0, 0);
+	__u32 seg = p->ihl_len + p->l4_hlen + skb->gso_size + hlen;
+
+	if (mtu && seg > mtu && seg - mtu <= DETOUR_MAX_CUT) {
+		__s32 cut = seg - mtu;
+
+		/* UDP GSO refuses (its gso_size delimits datagrams): then the
+		 * segments that would not fit are counted over_mtu in the detour. */
+		if (bpf_skb_adjust_room(skb, cut, BPF_ADJ_ROOM_NET, 0) == 0 &&
+		    bpf_skb_adjust_room(skb, -cut, BPF_ADJ_ROOM_NET, BPF_F_ADJ_ROOM_FIXED_GSO))
+			return DETOUR_BROKEN;
+	}
+send:
+	bpf_redirect(out, 0);
+	return DETOUR_SENT;
+}
+
+#endif /* SFUNNEL_DETOUR_H */

@@ -1,0 +1,296 @@
+//! The segmentation detour's helper veth pair (bpf/detour.h).
+//!
+//! An egress attachment whose ruleset funnels owns one pair in its network
+//! namespace, named after the interface's index:
+//!
+//! ```text
+//!   sfgso<ifindex>   GSO packets are redirected out of it; gso_max_segs 1,
+//!                    so the kernel segments them on the way out
+//!   sfseg<ifindex>   its peer: the segments come in here, where the
+//!                    detour program funnels them and sends them back out
+//!                    of the interface
+//! ```
+//!
+//! `load` makes the pair (or keeps the one it made before), `unload` and
+//! `gc` delete it; a namespace takes its pair with it when it goes.  Both
+//! ends have no addresses, IPv6 off and the largest MTU, so they carry
+//! nothing but detoured packets, of any size the interface sends.
+//!
+//! rtnetlink is spoken directly (a few fixed messages), so the static
+//! binary needs no `ip` command on the host.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{Context, Result};
+
+use crate::log::event;
+
+/// The names of the pair for the interface with index `ifindex`: (the end
+/// GSO packets go out of, the end segments come in on).
+pub fn names(ifindex: u32) -> (String, String) {
+    (format!("sfgso{ifindex}"), format!("sfseg{ifindex}"))
+}
+
+/// The pair's interface indexes: (out, in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair {
+    pub out: u32,
+    pub inn: u32,
+}
+
+fn index_of(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+/// The pair of the interface `ifindex`, if it exists whole: both names,
+/// each the other's peer.  (Asked of rtnetlink: /sys shows the namespace
+/// it was mounted in, which need not be ours.)
+pub fn find(ifindex: u32) -> Option<Pair> {
+    let (o, i) = names(ifindex);
+    let (out, inn) = (index_of(&o)?, index_of(&i)?);
+    let nl = Netlink::open().ok()?;
+    (nl.peer_of(out).ok()? == Some(inn) && nl.peer_of(inn).ok()? == Some(out)).then_some(Pair { out, inn })
+}
+
+/// The pair of `ifindex`: the existing one, or a new one.
+pub fn ensure(ifindex: u32) -> Result<(Pair, bool)> {
+    if let Some(p) = find(ifindex) {
+        return Ok((p, false));
+    }
+    // Half a pair, or a name taken by something else: start afresh.
+    remove(ifindex)?;
+    let (o, i) = names(ifindex);
+    let nl = Netlink::open()?;
+    nl.create_pair(&o, &i).with_context(|| {
+        format!(
+            "creating the helper veth pair {o}/{i} for the segmentation detour: sfunnel needs CAP_NET_ADMIN \
+             in the target namespace and a kernel with veth (CONFIG_VETH)"
+        )
+    })?;
+    let made = (|| -> Result<Pair> {
+        for name in [&o, &i] {
+            disable_ipv6(name)?;
+        }
+        let p = find(ifindex).with_context(|| format!("the new helper pair {o}/{i} is not there"))?;
+        nl.set_up(p.out)?;
+        nl.set_up(p.inn)?;
+        Ok(p)
+    })();
+    match made {
+        Ok(p) => {
+            event!("helper_created", pair = format!("{o}/{i}"), ifindexes = format!("{}/{}", p.out, p.inn));
+            Ok((p, true))
+        }
+        Err(e) => {
+            let _ = remove(ifindex);
+            Err(e)
+        }
+    }
+}
+
+/// Deletes the pair of `ifindex` (either end takes the other with it).
+/// A pair that is not there is not an error.
+pub fn remove(ifindex: u32) -> Result<bool> {
+    let (o, i) = names(ifindex);
+    let mut removed = false;
+    for name in [&o, &i] {
+        if let Some(idx) = index_of(name) {
+            match Netlink::open()?.delete(idx) {
+                Ok(()) => removed = true,
+                // Its peer was deleted a moment ago, and it with it.
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting the helper interface {name}")),
+            }
+        }
+    }
+    if removed {
+        event!("helper_removed", pair = format!("{o}/{i}"));
+    }
+    Ok(removed)
+}
+
+/// No IPv6 on a helper end: no link-local address, so no neighbour or
+/// multicast chatter.  Nothing to do where IPv6 is absent.
+fn disable_ipv6(name: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("writing {path}")),
+    }
+}
+
+// rtnetlink, just enough of it.
+use libc::{IFLA_GSO_MAX_SEGS, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU};
+/// linux/veth.h (not in the libc crate).
+const VETH_INFO_PEER: u16 = 1;
+/// veth's largest MTU: segments of any size the interface sends fit.
+const HELPER_MTU: u32 = 65535;
+const IFINFOMSG_LEN: usize = 16;
+
+struct Netlink {
+    fd: OwnedFd,
+    seq: std::cell::Cell<u32>,
+}
+
+/// Appends an attribute; `nest` writes its payload and returns nothing.
+fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn nest(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    f(buf);
+    let len = (buf.len() - start) as u16;
+    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    buf[start + 2..start + 4].copy_from_slice(&ty.to_ne_bytes());
+}
+
+fn ifinfomsg(buf: &mut Vec<u8>, index: u32, flags: u32, change: u32) {
+    let mut m = [0u8; IFINFOMSG_LEN];
+    m[0] = libc::AF_UNSPEC as u8;
+    m[4..8].copy_from_slice(&index.to_ne_bytes());
+    m[8..12].copy_from_slice(&flags.to_ne_bytes());
+    m[12..16].copy_from_slice(&change.to_ne_bytes());
+    buf.extend_from_slice(&m);
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+impl Netlink {
+    fn open() -> Result<Netlink> {
+        // SAFETY: plain socket(2); the fd is owned right after.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
+        }
+        // SAFETY: fd is a new, valid descriptor that nothing else owns.
+        Ok(Netlink { fd: unsafe { OwnedFd::from_raw_fd(fd) }, seq: std::cell::Cell::new(1) })
+    }
+
+    /// Sends one request and waits for its acknowledgement.
+    fn request(&self, ty: u16, flags: u16, body: &[u8]) -> io::Result<()> {
+        self.exchange(ty, flags, body, |_, _| {})
+    }
+
+    /// The peer (IFLA_LINK) of the interface `index`; None if it has none.
+    fn peer_of(&self, index: u32) -> io::Result<Option<u32>> {
+        let mut b = Vec::new();
+        ifinfomsg(&mut b, index, 0, 0);
+        let mut peer = None;
+        self.exchange(libc::RTM_GETLINK, 0, &b, |mty, msg| {
+            if mty != libc::RTM_NEWLINK || msg.len() < 16 + IFINFOMSG_LEN {
+                return;
+            }
+            let mut off = 16 + IFINFOMSG_LEN;
+            while off + 4 <= msg.len() {
+                let len = u16::from_ne_bytes([msg[off], msg[off + 1]]) as usize;
+                let ty = u16::from_ne_bytes([msg[off + 2], msg[off + 3]]);
+                if len < 4 || off + len > msg.len() {
+                    break;
+                }
+                if ty == libc::IFLA_LINK && len >= 8 {
+                    peer = Some(u32::from_ne_bytes(msg[off + 4..off + 8].try_into().unwrap()));
+                }
+                off += len.next_multiple_of(4);
+            }
+        })?;
+        Ok(peer)
+    }
+
+    /// Sends one request, hands every reply message to `each` (type,
+    /// whole message) and returns at its acknowledgement.
+    fn exchange(&self, ty: u16, flags: u16, body: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+        let seq = self.seq.get();
+        self.seq.set(seq + 1);
+        let mut msg = Vec::with_capacity(16 + body.len());
+        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&ty.to_ne_bytes());
+        msg.extend_from_slice(&(flags | (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(body);
+        // SAFETY: msg is a valid buffer of its length.
+        if unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 8192];
+        loop {
+            // SAFETY: buf is a valid, writable buffer of its length.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut off = 0usize;
+            while off + 16 <= n as usize {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+                let mty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap());
+                if len < 16 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink message"));
+                }
+                if mseq == seq {
+                    if mty == libc::NLMSG_ERROR as u16 && off + 20 <= n as usize {
+                        let err = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
+                        return if err == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-err)) };
+                    }
+                    each(mty, &buf[off..(off + len).min(n as usize)]);
+                }
+                off += len.next_multiple_of(4);
+            }
+        }
+    }
+
+    /// Both ends down, with the largest MTU; `out` with gso_max_segs 1.
+    fn create_pair(&self, out: &str, inn: &str) -> io::Result<()> {
+        let mut b = Vec::new();
+        ifinfomsg(&mut b, 0, 0, 0);
+        attr(&mut b, IFLA_IFNAME, &cstr(out));
+        attr(&mut b, IFLA_MTU, &HELPER_MTU.to_ne_bytes());
+        attr(&mut b, IFLA_GSO_MAX_SEGS, &1u32.to_ne_bytes());
+        nest(&mut b, IFLA_LINKINFO, |b| {
+            attr(b, IFLA_INFO_KIND, b"veth");
+            nest(b, IFLA_INFO_DATA, |b| {
+                nest(b, VETH_INFO_PEER, |b| {
+                    ifinfomsg(b, 0, 0, 0);
+                    attr(b, IFLA_IFNAME, &cstr(inn));
+                    attr(b, IFLA_MTU, &HELPER_MTU.to_ne_bytes());
+                });
+            });
+        });
+        self.request(libc::RTM_NEWLINK, (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16, &b)
+    }
+
+    fn set_up(&self, index: u32) -> Result<()> {
+        let mut b = Vec::new();
+        let up = libc::IFF_UP as u32;
+        ifinfomsg(&mut b, index, up, up);
+        self.request(libc::RTM_NEWLINK, 0, &b).with_context(|| format!("setting helper interface {index} up"))
+    }
+
+    fn delete(&self, index: u32) -> io::Result<()> {
+        let mut b = Vec::new();
+        ifinfomsg(&mut b, index, 0, 0);
+        self.request(libc::RTM_DELLINK, 0, &b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn helper_names_fit_ifnamsiz_for_any_index() {
+        let (o, i) = super::names(u32::MAX);
+        assert_eq!((o.as_str(), i.as_str()), ("sfgso4294967295", "sfseg4294967295"));
+        assert!(o.len() < libc::IFNAMSIZ && i.len() < libc::IFNAMSIZ);
+    }
+}
