@@ -67,7 +67,16 @@ fn debug_logs_one_structured_line_per_event() {
     let ev = events(&first.stderr);
     eprintln!("DEBUG=1 load:\n{}", first.stderr);
     let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["ruleset", "attach_mode", "prog_loaded", "installed", "attached"]);
+    // An egress ruleset that funnels makes its helper pair (the GSO detour).
+    assert_eq!(names, ["ruleset", "attach_mode", "prog_loaded", "helper_created", "detour", "installed", "attached"]);
+    let dev = find(&ev, "attach_mode")["ifindex"].clone();
+    assert_eq!(find(&ev, "detour")["ifindex"], dev);
+    assert_eq!(find(&ev, "helper_created")["pair"], format!("sfgso{dev}/sfseg{dev}"));
+    let helper_up = || {
+        let mut cmd = common::topology::ns_cmd(&ns, &["ip", "link", "show", &format!("sfgso{dev}")]);
+        common::topology::run(&mut cmd, std::time::Duration::from_secs(10)).ok()
+    };
+    assert!(helper_up(), "the helper pair exists after the load");
     assert_eq!(find(&ev, "ruleset")["rules"], "1");
     assert_eq!(find(&ev, "attach_mode")["iface"], iface);
     assert_eq!(find(&ev, "prog_loaded")["prog_id"], prog);
@@ -97,7 +106,8 @@ fn debug_logs_one_structured_line_per_event() {
             .expect_ok();
     let ev = events(&clean.stderr);
     let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["detached", "unpinned"], "{}", clean.stderr);
+    assert_eq!(names, ["helper_removed", "detached", "unpinned"], "{}", clean.stderr);
+    assert!(!helper_up(), "unload removed the helper pair");
     assert_eq!(find(&ev, "unpinned")["pins"], pins);
     assert!(!std::path::Path::new(&pins).exists());
     t.teardown();

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Funneled TCP and UDP at speed, against plain traffic in the same run.
+#
+#   client ──veth── router ──veth── server
+#
+# The router's veths have tx/tso/gso off, so segmentation and checksums are
+# completed on the path as a real NIC would; the endpoints keep every
+# offload at its default.  sfunnel funnels on the client's egress and
+# unfunnels on the server's ingress; for request/response the replies are
+# funneled back (server egress → client ingress).  Plain rows use ports no
+# rule matches, through the same programs.
+#
+# Prints one table: throughput of each funneled flow as a ratio of plain,
+# UDP loss, request/response rates, and a bulk transfer whose sha256 is
+# compared at both ends, with the server's checksum error counters.
+#
+#   scripts/bench-throughput.sh            (root; builds sfunnel)
+#   SECONDS_PER_RUN=10 BULK_MIB=1024 UDP_RATE=2G scripts/bench-throughput.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench-throughput: needs root (namespaces, BPF)" >&2; exit 1; }
+
+T=${SECONDS_PER_RUN:-5}
+BULK_MIB=${BULK_MIB:-1024}
+UDP_RATE=${UDP_RATE:-1G}
+RR_SECONDS=${RR_SECONDS:-3}
+C=sfbtc R=sfbtr S=sfbts
+CIP=10.77.1.2 SIP=10.77.2.2
+
+cargo build --release --locked -q
+SF=target/release/sfunnel
+
+cleanup() {
+  set +e
+  for ns in $C $S; do
+    $SF unload -n "$ns" -d both >/dev/null 2>&1
+  done
+  for pid in $(jobs -p); do kill "$pid" 2>/dev/null; done
+  for ns in $C $R $S; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null; ip netns del "$ns" 2>/dev/null; done
+  rm -rf "$TMP"
+}
+TMP=$(mktemp -d)
+trap cleanup EXIT
+
+for ns in $C $R $S; do ip netns add $ns; ip -n $ns link set lo up; done
+ip link add sfbt0 netns $C type veth peer name sfbt1 netns $R
+ip link add sfbt2 netns $R type veth peer name sfbt3 netns $S
+ip -n $C addr add $CIP/24 dev sfbt0
+ip -n $R addr add 10.77.1.1/24 dev sfbt1
+ip -n $R addr add 10.77.2.1/24 dev sfbt2
+ip -n $S addr add $SIP/24 dev sfbt3
+for x in "$C sfbt0" "$R sfbt1" "$R sfbt2" "$S sfbt3"; do set -- $x; ip -n "$1" link set "$2" up; done
+ip -n $C route add default via 10.77.1.1
+ip -n $S route add default via 10.77.2.1
+ip netns exec $R sysctl -qw net.ipv4.ip_forward=1
+ip netns exec $R ethtool -K sfbt1 tx off tso off gso off >/dev/null
+ip netns exec $R ethtool -K sfbt2 tx off tso off gso off >/dev/null
+
+# Funneled: 5201 TCP/TCP, 5202 TCP/UDP, 5203 UDP/TCP, 5204 UDP/UDP,
+# 5205 request/response (replies funneled back), 5211/5212 bulk sha256.
+$SF load -n $C -i sfbt0 -d egress "
+tcp dport 5201 actions funnel tcp sport 540 dport 80
+tcp dport 5211 actions funnel tcp sport 540 dport 80
+tcp dport 5202 actions funnel udp sport 541 dport 81
+tcp dport 5212 actions funnel udp sport 541 dport 81
+udp dport 5203 actions funnel tcp sport 542 dport 82
+udp dport 5204 actions funnel udp sport 543 dport 83
+tcp dport 5205 actions funnel tcp sport 544 dport 84" >/dev/null
+$SF load -n $S -i sfbt3 -d ingress "
+tcp sport 540 dport 80 actions unfunnel tcp
+udp sport 541 dport 81 actions unfunnel tcp
+tcp sport 542 dport 82 actions unfunnel udp
+udp sport 543 dport 83 actions unfunnel udp
+tcp sport 544 dport 84 actions unfunnel tcp" >/dev/null
+$SF load -n $S -i sfbt3 -d egress "tcp sport 5205 actions funnel tcp sport 84 dport 544" >/dev/null
+$SF load -n $C -i sfbt0 -d ingress "tcp sport 84 dport 544 actions unfunnel tcp" >/dev/null
+
+for p in 5201 5202 5203 5204 5301 5303; do
+  ip netns exec $S iperf3 -s -D -p $p --logfile "$TMP/iperf-$p.log"
+done
+sleep 0.5
+
+# Gbit/s (and for UDP "lost%") from iperf3's receiver line.
+tcp_run() { ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -f m | awk '/receiver/ {print $(NF-2)/1000}'; }
+udp_run() {
+  ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -u -l 1400 -b "$UDP_RATE" -f m |
+    awk '/receiver/ {for (i=1;i<=NF;i++) if ($i=="Mbits/sec") r=$(i-1); gsub(/[()%]/,"",$NF); l=$(NF-1); gsub(/[()%]/,"",l); print r/1000, l}'
+}
+
+# Request/response: 64-byte requests, each answered before the next.
+cat > "$TMP/rr.py" <<'EOF'
+import socket, sys, time
+mode, host, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+if mode == "server":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port)); s.listen(1); c, _ = s.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        d = c.recv(64)
+        if not d: break
+        c.sendall(d)
+else:
+    c = socket.create_connection((host, port)); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg, n, end = b"x" * 64, 0, time.time() + secs
+    while time.time() < end:
+        c.sendall(msg); got = 0
+        while got < 64: got += len(c.recv(64 - got))
+        n += 1
+    print(f"{n / secs:.0f}")
+EOF
+rr_run() {
+  ip netns exec $S python3 "$TMP/rr.py" server $SIP "$1" 0 & sleep 0.3
+  ip netns exec $C python3 "$TMP/rr.py" client $SIP "$1" "$RR_SECONDS"
+  wait
+}
+
+# Bulk: BULK_MIB of random bytes, sha256 at both ends.
+cat > "$TMP/bulk.py" <<'EOF'
+import hashlib, os, socket, sys, time
+mode, host, port, mib = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+h = hashlib.sha256()
+if mode == "server":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port)); s.listen(1); c, _ = s.accept(); n = 0
+    while True:
+        d = c.recv(1 << 20)
+        if not d: break
+        h.update(d); n += len(d)
+    print(n, h.hexdigest())
+else:
+    c = socket.create_connection((host, port)); block = os.urandom(1 << 20); t = time.time()
+    for i in range(mib):
+        chunk = hashlib.sha256(block + i.to_bytes(8, "little")).digest() * 32768  # 1 MiB, differs per MiB
+        h.update(chunk); c.sendall(chunk)
+    c.close(); print(mib << 20, h.hexdigest())
+EOF
+bulk_run() {
+  ip netns exec $S python3 "$TMP/bulk.py" server $SIP "$1" 0 >"$TMP/bulk-$1.srv" & sleep 0.3
+  ip netns exec $C python3 "$TMP/bulk.py" client $SIP "$1" "$BULK_MIB" >"$TMP/bulk-$1.cli"
+  wait
+  read -r n1 h1 <"$TMP/bulk-$1.cli"; read -r n2 h2 <"$TMP/bulk-$1.srv"
+  if [ "$h1" = "$h2" ] && [ "$n1" = "$n2" ]; then echo "$((n2 >> 20)) MiB sha256 identical (${h2:0:16}…)"; else echo "MISMATCH: sent $n1 $h1, received $n2 $h2"; fi
+}
+
+csum_errors() { ip netns exec $S nstat -az TcpInCsumErrors UdpInCsumErrors | awk '/CsumErrors/ {s += $2} END {print s+0}'; }
+
+printf '\nsfunnel throughput: client → router (tx/tso/gso off) → server, %s s per run, kernel %s\n\n' "$T" "$(uname -r)"
+plain_tcp=$(tcp_run 5301)
+tt=$(tcp_run 5201); tu=$(tcp_run 5202)
+plain_tcp2=$(tcp_run 5301)
+read -r plain_udp plain_loss < <(udp_run 5303)
+read -r ut ut_loss < <(udp_run 5203)
+read -r uu uu_loss < <(udp_run 5204)
+rr_plain=$(rr_run 5305)
+rr_fun=$(rr_run 5205)
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f%%", 100 * a / b}'; }
+base=$(awk -v a="$plain_tcp" -v b="$plain_tcp2" 'BEGIN {print (a + b) / 2}')
+printf '%-34s %12s %10s %10s\n' "flow" "Gbit/s" "of plain" "UDP loss"
+printf '%-34s %12.2f %10s %10s\n' "plain TCP (mean of 2 runs)" "$base" "100%" "-"
+printf '%-34s %12.2f %10s %10s\n' "TCP over TCP (funneled)" "$tt" "$(ratio "$tt" "$base")" "-"
+printf '%-34s %12.2f %10s %10s\n' "TCP over UDP (funneled)" "$tu" "$(ratio "$tu" "$base")" "-"
+printf '%-34s %12.2f %10s %9s%%\n' "plain UDP, 1400 B at $UDP_RATE" "$plain_udp" "100%" "$plain_loss"
+printf '%-34s %12.2f %10s %9s%%\n' "UDP over TCP (funneled)" "$ut" "$(ratio "$ut" "$plain_udp")" "$ut_loss"
+printf '%-34s %12.2f %10s %9s%%\n' "UDP over UDP (funneled)" "$uu" "$(ratio "$uu" "$plain_udp")" "$uu_loss"
+printf '%-34s %12s %10s\n' "request/response, plain (per s)" "$rr_plain" "100%"
+printf '%-34s %12s %10s\n' "request/response, funneled both ways" "$rr_fun" "$(ratio "$rr_fun" "$rr_plain")"
+echo
+echo "bulk TCP over TCP: $(bulk_run 5211)"
+echo "bulk TCP over UDP: $(bulk_run 5212)"
+echo "server TcpInCsumErrors + UdpInCsumErrors over the whole run: $(csum_errors)"
