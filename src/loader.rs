@@ -10,8 +10,8 @@ use libbpf_rs::Program;
 use serde::Serialize;
 
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
-use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
 use crate::datapath::consts::SFUNNEL_ACT_FUNNEL;
+use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
 use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
 use crate::log::event;
@@ -216,8 +216,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
     let detour = wants_detour(t, compiled);
-    let detour_link =
-        if detour { hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode)? } else { None };
+    let detour_link = if detour { hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode)? } else { None };
     // Undoes the detour when the load fails from here on.
     let undo_detour = || {
         if detour {

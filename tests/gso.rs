@@ -17,9 +17,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::topology::{
-    env_load, env_unload, ns_cmd, nstat, run, sfunnel, spawn_in_ns, Topo, TopoOpts, SERVER_IP,
-};
+use common::topology::{env_load, env_unload, ns_cmd, nstat, run, sfunnel, spawn_in_ns, Topo, TopoOpts, SERVER_IP};
 
 const CLIENT_RULES: &str =
     "tcp dport 5201 actions funnel tcp sport 540 dport 80; tcp dport 5202 actions funnel udp sport 541 dport 81";
@@ -37,9 +35,8 @@ fn mib() -> usize {
 /// Sends `len` bytes from the client to the server's `port`; returns how
 /// many arrived and the offset of the first wrong byte, if any.
 fn bulk(t: &Topo, port: u16, len: usize) -> (usize, Option<usize>) {
-    let listener = common::topology::in_ns(&t.server, move || {
-        TcpListener::bind(("0.0.0.0", port)).expect("listen on the server")
-    });
+    let listener =
+        common::topology::in_ns(&t.server, move || TcpListener::bind(("0.0.0.0", port)).expect("listen on the server"));
     let server = spawn_in_ns(&t.server, move || {
         let (mut s, _) = listener.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();

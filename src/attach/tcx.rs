@@ -79,12 +79,16 @@ pub fn attached_ids(ifindex: u32, d: Direction) -> Vec<u32> {
 /// Links the program `prog` at the end of the interface's TCX ingress
 /// chain; the link lives as long as the returned fd or a pin of it.
 pub fn attach_ingress_fd(prog: BorrowedFd<'_>, ifindex: u32) -> Result<OwnedFd> {
-    let opts =
-        libbpf_sys::bpf_link_create_opts { sz: size_of::<libbpf_sys::bpf_link_create_opts>() as _, ..Default::default() };
+    let opts = libbpf_sys::bpf_link_create_opts {
+        sz: size_of::<libbpf_sys::bpf_link_create_opts>() as _,
+        ..Default::default()
+    };
     // SAFETY: prog is a valid program fd; opts is valid and sized.
-    let fd = unsafe { libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, libbpf_sys::BPF_TCX_INGRESS, &opts) };
+    let fd =
+        unsafe { libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, libbpf_sys::BPF_TCX_INGRESS, &opts) };
     if fd < 0 {
-        return Err(std::io::Error::from_raw_os_error(-fd)).context(format!("creating a TCX link on ifindex {ifindex}"));
+        return Err(std::io::Error::from_raw_os_error(-fd))
+            .context(format!("creating a TCX link on ifindex {ifindex}"));
     }
     // SAFETY: a new link fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -97,7 +101,8 @@ pub fn pin_link(link: BorrowedFd<'_>, pin: &Path) -> Result<()> {
     // SAFETY: link is a valid fd; c is a NUL-terminated path.
     let rc = unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), c.as_ptr()) };
     if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(-rc)).context(format!("pinning the TCX link at {}", pin.display()));
+        return Err(std::io::Error::from_raw_os_error(-rc))
+            .context(format!("pinning the TCX link at {}", pin.display()));
     }
     Ok(())
 }
