@@ -62,7 +62,10 @@ static __always_inline int move_ip_options(struct __sk_buff *skb, __u32 l3, __u3
 	__u32 n = ihl_len - sizeof(struct iphdr);
 	__u32 base = l3 + sizeof(struct iphdr);
 
-	/* Verifier workaround: restate that n fits the buffer. */
+	/* Verifier workaround: restate that n fits the buffer, on the register
+	 * that is then used (the barrier stops clang from recomputing n from
+	 * ihl_len after the check, which 6.1's verifier cannot follow). */
+	barrier_var(n);
 	if (n == 0 || n > IP_OPTS_MAX)
 		return -1;
 	if (bpf_skb_load_bytes(skb, base + from_delta, opts, n))

@@ -50,7 +50,7 @@ pub fn find(ifindex: u32) -> Option<Pair> {
     let (o, i) = names(ifindex);
     let (out, inn) = (index_of(&o)?, index_of(&i)?);
     let nl = Netlink::open().ok()?;
-    (nl.peer_of(out).ok()? == Some(inn) && nl.peer_of(inn).ok()? == Some(out)).then_some(Pair { out, inn })
+    (nl.link(out).ok()?.peer == Some(inn) && nl.link(inn).ok()?.peer == Some(out)).then_some(Pair { out, inn })
 }
 
 /// The pair of `ifindex`: the existing one, or a new one.
@@ -125,6 +125,43 @@ fn disable_ipv6(name: &str) -> Result<()> {
 use libc::{IFLA_GSO_MAX_SEGS, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU};
 /// linux/veth.h (not in the libc crate).
 const VETH_INFO_PEER: u16 = 1;
+/// linux/if_link.h: the peer's namespace, present when it is not ours.
+const IFLA_LINK_NETNSID: u16 = 37;
+
+/// What `Netlink::link` reports.
+#[derive(Debug, Default)]
+struct Link {
+    /// IFLA_LINK: a veth's peer.
+    peer: Option<u32>,
+    /// The peer lives in another network namespace.
+    peer_elsewhere: bool,
+    /// IFLA_INFO_KIND: "veth", "netkit", ...; empty for a physical device.
+    kind: String,
+}
+
+/// The (type, payload) of each attribute in `buf`.
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff; // without NLA_F_NESTED / NET_BYTEORDER
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let val = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((ty, val))
+    })
+}
+
+/// Whether segments can go straight into the peer of the interface
+/// `ifindex` (bpf_redirect_peer): it is a veth whose peer is in another
+/// namespace, as a pod's eth0 is.
+pub fn can_redirect_peer(ifindex: u32) -> bool {
+    Netlink::open().and_then(|nl| Ok(nl.link(ifindex)?)).map(|l| l.kind == "veth" && l.peer_elsewhere).unwrap_or(false)
+}
 /// veth's largest MTU: segments of any size the interface sends fit.
 const HELPER_MTU: u32 = 65535;
 const IFINFOMSG_LEN: usize = 16;
@@ -183,29 +220,32 @@ impl Netlink {
         self.exchange(ty, flags, body, |_, _| {})
     }
 
-    /// The peer (IFLA_LINK) of the interface `index`; None if it has none.
-    fn peer_of(&self, index: u32) -> io::Result<Option<u32>> {
+    /// What rtnetlink says of the interface `index`.
+    fn link(&self, index: u32) -> io::Result<Link> {
         let mut b = Vec::new();
         ifinfomsg(&mut b, index, 0, 0);
-        let mut peer = None;
+        let mut link = Link::default();
         self.exchange(libc::RTM_GETLINK, 0, &b, |mty, msg| {
-            if mty != libc::RTM_NEWLINK || msg.len() < 16 + IFINFOMSG_LEN {
-                return;
-            }
-            let mut off = 16 + IFINFOMSG_LEN;
-            while off + 4 <= msg.len() {
-                let len = u16::from_ne_bytes([msg[off], msg[off + 1]]) as usize;
-                let ty = u16::from_ne_bytes([msg[off + 2], msg[off + 3]]);
-                if len < 4 || off + len > msg.len() {
-                    break;
+            if mty == libc::RTM_NEWLINK && msg.len() >= 16 + IFINFOMSG_LEN {
+                for (ty, val) in attrs(&msg[16 + IFINFOMSG_LEN..]) {
+                    match ty {
+                        libc::IFLA_LINK if val.len() >= 4 => {
+                            link.peer = Some(u32::from_ne_bytes(val[..4].try_into().unwrap()))
+                        }
+                        IFLA_LINK_NETNSID => link.peer_elsewhere = true,
+                        IFLA_LINKINFO => {
+                            for (ty, val) in attrs(val) {
+                                if ty == IFLA_INFO_KIND {
+                                    link.kind = String::from_utf8_lossy(val).trim_end_matches('\0').to_string();
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
                 }
-                if ty == libc::IFLA_LINK && len >= 8 {
-                    peer = Some(u32::from_ne_bytes(msg[off + 4..off + 8].try_into().unwrap()));
-                }
-                off += len.next_multiple_of(4);
             }
         })?;
-        Ok(peer)
+        Ok(link)
     }
 
     /// Sends one request, hands every reply message to `each` (type,

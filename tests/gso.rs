@@ -7,6 +7,8 @@
 //! fit once funneled; the router completes every checksum, which the server
 //! then verifies.  Each flow must arrive byte for byte, with no checksum
 //! error at the server, and the helper pair must come and go with the load.
+//! A third flow is funneled by the router on its egress: traffic a host
+//! forwards, not its own.
 //!
 //! SFUNNEL_BULK_MIB sets the size per flow (default 64 MiB);
 //! `scripts/bench-throughput.sh` sends 1 GiB and measures the speed.
@@ -21,7 +23,11 @@ use common::topology::{env_load, env_unload, ns_cmd, nstat, run, sfunnel, spawn_
 
 const CLIENT_RULES: &str =
     "tcp dport 5201 actions funnel tcp sport 540 dport 80; tcp dport 5202 actions funnel udp sport 541 dport 81";
-const SERVER_RULES: &str = "tcp sport 540 dport 80 actions unfunnel tcp; udp sport 541 dport 81 actions unfunnel tcp";
+const SERVER_RULES: &str = "tcp sport 540 dport 80 actions unfunnel tcp; udp sport 541 dport 81 actions unfunnel tcp; \
+                            tcp sport 542 dport 82 actions unfunnel tcp";
+/// The router funnels what it forwards: GSO packets that came over the
+/// client's veth whole, and leave through its own egress.
+const ROUTER_RULES: &str = "tcp dport 5203 actions funnel tcp sport 542 dport 82";
 
 /// Test data: byte `i` of a flow.  Not periodic within a segment.
 fn byte_at(i: usize) -> u8 {
@@ -89,6 +95,7 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     common::topology::nsh(&t.server, &["ip", "link", "set", &t.s_if, "mtu", "1500"]);
     env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
     env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
+    env_load(&t.router, &t.rs_if, "egress", ROUTER_RULES).expect_ok();
 
     let link = common::topology::nsh(&t.client, &["ip", "-o", "link", "show", &t.c_if]).stdout;
     let ifindex: u32 = link.split(':').next().unwrap().trim().parse().expect("ifindex");
@@ -96,7 +103,9 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     assert!(helper_exists(&t.client, &gso_if) && helper_exists(&t.client, &seg_if), "load made the helper pair");
 
     let len = mib() << 20;
-    for (port, what) in [(5201u16, "TCP over TCP"), (5202, "TCP over UDP")] {
+    for (port, what) in
+        [(5201u16, "TCP over TCP"), (5202, "TCP over UDP"), (5203, "TCP over TCP, funneled by the router")]
+    {
         let (n, wrong) = bulk(&t, port, len);
         eprintln!("{what}: {n} of {len} bytes arrived, first wrong byte: {wrong:?}");
         assert_eq!((n, wrong), (len, None), "{what}: every byte, in order");
@@ -106,11 +115,13 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     assert!(errs.iter().all(|(_, v)| *v == 0), "no checksum errors at the server: {errs:?}");
 
     // Each funneled packet is a segment: at least len / MSS per flow.
-    let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment in status");
-    let pk = common::topology::rule_packets(&a);
-    eprintln!("client rule packets: {pk:?}");
-    for p in &pk {
-        assert!(*p as usize >= len / 1460, "funneled segment by segment: {pk:?}");
+    for (ns, dev) in [(&t.client, &t.c_if), (&t.router, &t.rs_if)] {
+        let a = common::topology::attachment(t.ino(ns), dev, "egress").expect("attachment in status");
+        let pk = common::topology::rule_packets(&a);
+        eprintln!("{dev} egress rule packets: {pk:?}");
+        for p in &pk {
+            assert!(*p as usize >= len / 1460, "funneled segment by segment: {pk:?}");
+        }
     }
 
     // unload takes the pair away.
