@@ -40,6 +40,7 @@ enum funnel_result {
 };
 
 #define IP_OPTS_MAX (IPV4_MAX_HLEN - sizeof(struct iphdr))
+#define OPTS_BUF 64 /* a power of two no smaller than IP_OPTS_MAX */
 #define FUNNEL_SEQ 0xCAFEBABE
 #define FUNNEL_ACK 0xBABECAFE
 #define FUNNEL_WINDOW 1024
@@ -58,16 +59,16 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 static __always_inline int move_ip_options(struct __sk_buff *skb, __u32 l3, __u32 ihl_len,
 					   __u32 from_delta, __u32 to_delta)
 {
-	__u8 opts[IP_OPTS_MAX];
+	__u8 opts[OPTS_BUF];
 	__u32 n = ihl_len - sizeof(struct iphdr);
 	__u32 base = l3 + sizeof(struct iphdr);
 
-	/* Verifier workaround: restate that n fits the buffer, on the register
-	 * that is then used (the barrier stops clang from recomputing n from
-	 * ihl_len after the check, which 6.1's verifier cannot follow). */
-	barrier_var(n);
 	if (n == 0 || n > IP_OPTS_MAX)
 		return -1;
+	/* Verifier workaround: clang may test a copy of n and pass another
+	 * (6.1 then sees an unbounded length).  Masked into 1..OPTS_BUF here,
+	 * n keeps its value (1..40) and every verifier sees the bound. */
+	n = ((n - 1) & (OPTS_BUF - 1)) + 1;
 	if (bpf_skb_load_bytes(skb, base + from_delta, opts, n))
 		return -1;
 	return bpf_skb_store_bytes(skb, base + to_delta, opts, n, BPF_F_RECOMPUTE_CSUM);
