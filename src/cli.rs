@@ -110,15 +110,6 @@ pub struct LoadArgs {
     /// needed"), or `pass` it on unfunneled.  Counted per rule either way.
     #[arg(long, value_enum, env = "OVER_MTU", default_value = "drop")]
     pub over_mtu: OverMtu,
-
-    /// Where funneled TCP goes after the segmentation detour (README,
-    /// "Funneling GSO packets"): `auto` delivers it straight into the
-    /// interface's veth peer when that peer is in another namespace (a
-    /// pod's eth0), else out through the interface's egress; `egress`
-    /// always sends it out through the interface's egress, so that its
-    /// qdisc, its tx counters and later tc programs see it (slower).
-    #[arg(long, value_enum, env = "DETOUR_RETURN", default_value = "auto")]
-    pub detour_return: crate::detour::Return,
 }
 
 impl LoadArgs {

@@ -32,18 +32,6 @@ pub fn names(ifindex: u32) -> (String, String) {
     (format!("sfgso{ifindex}"), format!("sfseg{ifindex}"))
 }
 
-/// Where the detour sends funneled segments (`--detour-return`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Return {
-    /// Straight into the interface's veth peer when it has one in another
-    /// namespace (a pod's eth0), else out through the interface's egress.
-    #[default]
-    Auto,
-    /// Always out through the interface's egress.
-    Egress,
-}
-
 /// The pair's interface indexes: (out, in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pair {

@@ -26,8 +26,6 @@ pub struct LoadOptions {
     pub retry_delay: Duration,
     /// What becomes of packets that funneled would exceed the MTU.
     pub over_mtu: OverMtu,
-    /// Where the segmentation detour sends funneled segments.
-    pub detour_return: crate::detour::Return,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,34 +113,28 @@ fn wants_detour(t: &Target, compiled: &Compiled) -> bool {
 /// detour program `prog` on its far end, and points the datapath at it.
 /// Returns the TCX link (the caller pins it as `detour_link`).  On failure
 /// the pair is gone again, and the hook with it.
-fn hook_detour(
-    maps: &RulesetMaps,
-    prog: BorrowedFd<'_>,
-    ifindex: u32,
-    mode: Mode,
-    ret: crate::detour::Return,
-) -> Result<Option<OwnedFd>> {
+fn hook_detour(maps: &RulesetMaps, prog: BorrowedFd<'_>, ifindex: u32, mode: Mode) -> Result<Option<OwnedFd>> {
     crate::detour::remove(ifindex)?;
-    let flags = detour_flags(ifindex, ret);
+    let peer = std::env::var_os("SFUNNEL_DETOUR_PEER").is_some() && crate::detour::can_redirect_peer(ifindex);
     let (pair, _) = crate::detour::ensure(ifindex)?;
     let hooked = match mode {
         Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
         Mode::Clsact => clsact::attach(prog, pair.inn, Direction::Ingress, None).map(|()| None),
     }
     .and_then(|link| {
+        let flags = if peer { SFUNNEL_DETOUR_PEER } else { 0 };
         let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, flags };
         maps.write_detour(&d).map(|()| link)
     });
     match hooked {
         Ok(link) => {
-            let to = if flags & SFUNNEL_DETOUR_PEER != 0 { "veth-peer" } else { "egress" };
             event!(
                 "detour",
                 ifindex = ifindex,
                 out_ifindex = pair.out,
                 in_ifindex = pair.inn,
                 mode = mode,
-                returns_to = to
+                peer = peer
             );
             Ok(link)
         }
@@ -153,31 +145,12 @@ fn hook_detour(
     }
 }
 
-/// The detour's flags for the interface `ifindex` under `ret`.
-fn detour_flags(ifindex: u32, ret: crate::detour::Return) -> u32 {
-    match ret {
-        crate::detour::Return::Auto if crate::detour::can_redirect_peer(ifindex) => SFUNNEL_DETOUR_PEER,
-        _ => 0,
+/// Whether the datapath's detour record still names the interface's pair.
+fn detour_intact(maps: &RulesetMaps, ifindex: u32) -> bool {
+    match (maps.read_detour(), crate::detour::find(ifindex)) {
+        (Ok(d), Some(p)) => d.dev_ifindex == ifindex && d.out_ifindex == p.out && d.in_ifindex == p.inn,
+        _ => false,
     }
-}
-
-/// Brings a rerun's detour up to date: the pair and its hook are made
-/// again if they are not whole, and the flags follow `ret` (one map write).
-fn update_detour(maps: &RulesetMaps, dir: &Path, ifindex: u32, mode: Mode, ret: crate::detour::Return) -> Result<()> {
-    let flags = detour_flags(ifindex, ret);
-    if let (Ok(d), Some(p)) = (maps.read_detour(), crate::detour::find(ifindex)) {
-        if d.dev_ifindex == ifindex && d.out_ifindex == p.out && d.in_ifindex == p.inn {
-            return if d.flags == flags { Ok(()) } else { maps.write_detour(&sfunnel_detour { flags, ..d }) };
-        }
-    }
-    let prog = Program::fd_from_pinned_path(dir.join("detour_prog")).context("opening the pinned detour program")?;
-    if let Some(link) = hook_detour(maps, prog.as_fd(), ifindex, mode, ret)? {
-        if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
-            let _ = crate::detour::remove(ifindex);
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Loads or updates the ruleset on one target.
@@ -193,8 +166,16 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                 let meta = maps.read_meta()?;
                 // The detour first: the new funnel rules may send GSO
                 // packets to it as soon as they are in.
-                if wants_detour(t, compiled) {
-                    update_detour(&maps, &dir, ifindex, mode_of(&meta).unwrap_or(Mode::Tcx), opts.detour_return)?;
+                if wants_detour(t, compiled) && !detour_intact(&maps, ifindex) {
+                    let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
+                        .context("opening the pinned detour program")?;
+                    let link = hook_detour(&maps, prog.as_fd(), ifindex, mode_of(&meta).unwrap_or(Mode::Tcx))?;
+                    if let Some(link) = link {
+                        if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
+                            let _ = crate::detour::remove(ifindex);
+                            return Err(e);
+                        }
+                    }
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 let report = LoadReport {
@@ -244,11 +225,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
     let detour = wants_detour(t, compiled);
-    let detour_link = if detour {
-        hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode, opts.detour_return)?
-    } else {
-        None
-    };
+    let detour_link = if detour { hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode)? } else { None };
     // Undoes the detour when the load fails from here on.
     let undo_detour = || {
         if detour {

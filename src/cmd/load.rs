@@ -72,7 +72,6 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         attempts: args.attempts,
         retry_delay: args.retry_delay(),
         over_mtu: args.over_mtu,
-        detour_return: args.detour_return,
     };
     // Wait for missing interfaces before taking the lock, which every
     // loader on the node shares.
