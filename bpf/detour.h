@@ -20,8 +20,7 @@
  *                it would for a device without TSO (checksums stay
  *                CHECKSUM_PARTIAL: funnel.h handles both);
  *   in ingress   sfunnel_detour funnels each segment and redirects it to
- *                dev's egress (or, SFUNNEL_DETOUR_PEER, into the ingress
- *                of dev's veth peer);
+ *                dev's egress;
  *   dev egress   a packet that came in on `in` is already funneled, and
  *                passes on to the next program untouched.
  */
@@ -92,16 +91,6 @@ static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *
 send:
 	bpf_redirect(out, 0);
 	return DETOUR_SENT;
-}
-
-/* Sends a segment on: out through dev's egress, or (SFUNNEL_DETOUR_PEER)
- * straight into the ingress of its veth peer, skipping dev's own transmit
- * path (qdisc, tx counters, the programs after ours). */
-static __always_inline int detour_return(const struct sfunnel_detour *d, __u32 dev)
-{
-	if (d->flags & SFUNNEL_DETOUR_PEER)
-		return bpf_redirect_peer(dev, 0);
-	return bpf_redirect(dev, 0);
 }
 
 #endif /* SFUNNEL_DETOUR_H */

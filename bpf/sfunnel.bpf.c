@@ -147,7 +147,7 @@ int sfunnel_detour(struct __sk_buff *skb)
 	/* The ruleset may have changed since: a packet that no funnel rule
 	 * matches now goes on unchanged. */
 	if (lookup_rule(skb, &p, &m) || m.rule->action != SFUNNEL_ACT_FUNNEL)
-		return detour_return(d, dev);
+		return bpf_redirect(dev, 0);
 
 	__u8 proto = m.rule->proto;
 	__be16 sport = m.rule->sport, dport = m.rule->dport;
@@ -177,7 +177,7 @@ int sfunnel_detour(struct __sk_buff *skb)
 		count_stat(SFUNNEL_STAT_ERROR);
 		break;
 	}
-	return detour_return(d, dev);
+	return bpf_redirect(dev, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -196,11 +196,7 @@ struct sfunnel_detour {
 	__u32 dev_ifindex; /* the interface the attachment is on */
 	__u32 out_ifindex; /* helper end that GSO packets are sent out of */
 	__u32 in_ifindex;  /* helper end that their segments come in on */
-	__u32 flags;       /* SFUNNEL_DETOUR_* */
+	__u32 pad;         /* zero */
 };
-
-/* Segments go straight into the ingress of dev's veth peer (another
- * namespace), not out through dev's egress: bpf_redirect_peer. */
-#define SFUNNEL_DETOUR_PEER 0x1
 
 #endif /* SFUNNEL_H */

@@ -125,18 +125,12 @@ fn disable_ipv6(name: &str) -> Result<()> {
 use libc::{IFLA_GSO_MAX_SEGS, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU};
 /// linux/veth.h (not in the libc crate).
 const VETH_INFO_PEER: u16 = 1;
-/// linux/if_link.h: the peer's namespace, present when it is not ours.
-const IFLA_LINK_NETNSID: u16 = 37;
 
 /// What `Netlink::link` reports.
 #[derive(Debug, Default)]
 struct Link {
     /// IFLA_LINK: a veth's peer.
     peer: Option<u32>,
-    /// The peer lives in another network namespace.
-    peer_elsewhere: bool,
-    /// IFLA_INFO_KIND: "veth", "netkit", ...; empty for a physical device.
-    kind: String,
 }
 
 /// The (type, payload) of each attribute in `buf`.
@@ -154,13 +148,6 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
         Some((ty, val))
     })
-}
-
-/// Whether segments can go straight into the peer of the interface
-/// `ifindex` (bpf_redirect_peer): it is a veth whose peer is in another
-/// namespace, as a pod's eth0 is.
-pub fn can_redirect_peer(ifindex: u32) -> bool {
-    Netlink::open().and_then(|nl| Ok(nl.link(ifindex)?)).map(|l| l.kind == "veth" && l.peer_elsewhere).unwrap_or(false)
 }
 /// veth's largest MTU: segments of any size the interface sends fit.
 const HELPER_MTU: u32 = 65535;
@@ -231,14 +218,6 @@ impl Netlink {
                     match ty {
                         libc::IFLA_LINK if val.len() >= 4 => {
                             link.peer = Some(u32::from_ne_bytes(val[..4].try_into().unwrap()))
-                        }
-                        IFLA_LINK_NETNSID => link.peer_elsewhere = true,
-                        IFLA_LINKINFO => {
-                            for (ty, val) in attrs(val) {
-                                if ty == IFLA_INFO_KIND {
-                                    link.kind = String::from_utf8_lossy(val).trim_end_matches('\0').to_string();
-                                }
-                            }
                         }
                         _ => {}
                     }

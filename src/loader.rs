@@ -10,8 +10,8 @@ use libbpf_rs::Program;
 use serde::Serialize;
 
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
+use crate::datapath::consts::SFUNNEL_ACT_FUNNEL;
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
-use crate::datapath::consts::{SFUNNEL_ACT_FUNNEL, SFUNNEL_DETOUR_PEER};
 use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
 use crate::log::event;
@@ -115,27 +115,18 @@ fn wants_detour(t: &Target, compiled: &Compiled) -> bool {
 /// the pair is gone again, and the hook with it.
 fn hook_detour(maps: &RulesetMaps, prog: BorrowedFd<'_>, ifindex: u32, mode: Mode) -> Result<Option<OwnedFd>> {
     crate::detour::remove(ifindex)?;
-    let peer = std::env::var_os("SFUNNEL_DETOUR_PEER").is_some() && crate::detour::can_redirect_peer(ifindex);
     let (pair, _) = crate::detour::ensure(ifindex)?;
     let hooked = match mode {
         Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
         Mode::Clsact => clsact::attach(prog, pair.inn, Direction::Ingress, None).map(|()| None),
     }
     .and_then(|link| {
-        let flags = if peer { SFUNNEL_DETOUR_PEER } else { 0 };
-        let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, flags };
+        let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, pad: 0 };
         maps.write_detour(&d).map(|()| link)
     });
     match hooked {
         Ok(link) => {
-            event!(
-                "detour",
-                ifindex = ifindex,
-                out_ifindex = pair.out,
-                in_ifindex = pair.inn,
-                mode = mode,
-                peer = peer
-            );
+            event!("detour", ifindex = ifindex, out_ifindex = pair.out, in_ifindex = pair.inn, mode = mode);
             Ok(link)
         }
         Err(e) => {
