@@ -15,14 +15,15 @@
 # compared at both ends, with the server's checksum error counters.
 #
 #   scripts/bench-throughput.sh            (root; builds sfunnel)
-#   SECONDS_PER_RUN=10 BULK_MIB=1024 UDP_RATE=2G scripts/bench-throughput.sh
+#   ROUNDS=5 SECONDS_PER_RUN=10 BULK_MIB=1024 UDP_RATE=2G scripts/bench-throughput.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-throughput: needs root (namespaces, BPF)" >&2; exit 1; }
 
 T=${SECONDS_PER_RUN:-5}
+ROUNDS=${ROUNDS:-3}
 BULK_MIB=${BULK_MIB:-1024}
-UDP_RATE=${UDP_RATE:-1G}
+UDP_RATE=${UDP_RATE:-1G}   # the paced UDP rows; the others send as fast as one sender can
 RR_SECONDS=${RR_SECONDS:-3}
 C=sfbtc R=sfbtr S=sfbts
 CIP=10.77.1.2 SIP=10.77.2.2
@@ -36,6 +37,7 @@ cleanup() {
     $SF unload -n "$ns" -d both >/dev/null 2>&1
   done
   for pid in $(jobs -p); do kill "$pid" 2>/dev/null; done
+  # iperf3 servers run as daemons inside the namespaces: only ours go.
   for ns in $C $R $S; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null; ip netns del "$ns" 2>/dev/null; done
   rm -rf "$TMP"
 }
@@ -82,8 +84,10 @@ sleep 0.5
 
 # Gbit/s (and for UDP "lost%") from iperf3's receiver line.
 tcp_run() { ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -f m | awk '/receiver/ {print $(NF-2)/1000}'; }
+# 4 MiB socket buffers: loss then comes from the path, not from a receiver
+# that was descheduled for a moment.
 udp_run() {
-  ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -u -l 1400 -b "$UDP_RATE" -f m |
+  ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -u -l 1400 -b "$2" -w 4M -f m |
     awk '/receiver/ {for (i=1;i<=NF;i++) if ($i=="Mbits/sec") r=$(i-1); gsub(/[()%]/,"",$NF); l=$(NF-1); gsub(/[()%]/,"",l); print r/1000, l}'
 }
 
@@ -144,26 +148,46 @@ bulk_run() {
 
 csum_errors() { ip netns exec $S nstat -az TcpInCsumErrors UdpInCsumErrors | awk '/CsumErrors/ {s += $2} END {print s+0}'; }
 
-printf '\nsfunnel throughput: client → router (tx/tso/gso off) → server, %s s per run, kernel %s\n\n' "$T" "$(uname -r)"
-plain_tcp=$(tcp_run 5301)
-tt=$(tcp_run 5201); tu=$(tcp_run 5202)
-plain_tcp2=$(tcp_run 5301)
-read -r plain_udp plain_loss < <(udp_run 5303)
-read -r ut ut_loss < <(udp_run 5203)
-read -r uu uu_loss < <(udp_run 5204)
+printf '\nsfunnel throughput: client → router (tx/tso/gso off) → server, kernel %s\n' "$(uname -r)"
+printf '%s rounds of %s s runs, each funneled run next to a plain one; median (lowest-highest)\n\n' "$ROUNDS" "$T"
+
+# Each round runs plain and the funneled flows back to back, so that a
+# noisy neighbour hits both; the ratio is taken per round.
+declare -a P TT TU UP UT UU
+for ((r = 0; r < ROUNDS; r++)); do
+  P+=("$(tcp_run 5301)"); TT+=("$(tcp_run 5201)"); TU+=("$(tcp_run 5202)")
+  read -r up upl < <(udp_run 5303 0); read -r ut utl < <(udp_run 5203 0); read -r uu uul < <(udp_run 5204 0)
+  UP+=("$up $upl"); UT+=("$ut $utl"); UU+=("$uu $uul")
+done
+read -r pu pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 tul < <(udp_run 5203 "$UDP_RATE"); read -r uu1 uul1 < <(udp_run 5204 "$UDP_RATE")
 rr_plain=$(rr_run 5305)
 rr_fun=$(rr_run 5205)
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f%%", 100 * a / b}'; }
-base=$(awk -v a="$plain_tcp" -v b="$plain_tcp2" 'BEGIN {print (a + b) / 2}')
-printf '%-34s %12s %10s %10s\n' "flow" "Gbit/s" "of plain" "UDP loss"
-printf '%-34s %12.2f %10s %10s\n' "plain TCP (mean of 2 runs)" "$base" "100%" "-"
-printf '%-34s %12.2f %10s %10s\n' "TCP over TCP (funneled)" "$tt" "$(ratio "$tt" "$base")" "-"
-printf '%-34s %12.2f %10s %10s\n' "TCP over UDP (funneled)" "$tu" "$(ratio "$tu" "$base")" "-"
-printf '%-34s %12.2f %10s %9s%%\n' "plain UDP, 1400 B at $UDP_RATE" "$plain_udp" "100%" "$plain_loss"
-printf '%-34s %12.2f %10s %9s%%\n' "UDP over TCP (funneled)" "$ut" "$(ratio "$ut" "$plain_udp")" "$ut_loss"
-printf '%-34s %12.2f %10s %9s%%\n' "UDP over UDP (funneled)" "$uu" "$(ratio "$uu" "$plain_udp")" "$uu_loss"
-printf '%-34s %12s %10s\n' "request/response, plain (per s)" "$rr_plain" "100%"
-printf '%-34s %12s %10s\n' "request/response, funneled both ways" "$rr_fun" "$(ratio "$rr_fun" "$rr_plain")"
+
+# median and range of a column of numbers
+stats() { sort -g | awk '{v[NR] = $1} END {m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%s %s %s\n", m, v[1], v[NR]}'; }
+ratios() { # $1: name of the funneled array, $2: name of the plain array
+  local -n f=$1 b=$2
+  for ((r = 0; r < ROUNDS; r++)); do awk -v a="${f[r]%% *}" -v b="${b[r]%% *}" 'BEGIN {print 100 * a / b}'; done | stats
+}
+gbit() { local -n a=$1; for x in "${a[@]}"; do echo "${x%% *}"; done | stats; }
+loss() { local -n a=$1; for x in "${a[@]}"; do echo "${x##* }"; done | sort -g | tail -1; }
+row() { # label, array, plain array (or "" for the plain row), loss column
+  read -r m lo hi < <(gbit "$2")
+  if [ -z "$3" ]; then rat="100%"; else read -r rm rlo rhi < <(ratios "$2" "$3"); rat=$(printf '%.0f%% (%.0f-%.0f)' "$rm" "$rlo" "$rhi"); fi
+  printf '%-34s %6.2f (%.2f-%.2f) %16s %9s\n' "$1" "$m" "$lo" "$hi" "$rat" "$4"
+}
+printf '%-34s %20s %16s %9s\n' "flow" "Gbit/s" "of plain" "max loss"
+row "plain TCP" P "" "-"
+row "TCP over TCP (funneled)" TT P "-"
+row "TCP over UDP (funneled)" TU P "-"
+row "plain UDP, 1400 B, unpaced" UP "" "$(loss UP)%"
+row "UDP over TCP (funneled)" UT UP "$(loss UT)%"
+row "UDP over UDP (funneled)" UU UP "$(loss UU)%"
+printf '%-34s %6.2f %29s %9s\n' "plain UDP, 1400 B at $UDP_RATE" "$pu" "100%" "$pul%"
+printf '%-34s %6.2f %29s %9s\n' "UDP over TCP (funneled)" "$tu1" "$(awk -v a="$tu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$tul%"
+printf '%-34s %6.2f %29s %9s\n' "UDP over UDP (funneled)" "$uu1" "$(awk -v a="$uu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$uul1%"
+printf '%-34s %6s %29s\n' "request/response, plain (per s)" "$rr_plain" "100%"
+printf '%-34s %6s %29s\n' "request/response, funneled both ways" "$rr_fun" "$(awk -v a="$rr_fun" -v b="$rr_plain" 'BEGIN {printf "%.0f%%", 100 * a / b}')"
 echo
 echo "bulk TCP over TCP: $(bulk_run 5211)"
 echo "bulk TCP over UDP: $(bulk_run 5212)"
