@@ -109,16 +109,34 @@ fn wants_detour(t: &Target, compiled: &Compiled) -> bool {
     t.direction == Direction::Egress && compiled.rules.iter().any(|(_, v)| v.action as u32 == SFUNNEL_ACT_FUNNEL)
 }
 
-/// Makes the helper pair of the interface `ifindex` afresh, hooks the
-/// detour program `prog` on its far end, and points the datapath at it.
-/// Returns the TCX link (the caller pins it as `detour_link`).  On failure
-/// the pair is gone again, and the hook with it.
-fn hook_detour(maps: &RulesetMaps, prog: BorrowedFd<'_>, ifindex: u32, mode: Mode) -> Result<Option<OwnedFd>> {
-    crate::detour::remove(ifindex)?;
-    let (pair, _) = crate::detour::ensure(ifindex)?;
+/// Hooks the detour program `prog` on the far end of the helper pair of
+/// the interface `ifindex`, and points the datapath (`maps`) at the pair.
+/// The pair is made afresh, unless `reuse` and it is whole: a replacing
+/// load hooks its program beside (TCX) or in place of (clsact) the old
+/// one, whose datapath keeps using the pair until it is unhooked.  Returns
+/// the TCX link (the caller pins it as `detour_link`) and whether the pair
+/// was made here.  On failure a pair made here is gone again, and its hook
+/// with it.
+fn hook_detour(
+    maps: &RulesetMaps,
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    mode: Mode,
+    reuse: bool,
+) -> Result<(Option<OwnedFd>, bool)> {
+    let (pair, made) = match crate::detour::find(ifindex).filter(|_| reuse) {
+        Some(p) => (p, false),
+        None => {
+            crate::detour::remove(ifindex)?;
+            crate::detour::ensure(ifindex)?
+        }
+    };
     let hooked = match mode {
         Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
-        Mode::Clsact => clsact::attach(prog, pair.inn, Direction::Ingress, None).map(|()| None),
+        Mode::Clsact => {
+            let old = clsact::query(prog, pair.inn, Direction::Ingress).filter(|_| !made);
+            clsact::attach(prog, pair.inn, Direction::Ingress, old).map(|()| None)
+        }
     }
     .and_then(|link| {
         let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, pad: 0 };
@@ -127,10 +145,12 @@ fn hook_detour(maps: &RulesetMaps, prog: BorrowedFd<'_>, ifindex: u32, mode: Mod
     match hooked {
         Ok(link) => {
             event!("detour", ifindex = ifindex, out_ifindex = pair.out, in_ifindex = pair.inn, mode = mode);
-            Ok(link)
+            Ok((link, made))
         }
         Err(e) => {
-            let _ = crate::detour::remove(ifindex);
+            if made {
+                let _ = crate::detour::remove(ifindex);
+            }
             Err(e).context("setting up the segmentation detour")
         }
     }
@@ -160,7 +180,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                 if wants_detour(t, compiled) && !detour_intact(&maps, ifindex) {
                     let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
                         .context("opening the pinned detour program")?;
-                    let link = hook_detour(&maps, prog.as_fd(), ifindex, mode_of(&meta).unwrap_or(Mode::Tcx))?;
+                    let (link, _) =
+                        hook_detour(&maps, prog.as_fd(), ifindex, mode_of(&meta).unwrap_or(Mode::Tcx), false)?;
                     if let Some(link) = link {
                         if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
                             let _ = crate::detour::remove(ifindex);
@@ -216,11 +237,25 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
     let detour = wants_detour(t, compiled);
-    let detour_link = if detour { hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode)? } else { None };
-    // Undoes the detour when the load fails from here on.
+    let (detour_link, made_pair) = if detour {
+        hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode, replaced.is_some())?
+    } else {
+        (None, false)
+    };
+    // Undoes the detour when the load fails from here on: a pair made here
+    // goes (and our hook with it); a reused one keeps serving the old
+    // program, and our TCX link goes when its fd is dropped.
+    let detour_prog_id = Program::id_from_fd(loaded.detour_program().as_fd()).ok();
     let undo_detour = || {
-        if detour {
+        if made_pair {
             let _ = crate::detour::remove(ifindex);
+        } else if detour && mode == Mode::Clsact {
+            // Our filter took the old one's slot: put the old one back.
+            if let (Ok(old), Some(pair)) =
+                (Program::fd_from_pinned_path(dir.join("detour_prog")), crate::detour::find(ifindex))
+            {
+                let _ = clsact::attach(old.as_fd(), pair.inn, Direction::Ingress, detour_prog_id);
+            }
         }
     };
     // On a fresh hook the rules go in while the program is being hooked

@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 use common::capture::{complete_inner_csum, l4_of, Capture, Frame};
 use common::packet::{be16, check_funneled, diff, expected_funnel, expected_unfunnel, l4_header_len, Ip, Proto};
 use common::topology::{
-    attachment, env_load, env_unload, hook_prog_ids, in_ns, ip_str, nsh, nstat, printed_prog_id, prog_name,
-    rule_packets, run, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts, CLIENT2_IP, CLIENT_IP, PIN_ROOT,
-    ROUTER_S_IP, SERVER_IP,
+    attachment, env_load, env_unload, helper_pair, hook_prog_ids, ifindex, in_ns, ip_str, nsh, nstat, printed_prog_id,
+    prog_name, rule_packets, run, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts, CLIENT2_IP, CLIENT_IP,
+    PIN_ROOT, ROUTER_S_IP, SERVER_IP,
 };
 
 // ---------------------------------------------------------------------------
@@ -1310,6 +1310,9 @@ fn incompatible_pins_are_replaced() {
     args.extend(value.iter().map(String::as_str));
     sh(&args);
     let abi_after = lookup()["formatted"]["value"]["abi_version"].clone();
+    // The segmentation detour's hook (RULES_A funnels on egress).
+    let (_, seg_if) = helper_pair(ifindex(&t.client, &t.c_if));
+    let detour_before = hook_prog_ids(&t.client, &seg_if, false);
 
     let out = env_load(&t.client, &t.c_if, "egress", RULES_A);
     let p2 = printed_prog_id(&out.stdout, &t.c_if, "egress");
@@ -1319,6 +1322,9 @@ fn incompatible_pins_are_replaced() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let old_alive = prog_name(p1).is_some();
+    let detour_after = hook_prog_ids(&t.client, &seg_if, false);
+    let detour_name = detour_after.first().and_then(|id| prog_name(*id));
+    eprintln!("detour hook on {seg_if}: {detour_before:?} → {detour_after:?} ({detour_name:?})");
     let a = attachment(t.ino(&t.client), &t.c_if, "egress").expect("status entry");
     eprintln!(
         "\n=== incompatible pins ===\nabi_version {abi_before} → {abi_after} (bpftool map update)\n\
@@ -1339,6 +1345,10 @@ fn incompatible_pins_are_replaced() {
     assert_ne!(p2, p1, "a new program");
     assert_eq!(hook, vec![p2], "exactly the new program on the hook");
     assert!(!old_alive, "the old program must be gone");
+    assert_eq!(detour_before.len(), 1, "one detour program before: {detour_before:?}");
+    assert_eq!(detour_after.len(), 1, "one detour program after, the old one unhooked: {detour_after:?}");
+    assert_ne!(detour_after, detour_before, "the new load's detour program replaced the old one");
+    assert_eq!(detour_name.as_deref(), Some("sfunnel_detour"));
     assert_eq!(a["prog_id"].as_u64(), Some(u64::from(p2)));
     assert!(a["error"].is_null(), "status reads the new pins: {}", a["error"]);
     if let Err(e) = traffic {

@@ -97,9 +97,7 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
     env_load(&t.router, &t.rs_if, "egress", ROUTER_RULES).expect_ok();
 
-    let link = common::topology::nsh(&t.client, &["ip", "-o", "link", "show", &t.c_if]).stdout;
-    let ifindex: u32 = link.split(':').next().unwrap().trim().parse().expect("ifindex");
-    let (gso_if, seg_if) = (format!("sfgso{ifindex}"), format!("sfseg{ifindex}"));
+    let (gso_if, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if));
     assert!(helper_exists(&t.client, &gso_if) && helper_exists(&t.client, &seg_if), "load made the helper pair");
 
     let len = mib() << 20;

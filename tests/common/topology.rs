@@ -175,6 +175,20 @@ pub fn nsh(ns: &str, args: &[&str]) -> Out {
 }
 
 /// The sfunnel binary with a clean container environment plus `env`.
+/// The index of `iface` in the namespace `ns` (asked of `ip`: /sys shows
+/// the test's own namespace).
+pub fn ifindex(ns: &str, iface: &str) -> u32 {
+    let out = nsh(ns, &["ip", "-o", "link", "show", iface]).stdout;
+    out.split(':').next().and_then(|i| i.trim().parse().ok()).unwrap_or_else(|| panic!("no index in {out:?}"))
+}
+
+/// The helper pair sfunnel makes for the interface with index `ifindex`
+/// (src/detour.rs): (the end GSO packets go out of, the end segments come
+/// in on).  Spelled here from the README, not taken from the code.
+pub fn helper_pair(ifindex: u32) -> (String, String) {
+    (format!("sfgso{ifindex}"), format!("sfseg{ifindex}"))
+}
+
 pub fn sfunnel_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args);
