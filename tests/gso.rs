@@ -99,6 +99,11 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
 
     let (gso_if, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if));
     assert!(helper_exists(&t.client, &gso_if) && helper_exists(&t.client, &seg_if), "load made the helper pair");
+    // status names it; an ingress attachment has none.
+    let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment in status");
+    assert_eq!((a["detour"]["out"].as_str(), a["detour"]["in"].as_str()), (Some(&*gso_if), Some(&*seg_if)), "{a}");
+    let s = common::topology::attachment(t.ino(&t.server), &t.s_if, "ingress").expect("server attachment in status");
+    assert!(s["detour"].is_null(), "{s}");
 
     let len = mib() << 20;
     for (port, what) in

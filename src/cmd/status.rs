@@ -25,7 +25,20 @@ pub struct Attachment {
     pub rules: Vec<RuleCounter>,
     /// Packets left alone, by reason.
     pub passed: std::collections::BTreeMap<&'static str, u64>,
+    /// The segmentation detour's helper pair (egress attachments that
+    /// funnel; README, "Funneling GSO packets").
+    pub detour: Option<Detour>,
     pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Detour {
+    /// The end GSO packets go out of, and its index.
+    pub out: String,
+    pub out_ifindex: u32,
+    /// The end their segments come in on (where the detour program is).
+    pub r#in: String,
+    pub in_ifindex: u32,
 }
 
 const STAT_NAMES: [(&str, u32); 8] = [
@@ -54,6 +67,7 @@ pub fn collect() -> Vec<Attachment> {
                 ruleset: Vec::new(),
                 rules: Vec::new(),
                 passed: Default::default(),
+                detour: None,
                 error: None,
             };
             let read = (|| -> Result<()> {
@@ -73,6 +87,11 @@ pub fn collect() -> Vec<Attachment> {
                 let stats = maps.stats()?;
                 for (name, i) in STAT_NAMES {
                     a.passed.insert(name, stats.get(i as usize).copied().unwrap_or(0));
+                }
+                let d = maps.read_detour()?;
+                if d.dev_ifindex != 0 {
+                    let (out, inn) = crate::detour::names(d.dev_ifindex);
+                    a.detour = Some(Detour { out, out_ifindex: d.out_ifindex, r#in: inn, in_ifindex: d.in_ifindex });
                 }
                 Ok(())
             })();
@@ -99,6 +118,12 @@ fn print_text(list: &[Attachment]) {
         let passed: Vec<String> = a.passed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
         if !passed.is_empty() {
             println!("  passed unchanged: {}", passed.join(", "));
+        }
+        if let Some(d) = &a.detour {
+            println!(
+                "  GSO detour: out of {} ({}), segments back in on {} ({})",
+                d.out, d.out_ifindex, d.r#in, d.in_ifindex
+            );
         }
         if let Some(e) = &a.error {
             println!("  problem: {e}");
