@@ -60,10 +60,11 @@ static __always_inline int detour_returned(const struct __sk_buff *skb)
 }
 
 /*
- * Sends a GSO packet through the detour.  Segments are l3 + l4 header +
- * gso_size long; funneled they grow by hlen.  Where that exceeds the MTU,
- * gso_size comes down by the excess: adjust_room grown lowers it, and
- * shrunk again with FIXED_GSO leaves it so, the bytes as they were.
+ * Sends a packet to funnel through the detour.  A GSO packet's segments
+ * are l3 + l4 header + gso_size long; funneled they grow by hlen.  Where
+ * that exceeds the MTU, gso_size comes down by the excess: adjust_room
+ * grown lowers it, and shrunk again with FIXED_GSO leaves it so, the bytes
+ * as they were.
  */
 static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *p, __u32 hlen)
 {

@@ -26,6 +26,14 @@
 #include "detect.h"
 #include "detour.h"
 
+/* Counts why funnel() or unfunnel() left a packet alone (or broke it). */
+static __always_inline void count_funnel_skip(int rc)
+{
+	count_stat(rc == FUNNEL_SKIP_MALFORMED ? SFUNNEL_STAT_MALFORMED :
+		   rc == FUNNEL_SKIP_TOO_BIG   ? SFUNNEL_STAT_TOO_BIG :
+						 SFUNNEL_STAT_ERROR);
+}
+
 SEC("tc")
 int sfunnel(struct __sk_buff *skb)
 {
@@ -62,7 +70,6 @@ int sfunnel(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	case SFUNNEL_ACT_FUNNEL: {
 		__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
-
 		__u32 mtu = funnel_exceeds_mtu(skb, &p, hlen, m.flags);
 
 		if (mtu) {
@@ -104,25 +111,15 @@ int sfunnel(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 
-	switch (rc) {
-	case FUNNEL_OK:
+	if (rc == FUNNEL_OK) {
 		count_rule(&m, len);
 		return TC_ACT_OK;
-	case FUNNEL_SKIP_MALFORMED:
-		count_stat(SFUNNEL_STAT_MALFORMED);
-		return TC_ACT_UNSPEC;
-	case FUNNEL_SKIP_TOO_BIG:
-		count_stat(SFUNNEL_STAT_TOO_BIG);
-		return TC_ACT_UNSPEC;
-	case FUNNEL_SKIP_ERROR:
-		count_stat(SFUNNEL_STAT_ERROR);
-		return TC_ACT_UNSPEC;
-	default:
-		/* Half-rewritten: never send it. */
-		count_stat(SFUNNEL_STAT_ERROR);
-		return TC_ACT_SHOT;
 	}
+	count_funnel_skip(rc);
+	/* Half-rewritten: never send it. */
+	return rc == FUNNEL_BROKEN ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
+
 
 /*
  * The detour's far end (detour.h): the ingress of the helper veth end that
@@ -140,8 +137,9 @@ int sfunnel_detour(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	__u32 dev = d->dev_ifindex;
 
-	/* Only segments of IPv4 GSO packets are sent here; anything else is
-	 * the helper's own traffic, and never leaves. */
+	/* Only IPv4 packets to funnel are sent here (segments of GSO ones,
+	 * and TCP); anything else is the helper's own traffic, and never
+	 * leaves. */
 	if (parse_ipv4(skb, &p) != PARSE_OK)
 		return TC_ACT_SHOT;
 	/* The ruleset may have changed since: a packet that no funnel rule
@@ -165,17 +163,15 @@ int sfunnel_detour(struct __sk_buff *skb)
 		count_over_mtu(&m);
 		return TC_ACT_SHOT;
 	}
-	switch (funnel(skb, &p, proto, sport, dport)) {
-	case FUNNEL_OK:
+	int rc = funnel(skb, &p, proto, sport, dport);
+
+	if (rc == FUNNEL_OK) {
 		count_rule(&m, len);
-		break;
-	case FUNNEL_BROKEN:
-		count_stat(SFUNNEL_STAT_ERROR);
-		return TC_ACT_SHOT;
-	default:
-		/* Left unchanged, as the main program leaves such packets. */
-		count_stat(SFUNNEL_STAT_ERROR);
-		break;
+	} else {
+		count_funnel_skip(rc);
+		if (rc == FUNNEL_BROKEN)
+			return TC_ACT_SHOT;
+		/* Left unchanged: sent on as the main program passes it. */
 	}
 	return bpf_redirect(dev, 0);
 }
