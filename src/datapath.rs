@@ -84,6 +84,8 @@ pub const MAP_PINS: [&str; 10] =
 /// A loaded (not attached, not pinned) instance of the program and maps.
 pub struct Loaded {
     skel: SfunnelSkel<'static>,
+    /// Whether the detour's program was loaded too.
+    detour: bool,
 }
 
 /// One PROG_TEST_RUN result.
@@ -97,14 +99,17 @@ pub struct TestRun {
 }
 
 impl Loaded {
-    /// Opens and loads the embedded object.  This runs the verifier.
+    /// Opens and loads the embedded object's main program and maps.  This
+    /// runs the verifier.
     pub fn load() -> Result<Loaded> {
-        Self::load_for(None)
+        Self::load_for(None, false)
     }
 
-    /// Like `load`, for a TCX hook when `tcx` names one: the kernel links a
-    /// program only to the attach type it was loaded for.
-    pub fn load_for(tcx: Option<libbpf_rs::ProgramAttachType>) -> Result<Loaded> {
+    /// Like `load`, for a TCX hook when `tcx` names one (the kernel links a
+    /// program only to the attach type it was loaded for), and with the
+    /// segmentation detour's program when `detour` (verifying it costs
+    /// about as much as the main program, so only loads that use it pay).
+    pub fn load_for(tcx: Option<libbpf_rs::ProgramAttachType>, detour: bool) -> Result<Loaded> {
         // The skeleton borrows its object storage for as long as it lives;
         // one small allocation per loaded instance is kept for that.
         let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -114,11 +119,12 @@ impl Loaded {
             // The detour's program sits on a helper's ingress (detour.rs).
             open.progs.sfunnel_detour.set_attach_type(libbpf_rs::ProgramAttachType::TcxIngress);
         }
+        open.progs.sfunnel_detour.set_autoload(detour);
         let skel = open.load().context(
             "loading the BPF program (the kernel refused it: it needs CAP_BPF, CAP_PERFMON and \
              CAP_NET_ADMIN, and a kernel with BTF, 5.17 or newer; `sfunnel load -v` shows the verifier's log)",
         )?;
-        Ok(Loaded { skel })
+        Ok(Loaded { skel, detour })
     }
 
     /// Handles on this instance's maps.
@@ -139,8 +145,8 @@ impl Loaded {
         })
     }
 
-    /// Pins the program as `dir/prog`, the detour's as `dir/detour_prog`,
-    /// and the maps under their `MAP_PINS` names.  On failure, what was
+    /// Pins the program as `dir/prog`, the detour's (if loaded) as
+    /// `dir/detour_prog`, and the maps under their `MAP_PINS` names.  On failure, what was
     /// pinned is unpinned again.
     pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
         let mut done: Vec<std::path::PathBuf> = Vec::new();
@@ -148,9 +154,11 @@ impl Loaded {
             let prog = dir.join("prog");
             self.skel.progs.sfunnel.pin(&prog).with_context(|| format!("pinning {}", prog.display()))?;
             done.push(prog);
-            let detour = dir.join("detour_prog");
-            self.skel.progs.sfunnel_detour.pin(&detour).with_context(|| format!("pinning {}", detour.display()))?;
-            done.push(detour);
+            if self.detour {
+                let detour = dir.join("detour_prog");
+                self.skel.progs.sfunnel_detour.pin(&detour).with_context(|| format!("pinning {}", detour.display()))?;
+                done.push(detour);
+            }
             let maps = self.maps()?;
             for (name, mut map) in MAP_PINS.iter().zip(maps.all_mut()) {
                 let path = dir.join(name);

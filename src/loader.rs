@@ -86,8 +86,8 @@ fn still_attached(meta: &sfunnel_meta, ifindex: u32, d: Direction, prog: &OwnedF
         }
 }
 
-/// Why the pins of `t` cannot be reused; None when they can.
-fn reuse_problem(t: &Target, ifindex: u32) -> Option<String> {
+/// Why the pins of `t` cannot be reused for `compiled`; None when they can.
+fn reuse_problem(t: &Target, ifindex: u32, compiled: &Compiled) -> Option<String> {
     let dir = t.dir();
     let meta = match RulesetMaps::from_pins(&dir).and_then(|m| m.read_meta()) {
         Ok(m) => m,
@@ -99,6 +99,9 @@ fn reuse_problem(t: &Target, ifindex: u32) -> Option<String> {
     let Ok((fd, id)) = pinned_prog(&dir) else { return Some("the pinned program is missing".into()) };
     if !still_attached(&meta, ifindex, t.direction, &fd, id) {
         return Some("no longer attached (was the interface re-created?)".into());
+    }
+    if wants_detour(t, compiled) && !dir.join("detour_prog").exists() {
+        return Some("the ruleset now funnels on egress, which needs the segmentation detour's program".into());
     }
     None
 }
@@ -171,7 +174,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     let settings = Settings { egress: t.direction == Direction::Egress, over_mtu: opts.over_mtu };
     let mut replaced = None;
     if dir.exists() {
-        match reuse_problem(t, ifindex) {
+        match reuse_problem(t, ifindex, compiled) {
             None => {
                 let maps = RulesetMaps::from_pins(&dir)?;
                 let meta = maps.read_meta()?;
@@ -221,7 +224,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     let (mode, why) = attach::choose(opts.attach, ifindex)?;
     event!("attach_mode", iface = t.iface, direction = t.direction, ifindex = ifindex, mode = mode, why = why);
     let started = std::time::Instant::now();
-    let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)))?;
+    let detour = wants_detour(t, compiled);
+    let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)), detour)?;
     let maps = loaded.maps()?;
     maps.write_meta(&sfunnel_meta {
         abi_version: SFUNNEL_ABI_VERSION,
@@ -236,7 +240,6 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     event!("prog_loaded", prog_id = prog_id, verified_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3));
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
-    let detour = wants_detour(t, compiled);
     let (detour_link, made_pair) = if detour {
         hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode, replaced.is_some())?
     } else {

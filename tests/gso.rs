@@ -131,8 +131,19 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     env_unload(&t.client, &t.c_if, "egress").expect_ok();
     assert!(!helper_exists(&t.client, &gso_if), "unload removed the helper pair");
 
+    // An egress ruleset that funnels nothing makes no pair (and does not
+    // load the detour's program); funnel rules added later replace the
+    // attachment with one that has both.
+    env_load(&t.client, &t.c_if, "egress", "tcp dport 9 actions accept").expect_ok();
+    assert!(!helper_exists(&t.client, &gso_if), "no funnel rule, no helper pair");
+    let grown = env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
+    eprintln!("adding funnel rules: {}", grown.stdout.trim());
+    assert!(grown.stdout.contains("replaced"), "{}", grown.stdout);
+    assert!(helper_exists(&t.client, &gso_if), "the replacing load made the pair");
+    let (n, wrong) = bulk(&t, 5201, 1 << 20);
+    assert_eq!((n, wrong), (1 << 20, None), "funneled through the new detour");
+
     // gc removes the pair of an interface that went away.
-    env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
     assert!(helper_exists(&t.client, &gso_if));
     common::topology::nsh(&t.client, &["ip", "link", "del", &t.c_if]);
     assert!(helper_exists(&t.client, &gso_if), "the pair outlives the interface until gc");
