@@ -6,7 +6,8 @@
 //!   netns-<inode>/<interface>/<ingress|egress>/
 //!     prog                                 the program
 //!     link                                 the TCX link (TCX mode only)
-//!     active params ports addr_maps rule_maps counter_maps text_maps stats meta
+//!     active params ports addr_maps rule_maps counter_maps text_maps stats meta detour
+//!     detour_prog detour_link              the segmentation detour (egress with a funnel rule)
 //! ```
 //! Every pod on a node shares the host's bpffs, so the network namespace's
 //! inode keys the tree; interface and direction keep attachments apart.
