@@ -11,7 +11,7 @@
 //!                    of the interface
 //! ```
 //!
-//! `load` makes the pair (or keeps the one it made before), `unload` and
+//! `load` makes the pair (a rerun keeps the one it made before), `unload` and
 //! `gc` delete it; a namespace takes its pair with it when it goes.  Both
 //! ends have no addresses, IPv6 off and the largest MTU, so they carry
 //! nothing but detoured packets, of any size the interface sends.
@@ -53,12 +53,9 @@ pub fn find(ifindex: u32) -> Option<Pair> {
     (nl.link(out).ok()?.peer == Some(inn) && nl.link(inn).ok()?.peer == Some(out)).then_some(Pair { out, inn })
 }
 
-/// The pair of `ifindex`: the existing one, or a new one.
-pub fn ensure(ifindex: u32) -> Result<(Pair, bool)> {
-    if let Some(p) = find(ifindex) {
-        return Ok((p, false));
-    }
-    // Half a pair, or a name taken by something else: start afresh.
+/// Makes the pair of `ifindex` afresh: whatever holds its names (an old
+/// pair, half of one) goes first.
+pub fn create(ifindex: u32) -> Result<Pair> {
     remove(ifindex)?;
     let (o, i) = names(ifindex);
     let nl = Netlink::open()?;
@@ -80,7 +77,7 @@ pub fn ensure(ifindex: u32) -> Result<(Pair, bool)> {
     match made {
         Ok(p) => {
             event!("helper_created", pair = format!("{o}/{i}"), ifindexes = format!("{}/{}", p.out, p.inn));
-            Ok((p, true))
+            Ok(p)
         }
         Err(e) => {
             let _ = remove(ifindex);

@@ -129,10 +129,7 @@ fn hook_detour(
 ) -> Result<(Option<OwnedFd>, bool)> {
     let (pair, made) = match crate::detour::find(ifindex).filter(|_| reuse) {
         Some(p) => (p, false),
-        None => {
-            crate::detour::remove(ifindex)?;
-            crate::detour::ensure(ifindex)?
-        }
+        None => (crate::detour::create(ifindex)?, true),
     };
     let hooked = match mode {
         Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
