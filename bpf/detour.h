@@ -1,15 +1,16 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The segmentation detour: funneling GSO packets (README, "TCP at speed").
+ * The segmentation detour: funneling GSO packets (README, "Funneling GSO
+ * packets").
  *
  * A GSO packet is cut into segments after tc egress, by the segmenter that
  * its outer IP protocol picks.  That segmenter would take a funnel header
  * for the packet's own L4 header and leave segments 2..N without the inner
- * one, so a GSO packet is never funneled whole.  Instead, an egress
- * attachment whose ruleset funnels owns a veth pair in its namespace
- * (created by the loader, recorded in `detour[0]`):
+ * one, so a GSO packet is never funneled whole.  Instead, an attachment
+ * whose ruleset funnels owns a veth pair in its namespace (created by the
+ * loader, recorded in `detour[0]`):
  *
- *   dev egress   a GSO packet that a funnel rule matches is redirected out
+ *   dev hook     a GSO packet that a funnel rule matches is redirected out
  *                of `out`, its gso_size first lowered if the funneled
  *                segments would not fit the MTU.  So is every TCP packet
  *                to funnel, GSO or not: a flow's packets then all take one
@@ -19,10 +20,13 @@
  *   out          has gso_max_segs 1, so the kernel segments it there, as
  *                it would for a device without TSO (checksums stay
  *                CHECKSUM_PARTIAL: funnel.h handles both);
- *   in ingress   sfunnel_detour funnels each segment and redirects it to
- *                dev's egress;
- *   dev egress   a packet that came in on `in` is already funneled, and
- *                passes on to the next program untouched.
+ *   in ingress   sfunnel_detour funnels each segment and sends it back:
+ *                out of dev's egress, or for an ingress attachment
+ *                (GRO-merged packets) into dev's receive path;
+ *   dev hook     a segment back from the detour is already funneled, and
+ *                passes on to the next program untouched.  On egress it is
+ *                known by skb->ingress_ifindex (`in`); on ingress, which
+ *                resets that, by a mark in skb->cb.
  */
 #ifndef SFUNNEL_DETOUR_H
 #define SFUNNEL_DETOUR_H
@@ -31,6 +35,7 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include "maps.h"
+#include "mtu.h"
 #include "parse.h"
 
 /* Largest gso_size cut: a funnel header and then some (TCP options). */
@@ -50,23 +55,41 @@ static __always_inline const struct sfunnel_detour *detour_get(void)
 }
 
 /* Whether the packet is a segment coming back from the detour, funneled. */
-static __always_inline int detour_returned(const struct __sk_buff *skb)
+static __always_inline int detour_returned(struct __sk_buff *skb)
 {
-	if (!skb->ingress_ifindex)
-		return 0; /* generated on this host: not from the detour */
 	const struct sfunnel_detour *d = detour_get();
 
-	return d && d->in_ifindex && d->in_ifindex == skb->ingress_ifindex;
+	if (!d || !d->in_ifindex)
+		return 0;
+	if (skb->ingress_ifindex == d->in_ifindex)
+		return 1;
+	if (skb->cb[0] == SFUNNEL_DETOUR_MARK && skb->cb[1] == d->in_ifindex) {
+		skb->cb[0] = 0;
+		skb->cb[1] = 0;
+		return 1;
+	}
+	return 0;
+}
+
+/* Sends a segment back from the detour to `d->dev_ifindex` (see above). */
+static __always_inline int detour_return(struct __sk_buff *skb, const struct sfunnel_detour *d)
+{
+	if (d->flags & SFUNNEL_DETOUR_INGRESS) {
+		skb->cb[0] = SFUNNEL_DETOUR_MARK;
+		skb->cb[1] = d->in_ifindex;
+		return bpf_redirect(d->dev_ifindex, BPF_F_INGRESS);
+	}
+	return bpf_redirect(d->dev_ifindex, 0);
 }
 
 /*
  * Sends a packet to funnel through the detour.  A GSO packet's segments
  * are l3 + l4 header + gso_size long; funneled they grow by hlen.  Where
- * that exceeds the MTU, gso_size comes down by the excess: adjust_room
- * grown lowers it, and shrunk again with FIXED_GSO leaves it so, the bytes
- * as they were.
+ * that exceeds the MTU (the device's on egress, the route's on ingress),
+ * gso_size comes down by the excess: adjust_room grown lowers it, and
+ * shrunk again with FIXED_GSO leaves it so, the bytes as they were.
  */
-static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *p, __u32 hlen)
+static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *p, __u32 hlen, __u32 flags)
 {
 	const struct sfunnel_detour *d = detour_get();
 
@@ -76,10 +99,14 @@ static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *
 
 	if (!skb->gso_size)
 		goto send;
-	/* On a GSO packet the check passes; it reports the MTU either way. */
-	bpf_check_mtu(skb, 0, &mtu, 0, 0);
 	__u32 seg = p->ihl_len + p->l4_hlen + skb->gso_size + hlen;
 
+	if (flags & SFUNNEL_PARAMS_EGRESS) {
+		/* On a GSO packet the check passes; it reports the MTU either way. */
+		bpf_check_mtu(skb, 0, &mtu, 0, 0);
+	} else {
+		mtu = route_mtu_if_over(skb, p, seg, skb->ingress_ifindex);
+	}
 	if (mtu && seg > mtu && seg - mtu <= DETOUR_MAX_CUT) {
 		__s32 cut = seg - mtu;
 

@@ -7,11 +7,11 @@
  * funneled.  With SFUNNEL_PARAMS_OVER_MTU_PASS it is passed unfunneled instead.
  *
  * Which MTU:
- *  - egress: the device this program is attached to (bpf_check_mtu).  A
- *    GSO packet passes: bpf_skb_adjust_room lowers its gso_size by the
- *    header, so its segments still fit;
+ *  - egress: the device this program is attached to (bpf_check_mtu);
  *  - ingress: the device the packet will be routed out of (bpf_fib_lookup
  *    with the funneled length).  A packet for this host is never over.
+ * A GSO packet passes: the segmentation detour (detour.h) cuts its
+ * segments to fit, against the same MTU.
  *
  * Nothing here runs unless a funnel rule matched, and the check is one
  * helper call: packets that fit pay for nothing else.
@@ -45,10 +45,41 @@ struct icmp_frag_hdr {
 	__be16 mtu; /* next-hop MTU */
 };
 
-/* The MTU that the packet, `hlen` bytes longer, would exceed; 0 if it fits. */
+/*
+ * The MTU of the route a packet of `len` bytes (IP header on) from `p`'s
+ * source to its destination would take, arriving on `in_ifindex`, if
+ * `len` exceeds it; 0 if it fits.  Local delivery, no route or forwarding
+ * off: not our concern, 0.
+ */
+static __always_inline __u32 route_mtu_if_over(struct __sk_buff *skb, const struct pkt *p, __u32 len,
+						__u32 in_ifindex)
+{
+	struct bpf_fib_lookup f = {
+		.family = SFUNNEL_AF_INET,
+		.l4_protocol = p->proto,
+		.sport = bpf_htons(p->sport),
+		.dport = bpf_htons(p->dport),
+		.tot_len = len,
+		.ifindex = in_ifindex,
+		.ipv4_src = p->saddr,
+		.ipv4_dst = p->daddr,
+	};
+
+	if (bpf_fib_lookup(skb, &f, sizeof(f), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return f.mtu_result;
+	return 0;
+}
+
+/*
+ * The MTU that the packet, `hlen` bytes longer, would exceed; 0 if it fits.
+ * A GSO packet always fits here: the segmentation detour (detour.h) cuts
+ * its segments to the MTU.
+ */
 static __always_inline __u32 funnel_exceeds_mtu(struct __sk_buff *skb, const struct pkt *p, __u32 hlen,
 						 __u32 flags)
 {
+	if (skb->gso_size)
+		return 0;
 	if (flags & SFUNNEL_PARAMS_EGRESS) {
 		__u32 mtu = 0;
 
@@ -57,21 +88,7 @@ static __always_inline __u32 funnel_exceeds_mtu(struct __sk_buff *skb, const str
 			return mtu;
 		return 0;
 	}
-
-	struct bpf_fib_lookup f = {
-		.family = SFUNNEL_AF_INET,
-		.l4_protocol = p->proto,
-		.sport = bpf_htons(p->sport),
-		.dport = bpf_htons(p->dport),
-		.tot_len = p->tot_len + hlen,
-		.ifindex = skb->ingress_ifindex,
-		.ipv4_src = p->saddr,
-		.ipv4_dst = p->daddr,
-	};
-	/* Local delivery, no route or forwarding off: not our concern. */
-	if (bpf_fib_lookup(skb, &f, sizeof(f), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return f.mtu_result;
-	return 0;
+	return route_mtu_if_over(skb, p, p->tot_len + hlen, skb->ingress_ifindex);
 }
 
 /*

@@ -8,8 +8,8 @@
  * TCX (TCX_NEXT) and "continue" for a cls_bpf filter; a funnel, unfunnel
  * or accept returns TC_ACT_OK; drop returns TC_ACT_SHOT.  A funnel that
  * would exceed the MTU is dropped (with an ICMP reply redirected to the
- * sender: TC_ACT_REDIRECT) or passed unfunneled (mtu.h).  On egress, a GSO
- * packet to funnel goes through the segmentation detour (detour.h):
+ * sender: TC_ACT_REDIRECT) or passed unfunneled (mtu.h).  A GSO packet to
+ * funnel (and any TCP one) goes through the segmentation detour (detour.h):
  * TC_ACT_REDIRECT, and sfunnel_detour funnels its segments.
  */
 #include <linux/bpf.h>
@@ -83,8 +83,8 @@ int sfunnel(struct __sk_buff *skb)
 			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
 		}
 		/* GSO packets, and all of TCP so that a flow keeps its order. */
-		if ((m.flags & SFUNNEL_PARAMS_EGRESS) && (skb->gso_size || p.proto == IPPROTO_TCP)) {
-			rc = detour_send(skb, &p, hlen);
+		if (skb->gso_size || p.proto == IPPROTO_TCP) {
+			rc = detour_send(skb, &p, hlen, m.flags);
 			if (rc == DETOUR_SENT)
 				return TC_ACT_REDIRECT;
 			if (rc == DETOUR_BROKEN) {
@@ -124,7 +124,7 @@ int sfunnel(struct __sk_buff *skb)
 /*
  * The detour's far end (detour.h): the ingress of the helper veth end that
  * segments come in on.  Each is funneled by the rule that sent its GSO
- * packet here and goes back out of the attachment's interface.
+ * packet here and goes back to the attachment's interface.
  */
 SEC("tc")
 int sfunnel_detour(struct __sk_buff *skb)
@@ -145,7 +145,7 @@ int sfunnel_detour(struct __sk_buff *skb)
 	/* The ruleset may have changed since: a packet that no funnel rule
 	 * matches now goes on unchanged. */
 	if (lookup_rule(skb, &p, &m) || m.rule->action != SFUNNEL_ACT_FUNNEL)
-		return bpf_redirect(dev, 0);
+		return detour_return(skb, d);
 
 	__u8 proto = m.rule->proto;
 	__be16 sport = m.rule->sport, dport = m.rule->dport;
@@ -159,7 +159,11 @@ int sfunnel_detour(struct __sk_buff *skb)
 	}
 	/* Segments were cut to fit; one that does not (UDP GSO, or the MTU
 	 * changed on the way) is dropped as the guard drops, without a reply. */
-	if (bpf_check_mtu(skb, dev, &mtu, hlen, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED) {
+	if (d->flags & SFUNNEL_DETOUR_INGRESS)
+		mtu = route_mtu_if_over(skb, &p, p.tot_len + hlen, dev);
+	else if (bpf_check_mtu(skb, dev, &mtu, hlen, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+		mtu = 0;
+	if (mtu) {
 		count_over_mtu(&m);
 		return TC_ACT_SHOT;
 	}
@@ -173,7 +177,7 @@ int sfunnel_detour(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		/* Left unchanged: sent on as the main program passes it. */
 	}
-	return bpf_redirect(dev, 0);
+	return detour_return(skb, d);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -189,14 +189,21 @@ struct sfunnel_meta {
 };
 
 /*
- * `detour[0]`: the segmentation detour of an egress attachment (detour.h).
+ * `detour[0]`: the segmentation detour of an attachment that funnels
+ * (detour.h).
  * All zero: no detour, GSO packets are funneled as they are.
  */
 struct sfunnel_detour {
 	__u32 dev_ifindex; /* the interface the attachment is on */
 	__u32 out_ifindex; /* helper end that GSO packets are sent out of */
 	__u32 in_ifindex;  /* helper end that their segments come in on */
-	__u32 pad;         /* zero */
+	__u32 flags;       /* SFUNNEL_DETOUR_* */
 };
+
+/* An ingress attachment: segments go back into dev's receive path. */
+#define SFUNNEL_DETOUR_INGRESS 0x1
+/* skb->cb[0] of a segment sent back into the receive path (cb[1]: the
+ * helper end it came in on), so that the main program lets it pass. */
+#define SFUNNEL_DETOUR_MARK 0x5F64746Fu
 
 #endif /* SFUNNEL_H */

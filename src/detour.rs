@@ -1,14 +1,14 @@
 //! The segmentation detour's helper veth pair (bpf/detour.h).
 //!
-//! An egress attachment whose ruleset funnels owns one pair in its network
-//! namespace, named after the interface's index:
+//! An attachment whose ruleset funnels owns one pair in its network
+//! namespace, named after its direction (e or i) and the interface's index:
 //!
 //! ```text
-//!   sfgso<ifindex>   GSO packets are redirected out of it; gso_max_segs 1,
-//!                    so the kernel segments them on the way out
-//!   sfseg<ifindex>   its peer: the segments come in here, where the
-//!                    detour program funnels them and sends them back out
-//!                    of the interface
+//!   sf{e,i}g<ifindex>   GSO packets are redirected out of it; gso_max_segs
+//!                       1, so the kernel segments them on the way out
+//!   sf{e,i}s<ifindex>   its peer: the segments come in here, where the
+//!                       detour program funnels them and sends them back
+//!                       to the interface
 //! ```
 //!
 //! `load` makes the pair (a rerun keeps the one it made before), `unload` and
@@ -24,12 +24,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result};
 
+use crate::attach::Direction;
 use crate::log::event;
 
-/// The names of the pair for the interface with index `ifindex`: (the end
-/// GSO packets go out of, the end segments come in on).
-pub fn names(ifindex: u32) -> (String, String) {
-    (format!("sfgso{ifindex}"), format!("sfseg{ifindex}"))
+/// The names of the pair for the attachment on the interface with index
+/// `ifindex` in direction `d`: (the end GSO packets go out of, the end
+/// segments come in on).
+pub fn names(ifindex: u32, d: Direction) -> (String, String) {
+    let d = match d {
+        Direction::Egress => 'e',
+        Direction::Ingress => 'i',
+    };
+    (format!("sf{d}g{ifindex}"), format!("sf{d}s{ifindex}"))
 }
 
 /// The pair's interface indexes: (out, in).
@@ -46,8 +52,8 @@ fn index_of(name: &str) -> Option<u32> {
 /// The pair of the interface `ifindex`, if it exists whole: both names,
 /// each the other's peer.  (Asked of rtnetlink: /sys shows the namespace
 /// it was mounted in, which need not be ours.)
-pub fn find(ifindex: u32) -> Option<Pair> {
-    let (o, i) = names(ifindex);
+pub fn find(ifindex: u32, d: Direction) -> Option<Pair> {
+    let (o, i) = names(ifindex, d);
     let (out, inn) = (index_of(&o)?, index_of(&i)?);
     let nl = Netlink::open().ok()?;
     (nl.link(out).ok()?.peer == Some(inn) && nl.link(inn).ok()?.peer == Some(out)).then_some(Pair { out, inn })
@@ -55,9 +61,9 @@ pub fn find(ifindex: u32) -> Option<Pair> {
 
 /// Makes the pair of `ifindex` afresh: whatever holds its names (an old
 /// pair, half of one) goes first.
-pub fn create(ifindex: u32) -> Result<Pair> {
-    remove(ifindex)?;
-    let (o, i) = names(ifindex);
+pub fn create(ifindex: u32, d: Direction) -> Result<Pair> {
+    remove(ifindex, d)?;
+    let (o, i) = names(ifindex, d);
     let nl = Netlink::open()?;
     nl.create_pair(&o, &i).with_context(|| {
         format!(
@@ -69,7 +75,7 @@ pub fn create(ifindex: u32) -> Result<Pair> {
         for name in [&o, &i] {
             disable_ipv6(name)?;
         }
-        let p = find(ifindex).with_context(|| format!("the new helper pair {o}/{i} is not there"))?;
+        let p = find(ifindex, d).with_context(|| format!("the new helper pair {o}/{i} is not there"))?;
         nl.set_up(p.out)?;
         nl.set_up(p.inn)?;
         Ok(p)
@@ -80,7 +86,7 @@ pub fn create(ifindex: u32) -> Result<Pair> {
             Ok(p)
         }
         Err(e) => {
-            let _ = remove(ifindex);
+            let _ = remove(ifindex, d);
             Err(e)
         }
     }
@@ -88,8 +94,8 @@ pub fn create(ifindex: u32) -> Result<Pair> {
 
 /// Deletes the pair of `ifindex` (either end takes the other with it).
 /// A pair that is not there is not an error.
-pub fn remove(ifindex: u32) -> Result<bool> {
-    let (o, i) = names(ifindex);
+pub fn remove(ifindex: u32, d: Direction) -> Result<bool> {
+    let (o, i) = names(ifindex, d);
     let mut removed = false;
     for name in [&o, &i] {
         if let Some(idx) = index_of(name) {
@@ -305,8 +311,12 @@ impl Netlink {
 mod tests {
     #[test]
     fn helper_names_fit_ifnamsiz_for_any_index() {
-        let (o, i) = super::names(u32::MAX);
-        assert_eq!((o.as_str(), i.as_str()), ("sfgso4294967295", "sfseg4294967295"));
-        assert!(o.len() < libc::IFNAMSIZ && i.len() < libc::IFNAMSIZ);
+        use crate::attach::Direction::{Egress, Ingress};
+        let names = [super::names(u32::MAX, Egress), super::names(u32::MAX, Ingress)];
+        assert_eq!(
+            names,
+            [("sfeg4294967295".into(), "sfes4294967295".into()), ("sfig4294967295".into(), "sfis4294967295".into())]
+        );
+        assert!(names.iter().all(|(o, i)| o.len() < libc::IFNAMSIZ && i.len() < libc::IFNAMSIZ));
     }
 }

@@ -10,8 +10,8 @@ use libbpf_rs::Program;
 use serde::Serialize;
 
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
-use crate::datapath::consts::SFUNNEL_ACT_FUNNEL;
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
+use crate::datapath::consts::{SFUNNEL_ACT_FUNNEL, SFUNNEL_DETOUR_INGRESS};
 use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
 use crate::log::event;
@@ -100,16 +100,16 @@ fn reuse_problem(t: &Target, ifindex: u32, compiled: &Compiled) -> Option<String
     if !still_attached(&meta, ifindex, t.direction, &fd, id) {
         return Some("no longer attached (was the interface re-created?)".into());
     }
-    if wants_detour(t, compiled) && !dir.join("detour_prog").exists() {
-        return Some("the ruleset now funnels on egress, which needs the segmentation detour's program".into());
+    if wants_detour(compiled) && !dir.join("detour_prog").exists() {
+        return Some("the ruleset now funnels, which needs the segmentation detour's program".into());
     }
     None
 }
 
-/// Whether `t` needs the segmentation detour for `compiled`: egress, with
-/// some funnel rule (GSO packets only leave through egress).
-fn wants_detour(t: &Target, compiled: &Compiled) -> bool {
-    t.direction == Direction::Egress && compiled.rules.iter().any(|(_, v)| v.action as u32 == SFUNNEL_ACT_FUNNEL)
+/// Whether `t` needs the segmentation detour for `compiled`: some funnel
+/// rule (GSO packets: sent on egress, GRO-merged on ingress).
+fn wants_detour(compiled: &Compiled) -> bool {
+    compiled.rules.iter().any(|(_, v)| v.action as u32 == SFUNNEL_ACT_FUNNEL)
 }
 
 /// Hooks the detour program `prog` on the far end of the helper pair of
@@ -124,12 +124,13 @@ fn hook_detour(
     maps: &RulesetMaps,
     prog: BorrowedFd<'_>,
     ifindex: u32,
+    direction: Direction,
     mode: Mode,
     reuse: bool,
 ) -> Result<(Option<OwnedFd>, bool)> {
-    let (pair, made) = match crate::detour::find(ifindex).filter(|_| reuse) {
+    let (pair, made) = match crate::detour::find(ifindex, direction).filter(|_| reuse) {
         Some(p) => (p, false),
-        None => (crate::detour::create(ifindex)?, true),
+        None => (crate::detour::create(ifindex, direction)?, true),
     };
     let hooked = match mode {
         Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
@@ -139,7 +140,8 @@ fn hook_detour(
         }
     }
     .and_then(|link| {
-        let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, pad: 0 };
+        let flags = if direction == Direction::Ingress { SFUNNEL_DETOUR_INGRESS } else { 0 };
+        let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, flags };
         maps.write_detour(&d).map(|()| link)
     });
     match hooked {
@@ -149,16 +151,16 @@ fn hook_detour(
         }
         Err(e) => {
             if made {
-                let _ = crate::detour::remove(ifindex);
+                let _ = crate::detour::remove(ifindex, direction);
             }
             Err(e).context("setting up the segmentation detour")
         }
     }
 }
 
-/// Whether the datapath's detour record still names the interface's pair.
-fn detour_intact(maps: &RulesetMaps, ifindex: u32) -> bool {
-    match (maps.read_detour(), crate::detour::find(ifindex)) {
+/// Whether the datapath's detour record still names the attachment's pair.
+fn detour_intact(maps: &RulesetMaps, ifindex: u32, direction: Direction) -> bool {
+    match (maps.read_detour(), crate::detour::find(ifindex, direction)) {
         (Ok(d), Some(p)) => d.dev_ifindex == ifindex && d.out_ifindex == p.out && d.in_ifindex == p.inn,
         _ => false,
     }
@@ -177,14 +179,20 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                 let meta = maps.read_meta()?;
                 // The detour first: the new funnel rules may send GSO
                 // packets to it as soon as they are in.
-                if wants_detour(t, compiled) && !detour_intact(&maps, ifindex) {
+                if wants_detour(compiled) && !detour_intact(&maps, ifindex, t.direction) {
                     let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
                         .context("opening the pinned detour program")?;
-                    let (link, _) =
-                        hook_detour(&maps, prog.as_fd(), ifindex, mode_of(&meta).unwrap_or(Mode::Tcx), false)?;
+                    let (link, _) = hook_detour(
+                        &maps,
+                        prog.as_fd(),
+                        ifindex,
+                        t.direction,
+                        mode_of(&meta).unwrap_or(Mode::Tcx),
+                        false,
+                    )?;
                     if let Some(link) = link {
                         if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
-                            let _ = crate::detour::remove(ifindex);
+                            let _ = crate::detour::remove(ifindex, t.direction);
                             return Err(e);
                         }
                     }
@@ -221,7 +229,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     let (mode, why) = attach::choose(opts.attach, ifindex)?;
     event!("attach_mode", iface = t.iface, direction = t.direction, ifindex = ifindex, mode = mode, why = why);
     let started = std::time::Instant::now();
-    let detour = wants_detour(t, compiled);
+    let detour = wants_detour(compiled);
     let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)), detour)?;
     let maps = loaded.maps()?;
     maps.write_meta(&sfunnel_meta {
@@ -238,7 +246,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
     let (detour_link, made_pair) = if detour {
-        hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, mode, replaced.is_some())?
+        hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, t.direction, mode, replaced.is_some())?
     } else {
         (None, false)
     };
@@ -248,11 +256,11 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     let detour_prog_id = Program::id_from_fd(loaded.detour_program().as_fd()).ok();
     let undo_detour = || {
         if made_pair {
-            let _ = crate::detour::remove(ifindex);
+            let _ = crate::detour::remove(ifindex, t.direction);
         } else if detour && mode == Mode::Clsact {
             // Our filter took the old one's slot: put the old one back.
             if let (Ok(old), Some(pair)) =
-                (Program::fd_from_pinned_path(dir.join("detour_prog")), crate::detour::find(ifindex))
+                (Program::fd_from_pinned_path(dir.join("detour_prog")), crate::detour::find(ifindex, t.direction))
             {
                 let _ = clsact::attach(old.as_fd(), pair.inn, Direction::Ingress, detour_prog_id);
             }
@@ -363,7 +371,7 @@ fn release(t: &Target, keep: Option<u32>) -> Result<()> {
     // replacing load has just made for the same interface.
     if let Ok(d) = RulesetMaps::from_pins(&dir).and_then(|m| m.read_detour()) {
         if d.dev_ifindex != 0 && (keep.is_none() || Some(d.dev_ifindex) != ifindex) {
-            crate::detour::remove(d.dev_ifindex)?;
+            crate::detour::remove(d.dev_ifindex, t.direction)?;
         }
     }
     let link = dir.join("link");
@@ -410,7 +418,8 @@ pub fn remove_stale(t: &Target) -> Result<()> {
     let detour = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_detour()).map(|d| d.dev_ifindex).unwrap_or(0);
     if let (true, Some(ns)) = (detour != 0, crate::netns::find(t.netns_ino)) {
         let ns = ns.to_string_lossy().into_owned();
-        crate::netns::run_in(&ns, move || crate::detour::remove(detour))?;
+        let direction = t.direction;
+        crate::netns::run_in(&ns, move || crate::detour::remove(detour, direction))?;
     }
     let link = t.dir().join("link");
     if link.exists() {

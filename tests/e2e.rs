@@ -1311,7 +1311,7 @@ fn incompatible_pins_are_replaced() {
     sh(&args);
     let abi_after = lookup()["formatted"]["value"]["abi_version"].clone();
     // The segmentation detour's hook (RULES_A funnels on egress).
-    let (_, seg_if) = helper_pair(ifindex(&t.client, &t.c_if));
+    let (_, seg_if) = helper_pair(ifindex(&t.client, &t.c_if), "egress");
     let detour_before = hook_prog_ids(&t.client, &seg_if, false);
 
     let out = env_load(&t.client, &t.c_if, "egress", RULES_A);

@@ -7,8 +7,9 @@
 //! fit once funneled; the router completes every checksum, which the server
 //! then verifies.  Each flow must arrive byte for byte, with no checksum
 //! error at the server, and the helper pair must come and go with the load.
-//! A third flow is funneled by the router on its egress: traffic a host
-//! forwards, not its own.  A second test sends UDP GSO (UDP_SEGMENT).
+//! Two more flows are funneled by the router, on its egress and on its
+//! ingress: traffic a host forwards, not its own, arriving as GSO packets.
+//! A second test sends UDP GSO (UDP_SEGMENT).
 //!
 //! SFUNNEL_BULK_MIB sets the size per flow (default 64 MiB);
 //! `scripts/bench-throughput.sh` sends 1 GiB and measures the speed.
@@ -24,10 +25,12 @@ use common::topology::{env_load, env_unload, ns_cmd, nstat, run, sfunnel, spawn_
 const CLIENT_RULES: &str =
     "tcp dport 5201 actions funnel tcp sport 540 dport 80; tcp dport 5202 actions funnel udp sport 541 dport 81";
 const SERVER_RULES: &str = "tcp sport 540 dport 80 actions unfunnel tcp; udp sport 541 dport 81 actions unfunnel tcp; \
-                            tcp sport 542 dport 82 actions unfunnel tcp";
+                            tcp sport 542 dport 82 actions unfunnel tcp; tcp sport 544 dport 84 actions unfunnel tcp";
 /// The router funnels what it forwards: GSO packets that came over the
-/// client's veth whole, and leave through its own egress.
-const ROUTER_RULES: &str = "tcp dport 5203 actions funnel tcp sport 542 dport 82";
+/// client's veth whole (as GRO would merge them from a NIC), on the egress
+/// they leave by, or on the ingress they arrive on.
+const ROUTER_EGRESS_RULES: &str = "tcp dport 5203 actions funnel tcp sport 542 dport 82";
+const ROUTER_INGRESS_RULES: &str = "tcp dport 5204 actions funnel tcp sport 544 dport 84";
 
 /// Test data: byte `i` of a flow.  Not periodic within a segment.
 fn byte_at(i: usize) -> u8 {
@@ -95,9 +98,12 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     common::topology::nsh(&t.server, &["ip", "link", "set", &t.s_if, "mtu", "1500"]);
     env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
     env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
-    env_load(&t.router, &t.rs_if, "egress", ROUTER_RULES).expect_ok();
+    env_load(&t.router, &t.rs_if, "egress", ROUTER_EGRESS_RULES).expect_ok();
+    env_load(&t.router, &t.rc_if, "ingress", ROUTER_INGRESS_RULES).expect_ok();
+    let (ig, is) = common::topology::helper_pair(common::topology::ifindex(&t.router, &t.rc_if), "ingress");
+    assert!(helper_exists(&t.router, &ig) && helper_exists(&t.router, &is), "an ingress load made its pair");
 
-    let (gso_if, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if));
+    let (gso_if, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if), "egress");
     assert!(helper_exists(&t.client, &gso_if) && helper_exists(&t.client, &seg_if), "load made the helper pair");
     // status names it; an ingress attachment has none.
     let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment in status");
@@ -106,9 +112,12 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     assert!(s["detour"].is_null(), "{s}");
 
     let len = mib() << 20;
-    for (port, what) in
-        [(5201u16, "TCP over TCP"), (5202, "TCP over UDP"), (5203, "TCP over TCP, funneled by the router")]
-    {
+    for (port, what) in [
+        (5201u16, "TCP over TCP"),
+        (5202, "TCP over UDP"),
+        (5203, "TCP over TCP, funneled by the router on egress"),
+        (5204, "TCP over TCP, funneled by the router on ingress"),
+    ] {
         let (n, wrong) = bulk(&t, port, len);
         eprintln!("{what}: {n} of {len} bytes arrived, first wrong byte: {wrong:?}");
         assert_eq!((n, wrong), (len, None), "{what}: every byte, in order");
@@ -118,10 +127,12 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     assert!(errs.iter().all(|(_, v)| *v == 0), "no checksum errors at the server: {errs:?}");
 
     // Each funneled packet is a segment: at least len / MSS per flow.
-    for (ns, dev) in [(&t.client, &t.c_if), (&t.router, &t.rs_if)] {
-        let a = common::topology::attachment(t.ino(ns), dev, "egress").expect("attachment in status");
+    for (ns, dev, dir) in
+        [(&t.client, &t.c_if, "egress"), (&t.router, &t.rs_if, "egress"), (&t.router, &t.rc_if, "ingress")]
+    {
+        let a = common::topology::attachment(t.ino(ns), dev, dir).expect("attachment in status");
         let pk = common::topology::rule_packets(&a);
-        eprintln!("{dev} egress rule packets: {pk:?}");
+        eprintln!("{dev} {dir} rule packets: {pk:?}");
         for p in &pk {
             assert!(*p as usize >= len / 1460, "funneled segment by segment: {pk:?}");
         }

@@ -71,7 +71,7 @@ fn debug_logs_one_structured_line_per_event() {
     assert_eq!(names, ["ruleset", "attach_mode", "prog_loaded", "helper_created", "detour", "installed", "attached"]);
     let dev = find(&ev, "attach_mode")["ifindex"].clone();
     assert_eq!(find(&ev, "detour")["ifindex"], dev);
-    let (gso_if, seg_if) = common::topology::helper_pair(dev.parse().expect("ifindex"));
+    let (gso_if, seg_if) = common::topology::helper_pair(dev.parse().expect("ifindex"), "egress");
     assert_eq!(find(&ev, "helper_created")["pair"], format!("{gso_if}/{seg_if}"));
     let helper_up = || {
         let mut cmd = common::topology::ns_cmd(&ns, &["ip", "link", "show", &gso_if]);

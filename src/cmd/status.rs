@@ -90,7 +90,7 @@ pub fn collect() -> Vec<Attachment> {
                 }
                 let d = maps.read_detour()?;
                 if d.dev_ifindex != 0 {
-                    let (out, inn) = crate::detour::names(d.dev_ifindex);
+                    let (out, inn) = crate::detour::names(d.dev_ifindex, t.direction);
                     a.detour = Some(Detour { out, out_ifindex: d.out_ifindex, r#in: inn, in_ifindex: d.in_ifindex });
                 }
                 Ok(())

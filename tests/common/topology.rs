@@ -182,11 +182,13 @@ pub fn ifindex(ns: &str, iface: &str) -> u32 {
     out.split(':').next().and_then(|i| i.trim().parse().ok()).unwrap_or_else(|| panic!("no index in {out:?}"))
 }
 
-/// The helper pair sfunnel makes for the interface with index `ifindex`
-/// (src/detour.rs): (the end GSO packets go out of, the end segments come
-/// in on).  Spelled here from the README, not taken from the code.
-pub fn helper_pair(ifindex: u32) -> (String, String) {
-    (format!("sfgso{ifindex}"), format!("sfseg{ifindex}"))
+/// The helper pair sfunnel makes for the attachment on the interface with
+/// index `ifindex` in `direction` (src/detour.rs): (the end GSO packets go
+/// out of, the end segments come in on).  Spelled here from the README,
+/// not taken from the code.
+pub fn helper_pair(ifindex: u32, direction: &str) -> (String, String) {
+    let d = &direction[..1];
+    (format!("sf{d}g{ifindex}"), format!("sf{d}s{ifindex}"))
 }
 
 pub fn sfunnel_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
