@@ -179,9 +179,10 @@ impl Loaded {
         &self.skel.progs.sfunnel
     }
 
-    /// The detour's program (bpf/detour.h), for a helper's ingress.
-    pub fn detour_program(&self) -> &libbpf_rs::ProgramMut<'static> {
-        &self.skel.progs.sfunnel_detour
+    /// The detour's program (bpf/detour.h), for a helper's ingress; None
+    /// unless loaded with it.
+    pub fn detour_program(&self) -> Option<&libbpf_rs::ProgramMut<'static>> {
+        self.detour.then_some(&self.skel.progs.sfunnel_detour)
     }
 
     /// Runs the program on `frame` (Ethernet onwards) with PROG_TEST_RUN.

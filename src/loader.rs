@@ -245,15 +245,15 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     event!("prog_loaded", prog_id = prog_id, verified_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3));
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
-    let (detour_link, made_pair) = if detour {
-        hook_detour(&maps, loaded.detour_program().as_fd(), ifindex, t.direction, mode, replaced.is_some())?
-    } else {
-        (None, false)
+    let detour_prog = loaded.detour_program().map(|p| p.as_fd());
+    let (detour_link, made_pair) = match detour_prog {
+        Some(prog) => hook_detour(&maps, prog, ifindex, t.direction, mode, replaced.is_some())?,
+        None => (None, false),
     };
     // Undoes the detour when the load fails from here on: a pair made here
     // goes (and our hook with it); a reused one keeps serving the old
     // program, and our TCX link goes when its fd is dropped.
-    let detour_prog_id = Program::id_from_fd(loaded.detour_program().as_fd()).ok();
+    let detour_prog_id = detour_prog.and_then(|p| Program::id_from_fd(p).ok());
     let undo_detour = || {
         if made_pair {
             let _ = crate::detour::remove(ifindex, t.direction);
