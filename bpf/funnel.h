@@ -51,6 +51,12 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 	return proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check);
 }
 
+/* The length of a bare TCP or UDP header: what funnel inserts. */
+static __always_inline __u32 l4_hdr_len(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+}
+
 /*
  * Moves the IPv4 options (if any): bpf_skb_adjust_room(NET) adds or
  * removes room right after the fixed 20-byte header, but the L4 header
@@ -139,7 +145,7 @@ static __always_inline int write_funnel_header(struct __sk_buff *skb, const stru
 static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __u8 proto,
 				  __be16 sport, __be16 dport)
 {
-	__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+	__u32 hlen = l4_hdr_len(proto);
 	__u32 inner_len = p->l4_len;
 	__u32 new_l4_len = inner_len + hlen;
 
@@ -221,7 +227,7 @@ static __always_inline int read_inner_csum(struct __sk_buff *skb, __u32 off, __b
 static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, __u8 inner_proto)
 {
 	__u32 hlen = p->l4_hlen;
-	__u32 inner_min = inner_proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+	__u32 inner_min = l4_hdr_len(inner_proto);
 	__be16 inner_csum;
 
 	/* The inner header must be there in full. */

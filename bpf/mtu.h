@@ -72,23 +72,37 @@ static __always_inline __u32 route_mtu_if_over(struct __sk_buff *skb, const stru
 
 /*
  * The MTU that the packet, `hlen` bytes longer, would exceed; 0 if it fits.
- * A GSO packet always fits here: the segmentation detour (detour.h) cuts
- * its segments to the MTU.
+ * On egress (`egress`), that of the device `ifindex` (0: the one the
+ * program runs on); on ingress, that of the route from the device
+ * `ifindex` on.
+ */
+static __always_inline __u32 exceeds_mtu(struct __sk_buff *skb, const struct pkt *p, __u32 hlen, int egress,
+					 __u32 ifindex)
+{
+	if (egress) {
+		__u32 mtu = 0;
+
+		/* len_diff is the header. */
+		if (bpf_check_mtu(skb, ifindex, &mtu, hlen, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED)
+			return mtu;
+		return 0;
+	}
+	return route_mtu_if_over(skb, p, p->tot_len + hlen, ifindex);
+}
+
+/*
+ * The guard's check for a packet the main program is about to funnel.  A
+ * GSO packet always fits here: the segmentation detour (detour.h) cuts its
+ * segments to the MTU.
  */
 static __always_inline __u32 funnel_exceeds_mtu(struct __sk_buff *skb, const struct pkt *p, __u32 hlen,
 						 __u32 flags)
 {
 	if (skb->gso_size)
 		return 0;
-	if (flags & SFUNNEL_PARAMS_EGRESS) {
-		__u32 mtu = 0;
-
-		/* ifindex 0: the device the program runs on; len_diff is the header. */
-		if (bpf_check_mtu(skb, 0, &mtu, hlen, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED)
-			return mtu;
-		return 0;
-	}
-	return route_mtu_if_over(skb, p, p->tot_len + hlen, skb->ingress_ifindex);
+	if (flags & SFUNNEL_PARAMS_EGRESS)
+		return exceeds_mtu(skb, p, hlen, 1, 0);
+	return exceeds_mtu(skb, p, hlen, 0, skb->ingress_ifindex);
 }
 
 /*

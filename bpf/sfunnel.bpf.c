@@ -69,7 +69,7 @@ int sfunnel(struct __sk_buff *skb)
 		count_rule(&m, len);
 		return TC_ACT_SHOT;
 	case SFUNNEL_ACT_FUNNEL: {
-		__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+		__u32 hlen = l4_hdr_len(proto);
 		__u32 mtu = funnel_exceeds_mtu(skb, &p, hlen, m.flags);
 
 		if (mtu) {
@@ -120,7 +120,6 @@ int sfunnel(struct __sk_buff *skb)
 	return rc == FUNNEL_BROKEN ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
-
 /*
  * The detour's far end (detour.h): the ingress of the helper veth end that
  * segments come in on.  Each is funneled by the rule that sent its GSO
@@ -149,8 +148,8 @@ int sfunnel_detour(struct __sk_buff *skb)
 
 	__u8 proto = m.rule->proto;
 	__be16 sport = m.rule->sport, dport = m.rule->dport;
-	__u32 len = skb->len, mtu = 0;
-	__u32 hlen = proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+	__u32 len = skb->len;
+	__u32 hlen = l4_hdr_len(proto);
 
 	/* Left whole by the helper, it cannot be funneled. */
 	if (skb->gso_size) {
@@ -159,11 +158,7 @@ int sfunnel_detour(struct __sk_buff *skb)
 	}
 	/* Segments were cut to fit; one that does not (UDP GSO, or the MTU
 	 * changed on the way) is dropped as the guard drops, without a reply. */
-	if (d->flags & SFUNNEL_DETOUR_INGRESS)
-		mtu = route_mtu_if_over(skb, &p, p.tot_len + hlen, dev);
-	else if (bpf_check_mtu(skb, dev, &mtu, hlen, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
-		mtu = 0;
-	if (mtu) {
+	if (exceeds_mtu(skb, &p, hlen, !(d->flags & SFUNNEL_DETOUR_INGRESS), dev)) {
 		count_over_mtu(&m);
 		return TC_ACT_SHOT;
 	}
