@@ -265,6 +265,16 @@ pub enum OverMtu {
     Pass,
 }
 
+impl OverMtu {
+    /// The value as `--over-mtu` and $OVER_MTU spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverMtu::Drop => "drop",
+            OverMtu::Pass => "pass",
+        }
+    }
+}
+
 /// How one attachment's datapath behaves beyond its rules
 /// (`sfunnel_params.flags`), fixed at each install.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -416,8 +426,9 @@ impl RulesetMaps {
         Ok(sfunnel_detour::from_bytes(&v))
     }
 
-    /// The value changes only when a helper pair is made (detour.rs), and
-    /// then from all zero (no detour) to complete.
+    /// Written when a helper pair is made (detour.rs): from all zero (no
+    /// detour) to complete, or, when a rerun remakes a pair that was gone,
+    /// from the old indexes to the new.
     pub fn write_detour(&self, d: &sfunnel_detour) -> Result<()> {
         self.detour.update(&u32_key(0), d.as_bytes(), MapFlags::ANY).context("writing the detour map")
     }
@@ -525,7 +536,7 @@ impl RulesetMaps {
             rule_entries = c.rules.len(),
             prefixes = c.addrs.len(),
             egress = settings.egress,
-            over_mtu = format!("{:?}", settings.over_mtu).to_lowercase(),
+            over_mtu = settings.over_mtu.as_str(),
             ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3)
         );
         Ok(())

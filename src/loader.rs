@@ -106,8 +106,8 @@ fn reuse_problem(t: &Target, ifindex: u32, compiled: &Compiled) -> Option<String
     None
 }
 
-/// Whether `t` needs the segmentation detour for `compiled`: some funnel
-/// rule (GSO packets: sent on egress, GRO-merged on ingress).
+/// Whether an attachment needs the segmentation detour for `compiled`:
+/// some funnel rule (GSO packets: sent on egress, GRO-merged on ingress).
 fn wants_detour(compiled: &Compiled) -> bool {
     compiled.rules.iter().any(|(_, v)| v.action as u32 == SFUNNEL_ACT_FUNNEL)
 }
@@ -390,33 +390,41 @@ fn release(t: &Target, keep: Option<u32>) -> Result<()> {
     Ok(())
 }
 
+/// Why the pins of a target are stale, and the namespace they were for if
+/// it is still there (found once: finding it may walk every process).
+pub struct Stale {
+    pub why: String,
+    netns: Option<std::path::PathBuf>,
+}
+
 /// Why the pins of `t` are stale, if they are: its network namespace is
 /// gone, or its interface is gone or was re-created (which took our hook
 /// with it).
-pub fn stale(t: &Target) -> Option<String> {
+pub fn stale(t: &Target) -> Option<Stale> {
     let Some(ns) = crate::netns::find(t.netns_ino) else {
-        return Some("its network namespace is gone".into());
+        return Some(Stale { why: "its network namespace is gone".into(), netns: None });
     };
     let meta = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_meta()).ok();
     let iface = t.iface.clone();
-    let ns = ns.to_string_lossy().into_owned();
-    let ifindex = crate::netns::run_in(&ns, move || Ok(nix::net::if_::if_nametoindex(iface.as_str()).ok()));
-    match (ifindex, meta) {
-        (Err(e), _) => Some(format!("its network namespace cannot be entered ({e:#})")),
-        (Ok(None), _) => Some(format!("interface {} is gone", t.iface)),
-        (_, None) => Some("its pins are incomplete".into()),
-        (Ok(Some(i)), Some(m)) if i != m.ifindex => Some(format!("interface {} was re-created", t.iface)),
-        _ => None,
-    }
+    let path = ns.to_string_lossy().into_owned();
+    let ifindex = crate::netns::run_in(&path, move || Ok(nix::net::if_::if_nametoindex(iface.as_str()).ok()));
+    let why = match (ifindex, meta) {
+        (Err(e), _) => format!("its network namespace cannot be entered ({e:#})"),
+        (Ok(None), _) => format!("interface {} is gone", t.iface),
+        (_, None) => "its pins are incomplete".into(),
+        (Ok(Some(i)), Some(m)) if i != m.ifindex => format!("interface {} was re-created", t.iface),
+        _ => return None,
+    };
+    Some(Stale { why, netns: Some(ns) })
 }
 
 /// Removes the pins of a stale target.  Its hook went with its device or
 /// namespace; a TCX link that outlived them is detached first.
-pub fn remove_stale(t: &Target) -> Result<()> {
+pub fn remove_stale(t: &Target, s: &Stale) -> Result<()> {
     // A namespace that is still there keeps the helper pair of an interface
     // that is gone: delete it there.
     let detour = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_detour()).map(|d| d.dev_ifindex).unwrap_or(0);
-    if let (true, Some(ns)) = (detour != 0, crate::netns::find(t.netns_ino)) {
+    if let (true, Some(ns)) = (detour != 0, &s.netns) {
         let ns = ns.to_string_lossy().into_owned();
         let direction = t.direction;
         crate::netns::run_in(&ns, move || crate::detour::remove(detour, direction))?;

@@ -58,7 +58,7 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         origin = src.origin,
         rules = rs.rules.len(),
         rule_entries = compiled.rules.len(),
-        over_mtu = format!("{:?}", args.over_mtu).to_lowercase()
+        over_mtu = args.over_mtu.as_str()
     );
     caps::require_for_load(args.target.netns.is_some())?;
     crate::datapath::check_kernel()?;
@@ -132,15 +132,15 @@ pub fn gc(args: &GcArgs) -> Result<Outcome> {
     let _lock = Lock::acquire()?;
     let (mut removed, mut kept) = (0, 0);
     for t in Target::all() {
-        let Some(why) = loader::stale(&t) else {
+        let Some(stale) = loader::stale(&t) else {
             kept += 1;
             continue;
         };
-        let dir = t.dir();
+        let (dir, why) = (t.dir(), &stale.why);
         if args.dry_run {
             println!("would remove {}: {why}", dir.display());
         } else {
-            loader::remove_stale(&t).with_context(|| format!("removing {}", dir.display()))?;
+            loader::remove_stale(&t, &stale).with_context(|| format!("removing {}", dir.display()))?;
             println!("removed {}: {why}", dir.display());
         }
         removed += 1;

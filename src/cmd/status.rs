@@ -25,8 +25,8 @@ pub struct Attachment {
     pub rules: Vec<RuleCounter>,
     /// Packets left alone, by reason.
     pub passed: std::collections::BTreeMap<&'static str, u64>,
-    /// The segmentation detour's helper pair (egress attachments that
-    /// funnel; README, "Funneling GSO packets").
+    /// The segmentation detour's helper pair (attachments that funnel;
+    /// README, "Funneling GSO packets").
     pub detour: Option<Detour>,
     pub error: Option<String>,
 }
