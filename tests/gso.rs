@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::topology::{env_load, env_unload, ns_cmd, nstat, run, sfunnel, spawn_in_ns, Topo, TopoOpts, SERVER_IP};
+use common::topology::{env_load, env_unload, link_exists, nstat, sfunnel, spawn_in_ns, Topo, TopoOpts, SERVER_IP};
 
 const CLIENT_RULES: &str =
     "tcp dport 5201 actions funnel tcp sport 540 dport 80; tcp dport 5202 actions funnel udp sport 541 dport 81";
@@ -82,10 +82,6 @@ fn bulk(t: &Topo, port: u16, len: usize) -> (usize, Option<usize>) {
     server.join().expect("server thread")
 }
 
-fn helper_exists(ns: &str, name: &str) -> bool {
-    run(&mut ns_cmd(ns, &["ip", "link", "show", name]), Duration::from_secs(10)).ok()
-}
-
 #[test]
 fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     if !common::require_root("bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour") {
@@ -101,10 +97,10 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     env_load(&t.router, &t.rs_if, "egress", ROUTER_EGRESS_RULES).expect_ok();
     env_load(&t.router, &t.rc_if, "ingress", ROUTER_INGRESS_RULES).expect_ok();
     let (ig, is) = common::topology::helper_pair(common::topology::ifindex(&t.router, &t.rc_if), "ingress");
-    assert!(helper_exists(&t.router, &ig) && helper_exists(&t.router, &is), "an ingress load made its pair");
+    assert!(link_exists(&t.router, &ig) && link_exists(&t.router, &is), "an ingress load made its pair");
 
     let (gso_if, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if), "egress");
-    assert!(helper_exists(&t.client, &gso_if) && helper_exists(&t.client, &seg_if), "load made the helper pair");
+    assert!(link_exists(&t.client, &gso_if) && link_exists(&t.client, &seg_if), "load made the helper pair");
     // status names it; an ingress attachment has none.
     let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment in status");
     assert_eq!((a["detour"]["out"].as_str(), a["detour"]["in"].as_str()), (Some(&*gso_if), Some(&*seg_if)), "{a}");
@@ -140,27 +136,27 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
 
     // unload takes the pair away.
     env_unload(&t.client, &t.c_if, "egress").expect_ok();
-    assert!(!helper_exists(&t.client, &gso_if), "unload removed the helper pair");
+    assert!(!link_exists(&t.client, &gso_if), "unload removed the helper pair");
 
     // An egress ruleset that funnels nothing makes no pair (and does not
     // load the detour's program); funnel rules added later replace the
     // attachment with one that has both.
     env_load(&t.client, &t.c_if, "egress", "tcp dport 9 actions accept").expect_ok();
-    assert!(!helper_exists(&t.client, &gso_if), "no funnel rule, no helper pair");
+    assert!(!link_exists(&t.client, &gso_if), "no funnel rule, no helper pair");
     let grown = env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
     eprintln!("adding funnel rules: {}", grown.stdout.trim());
     assert!(grown.stdout.contains("replaced"), "{}", grown.stdout);
-    assert!(helper_exists(&t.client, &gso_if), "the replacing load made the pair");
+    assert!(link_exists(&t.client, &gso_if), "the replacing load made the pair");
     let (n, wrong) = bulk(&t, 5201, 1 << 20);
     assert_eq!((n, wrong), (1 << 20, None), "funneled through the new detour");
 
     // gc removes the pair of an interface that went away.
-    assert!(helper_exists(&t.client, &gso_if));
+    assert!(link_exists(&t.client, &gso_if));
     common::topology::nsh(&t.client, &["ip", "link", "del", &t.c_if]);
-    assert!(helper_exists(&t.client, &gso_if), "the pair outlives the interface until gc");
+    assert!(link_exists(&t.client, &gso_if), "the pair outlives the interface until gc");
     let gc = sfunnel(&["gc"], &[]).expect_ok();
     eprintln!("gc: {}", gc.stdout);
-    assert!(!helper_exists(&t.client, &gso_if) && !helper_exists(&t.client, &seg_if), "gc removed the pair");
+    assert!(!link_exists(&t.client, &gso_if) && !link_exists(&t.client, &seg_if), "gc removed the pair");
     t.teardown();
 }
 

@@ -73,10 +73,7 @@ fn debug_logs_one_structured_line_per_event() {
     assert_eq!(find(&ev, "detour")["ifindex"], dev);
     let (gso_if, seg_if) = common::topology::helper_pair(dev.parse().expect("ifindex"), "egress");
     assert_eq!(find(&ev, "helper_created")["pair"], format!("{gso_if}/{seg_if}"));
-    let helper_up = || {
-        let mut cmd = common::topology::ns_cmd(&ns, &["ip", "link", "show", &gso_if]);
-        common::topology::run(&mut cmd, std::time::Duration::from_secs(10)).ok()
-    };
+    let helper_up = || common::topology::link_exists(&ns, &gso_if);
     assert!(helper_up(), "the helper pair exists after the load");
     assert_eq!(find(&ev, "ruleset")["rules"], "1");
     assert_eq!(find(&ev, "attach_mode")["iface"], iface);

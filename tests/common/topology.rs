@@ -182,6 +182,11 @@ pub fn ifindex(ns: &str, iface: &str) -> u32 {
     out.split(':').next().and_then(|i| i.trim().parse().ok()).unwrap_or_else(|| panic!("no index in {out:?}"))
 }
 
+/// Whether the interface `name` exists in the namespace `ns`.
+pub fn link_exists(ns: &str, name: &str) -> bool {
+    run(&mut ns_cmd(ns, &["ip", "link", "show", name]), Duration::from_secs(10)).ok()
+}
+
 /// The helper pair sfunnel makes for the attachment on the interface with
 /// index `ifindex` in `direction` (src/detour.rs): (the end GSO packets go
 /// out of, the end segments come in on).  Spelled here from the README,
