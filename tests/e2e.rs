@@ -32,7 +32,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 use common::capture::{complete_inner_csum, l4_of, Capture, Frame};
 use common::packet::{be16, check_funneled, diff, expected_funnel, expected_unfunnel, l4_header_len, Ip, Proto};
 use common::topology::{
-    attachment, env_load, env_unload, helper_pair, hook_prog_ids, ifindex, in_ns, ip_str, nsh, nstat, printed_prog_id,
-    prog_name, rule_packets, run, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts, CLIENT2_IP, CLIENT_IP,
-    PIN_ROOT, ROUTER_S_IP, SERVER_IP,
+    attachment, env_load, env_unload, helper_pair, hook_prog_ids, ifindex, in_ns, ip_str, nsh, nstat, pattern,
+    printed_prog_id, prog_name, rule_packets, run, sa, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts,
+    CLIENT2_IP, CLIENT_IP, PIN_ROOT, ROUTER_S_IP, SERVER_IP,
 };
 
 // ---------------------------------------------------------------------------
@@ -149,10 +149,6 @@ fn load_all(t: &Topo) {
 // ---------------------------------------------------------------------------
 // Sockets
 // ---------------------------------------------------------------------------
-
-fn sa(a: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(a), port))
-}
 
 fn set_rcvbuf(fd: i32, bytes: i32) {
     // SAFETY: setsockopt on a valid descriptor with an int value.
@@ -490,10 +486,6 @@ impl Captures {
         }
         out
     }
-}
-
-fn pattern(seed: usize, n: usize) -> Vec<u8> {
-    (0..n).map(|i| (seed.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (i >> 8).wrapping_mul(29)) as u8).collect()
 }
 
 fn udp_case(t: &Topo, combo: &Combo, payload: usize, case: usize) -> CaseResult {

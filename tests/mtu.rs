@@ -27,13 +27,15 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant};
 
 use common::capture::{l4_of, Capture, Frame};
 use common::packet::{addr, be16, checksum, Proto, ETH_HLEN, ETH_P_IP, IP_DF};
-use common::topology::{attachment, in_ns, ip_str, nsh, nstat, sfunnel, Topo, TopoOpts, CLIENT_IP, SERVER_IP};
+use common::topology::{
+    attachment, in_ns, ip_str, nsh, nstat, pattern, sa, sfunnel, Topo, TopoOpts, CLIENT_IP, SERVER_IP,
+};
 use serde_json::Value;
 
 const UDP_PORT: u16 = 4739;
@@ -55,10 +57,6 @@ const FULL_UDP: usize = MTU - 20 - 8;
 const FUNNEL_MTU: usize = MTU - 20;
 
 const CSUM_COUNTERS: [&str; 4] = ["UdpInCsumErrors", "TcpInCsumErrors", "UdpInErrors", "IpInHdrErrors"];
-
-fn sa(a: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(a), port))
-}
 
 /// The topology, MTU 1500 on the funneling ends, every rule loaded through
 /// the container interface with `OVER_MTU=<over_mtu>` (None: the default).
@@ -116,10 +114,6 @@ fn received(s: &UdpSocket, wait: Duration) -> Vec<Vec<u8>> {
         }
     }
     got
-}
-
-fn pattern(seed: usize, n: usize) -> Vec<u8> {
-    (0..n).map(|i| (seed.wrapping_mul(131) ^ i.wrapping_mul(7)) as u8).collect()
 }
 
 /// The path MTU the client's kernel has cached towards the server, if any

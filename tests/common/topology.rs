@@ -182,6 +182,16 @@ pub fn ifindex(ns: &str, iface: &str) -> u32 {
     out.split(':').next().and_then(|i| i.trim().parse().ok()).unwrap_or_else(|| panic!("no index in {out:?}"))
 }
 
+/// The socket address `a:port`.
+pub fn sa(a: [u8; 4], port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::from(a), port))
+}
+
+/// `n` bytes of test data that differ with `seed` and along the buffer.
+pub fn pattern(seed: usize, n: usize) -> Vec<u8> {
+    (0..n).map(|i| (seed.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (i >> 8).wrapping_mul(29)) as u8).collect()
+}
+
 /// Whether the interface `name` exists in the namespace `ns`.
 pub fn link_exists(ns: &str, name: &str) -> bool {
     run(&mut ns_cmd(ns, &["ip", "link", "show", name]), Duration::from_secs(10)).ok()
