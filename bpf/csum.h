@@ -53,7 +53,8 @@ static __always_inline __sum16 csum_replace16(__sum16 check, __be16 from, __be16
 	return ~csum_fold((__u32)(__u16)~check + (__u16)~from + to);
 }
 
-#define CSUM_CHUNK 256
+/* Its buffer is on the bpf_loop callback's stack, which adds to the caller's. */
+#define CSUM_CHUNK 128
 
 struct csum_walk {
 	struct __sk_buff *skb;

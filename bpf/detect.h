@@ -45,7 +45,7 @@ static __always_inline int outer_csum_implies(__u64 outer, __u8 inner_proto, __u
  * what it needs of struct pkt comes packed:
  *   at     = l4 | l4_csum << 16   (offset of the outer L4 header, its checksum)
  *   lens   = l4_len | l4_hlen << 16 | proto << 24
- *   addrs  = csum_word32(saddr) + csum_word32(daddr)
+ *   addrs  = the addresses' sum (pkt.addr_sum), of either family
  */
 static __always_inline __u32 fits_at(const struct pkt *p)
 {
@@ -59,7 +59,7 @@ static __always_inline __u32 fits_lens(const struct pkt *p)
 
 static __always_inline __u32 fits_addrs(const struct pkt *p)
 {
-	return csum_word32(p->saddr) + csum_word32(p->daddr);
+	return p->addr_sum;
 }
 
 /*

@@ -17,10 +17,15 @@
  * Only an inner UDP datagram sent without a checksum has its payload
  * summed.
  *
+ * IPv6 is funneled the same way, the header inserted right after the fixed
+ * 40-byte header (packets with extension headers never get here, parse.h);
+ * both pseudo-headers sum the same words once the addresses are summed
+ * (pkt.addr_sum), so the arithmetic is shared.
+ *
  * The IPv4 header is edited in place with RFC 1624 updates: a header whose
  * checksum stays valid keeps its sum, so skb->csum (CHECKSUM_COMPLETE on
- * ingress) stays right.  Bytes that change the sum go through helpers that
- * keep skb->csum in step.
+ * ingress) stays right.  Bytes that change the sum (the IPv6 header's, which
+ * has no checksum) go through helpers that keep skb->csum in step.
  */
 #ifndef SFUNNEL_FUNNEL_H
 #define SFUNNEL_FUNNEL_H
@@ -80,9 +85,36 @@ static __always_inline int move_ip_options(struct __sk_buff *skb, __u32 l3, __u3
 	return bpf_skb_store_bytes(skb, base + to_delta, opts, n, BPF_F_RECOMPUTE_CSUM);
 }
 
-/* Sets the IPv4 protocol and total length in place, checksum kept valid. */
-static __always_inline int set_ip_proto_len(struct __sk_buff *skb, __u8 proto, __u16 tot_len)
+/*
+ * Sets the IPv6 next header and payload length.  IPv6 has no header
+ * checksum to keep the sum of the header as it was, so the write goes
+ * through the helper that keeps skb->csum in step.
+ */
+static __always_inline int set_ipv6_proto_len(struct __sk_buff *skb, const struct pkt *p, __u8 proto, __u32 l4_len)
 {
+	/* payload_len, nexthdr and hop_limit: one 4-byte word at offset 4. */
+	__u8 w[4];
+	__u32 off = p->l3 + offsetof(struct ipv6hdr, payload_len);
+
+	if (bpf_skb_load_bytes(skb, off, w, sizeof(w)))
+		return -1;
+	w[0] = l4_len >> 8;
+	w[1] = l4_len & 0xff;
+	w[2] = proto;
+	return bpf_skb_store_bytes(skb, off, w, sizeof(w), BPF_F_RECOMPUTE_CSUM);
+}
+
+/*
+ * Sets the IP protocol (IPv6: next header) and the length for an L4 part of
+ * `l4_len` bytes.  An IPv4 header is edited in place, its checksum kept
+ * valid.
+ */
+static __always_inline int set_ip_proto_len(struct __sk_buff *skb, const struct pkt *p, __u8 proto, __u32 l4_len)
+{
+	if (p->family == SFUNNEL_FAMILY_IPV6)
+		return set_ipv6_proto_len(skb, p, proto, l4_len);
+
+	__u16 tot_len = p->ihl_len + l4_len;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
@@ -104,7 +136,7 @@ static __always_inline int set_ip_proto_len(struct __sk_buff *skb, __u8 proto, _
 static __always_inline int inner_csum_addrs(struct __sk_buff *skb, const struct pkt *p,
 					    __u32 inner_l4, __u8 inner_proto, int add)
 {
-	__u32 sum = csum_word32(p->saddr) + csum_word32(p->daddr);
+	__u32 sum = p->addr_sum;
 	__u32 diff = add ? sum : ~sum;
 	__u64 flags = BPF_F_PSEUDO_HDR;
 
@@ -125,10 +157,12 @@ static __always_inline int inner_csum_addrs(struct __sk_buff *skb, const struct 
 static __always_inline int write_funnel_header(struct __sk_buff *skb, const struct pkt *p, void *hdr,
 					       __u32 len, __u32 hdr_sum)
 {
-	if (p->ihl_len == sizeof(struct iphdr)) {
+	/* Verifier workaround: a bounded offset for direct access. */
+	__u32 l4 = p->l4;
+	if (!p->opts_len && l4 <= ETH_HLEN + IPV6_HLEN) {
 		void *data = (void *)(long)skb->data;
 		void *data_end = (void *)(long)skb->data_end;
-		void *at = data + ETH_HLEN + sizeof(struct iphdr);
+		void *at = data + l4;
 
 		if (at + sizeof(struct tcphdr) <= data_end) {
 			if (len == sizeof(struct tcphdr))
@@ -149,7 +183,8 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 	__u32 inner_len = p->l4_len;
 	__u32 new_l4_len = inner_len + hlen;
 
-	if (p->tot_len + hlen > 0xffff)
+	/* IPv4's tot_len, or IPv6's payload_len, must still hold the length. */
+	if ((p->family == SFUNNEL_FAMILY_IPV4 ? p->tot_len : p->l4_len) + hlen > 0xffff)
 		return FUNNEL_SKIP_TOO_BIG;
 
 	/* The inner segment's sum, before anything changes. */
@@ -163,13 +198,13 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 		sum = csum_segment_zero_addrs(p->proto, inner_len);
 	}
 	/* The outer pseudo-header; the header's own words come below. */
-	sum += csum_word32(p->saddr) + csum_word32(p->daddr) + csum_pseudo_proto_len(proto, new_l4_len);
+	sum += p->addr_sum + csum_pseudo_proto_len(proto, new_l4_len);
 
 	if (bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_NET, 0))
 		return FUNNEL_SKIP_ERROR;
 
 	/* From here on the packet has changed: any failure is FUNNEL_BROKEN. */
-	if (p->ihl_len > sizeof(struct iphdr) && move_ip_options(skb, p->l3, p->ihl_len, hlen, 0))
+	if (p->opts_len && move_ip_options(skb, p->l3, p->ihl_len, hlen, 0))
 		return FUNNEL_BROKEN;
 	if (!(p->proto == IPPROTO_UDP && p->l4_csum == 0) &&
 	    inner_csum_addrs(skb, p, p->l4 + hlen, p->proto, 0))
@@ -202,7 +237,7 @@ static __always_inline int funnel(struct __sk_buff *skb, const struct pkt *p, __
 			uh.check = 0xffff;
 		err = write_funnel_header(skb, p, &uh, sizeof(uh), hdr_sum + uh.check);
 	}
-	if (err || set_ip_proto_len(skb, proto, p->tot_len + hlen))
+	if (err || set_ip_proto_len(skb, p, proto, new_l4_len))
 		return FUNNEL_BROKEN;
 	bpf_set_hash_invalid(skb);
 	return FUNNEL_OK;
@@ -237,7 +272,7 @@ static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, 
 	if (read_inner_csum(skb, p->l4 + hlen + l4_csum_off(inner_proto), &inner_csum))
 		return FUNNEL_SKIP_ERROR;
 
-	if (p->ihl_len > sizeof(struct iphdr)) {
+	if (p->opts_len) {
 		/* Options first, over the funnel header; then the room goes. */
 		if (move_ip_options(skb, p->l3, p->ihl_len, 0, hlen))
 			return FUNNEL_SKIP_ERROR;
@@ -247,7 +282,7 @@ static __always_inline int unfunnel(struct __sk_buff *skb, const struct pkt *p, 
 		return FUNNEL_SKIP_ERROR;
 	}
 
-	if (set_ip_proto_len(skb, inner_proto, p->tot_len - hlen))
+	if (set_ip_proto_len(skb, p, inner_proto, p->l4_len - hlen))
 		return FUNNEL_BROKEN;
 	if (!(inner_proto == IPPROTO_UDP && inner_csum == 0) &&
 	    inner_csum_addrs(skb, p, p->l4, inner_proto, 1))

@@ -2,7 +2,7 @@
 /*
  * Rule lookup: classify each field, then probe only the shapes that can
  * still match.  The cost is bounded by the number of shapes (16 per
- * protocol), never by the number of rules.  See sfunnel.h for the layout.
+ * family and protocol), never by the number of rules.  See sfunnel.h for the layout.
  */
 #ifndef SFUNNEL_LOOKUP_H
 #define SFUNNEL_LOOKUP_H
@@ -18,32 +18,43 @@ struct match {
 	__u32 flags; /* sfunnel_params.flags */
 };
 
-static __always_inline int addr_class(const struct sfunnel_params *prm, void *trie, __u8 field, __be32 addr,
-				      __u32 *class, __u32 *shapes)
+/*
+ * The class of the packet's source (`daddr` 0) or destination address, and
+ * the shapes it allows.
+ */
+static __always_inline int addr_class(struct __sk_buff *skb, const struct sfunnel_params *prm, void *trie,
+				      const struct pkt *p, int daddr, __u32 *class, __u64 *shapes)
 {
-	/* The first octet is the first byte in network order. */
-	__u8 octet = ((__u8 *)&addr)[0];
+	struct sfunnel_addr_key k = {};
 
-	if (!((prm->octets[field & 1][octet >> 6] >> (octet & 63)) & 1)) {
-		/*
-		 * Verifier workaround: class 0 read from the map, not written as
-		 * a constant, so both paths reach the shape loop with the same
-		 * kind of state and the verifier prunes one of them (a constant
-		 * here doubles the time the program takes to load).
-		 */
-		*class = prm->root_class;
-		*shapes = prm->root_shapes[field & 1];
-		return 0;
+	if (p->family == SFUNNEL_FAMILY_IPV4) {
+		__be32 addr = daddr ? p->daddr : p->saddr;
+		/* The first octet is the first byte in network order. */
+		__u8 octet = ((__u8 *)&addr)[0];
+
+		if (!((prm->octets[daddr & 1][octet >> 6] >> (octet & 63)) & 1)) {
+			/*
+			 * Verifier workaround: class 0 read from the map, not written
+			 * as a constant, so both paths reach the shape loop with the
+			 * same kind of state and the verifier prunes one of them (a
+			 * constant here doubles the time the program takes to load).
+			 */
+			*class = prm->root_class;
+			*shapes = prm->root_shapes[daddr & 1];
+			return 0;
+		}
+		k.prefixlen = 64; /* field + pad + all 32 address bits */
+		k.field = daddr ? SFUNNEL_FIELD_DADDR : SFUNNEL_FIELD_SADDR;
+		__builtin_memcpy(k.addr, &addr, sizeof(addr));
+	} else {
+		k.prefixlen = 32 + 128;
+		k.field = daddr ? SFUNNEL_FIELD_DADDR6 : SFUNNEL_FIELD_SADDR6;
+		if (bpf_skb_load_bytes(skb, p->l3 + (daddr ? IPV6_DADDR_OFF : IPV6_SADDR_OFF), k.addr, sizeof(k.addr)))
+			return -1;
 	}
-
-	struct sfunnel_addr_key k = {
-		.prefixlen = 64, /* field + pad + all 32 address bits */
-		.field = field,
-		.addr = addr,
-	};
 	struct sfunnel_addr_class *c = bpf_map_lookup_elem(trie, &k);
 
-	/* The trie always holds 0.0.0.0/0 for a field in use. */
+	/* The trie always holds the root (0.0.0.0/0, ::/0) for a field in use. */
 	if (!c)
 		return -1;
 	*class = c->class;
@@ -63,8 +74,9 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	struct sfunnel_params *prm = bpf_map_lookup_elem(&params, &gen);
 	if (!prm)
 		return -1;
-	__u32 slot = p->proto == IPPROTO_TCP ? 0 : SHAPES_PER_PROTO;
-	__u32 shapes = prm->shapes >> slot;
+	__u32 slot = p->family * 2 + (p->proto == IPPROTO_UDP);
+	__u32 shift = (slot & (SLOTS - 1)) * SHAPES_PER_PROTO;
+	__u64 shapes = prm->shapes >> shift;
 
 	__u32 idx = gen * PORT_SPACE + p->sport;
 	struct sfunnel_port_class *sp = bpf_map_lookup_elem(&ports, &idx);
@@ -72,24 +84,25 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	struct sfunnel_port_class *dp = bpf_map_lookup_elem(&ports, &idx);
 	if (!sp || !dp)
 		return -1;
-	shapes &= (sp->sport_shapes >> slot) & (dp->dport_shapes >> slot) & 0xffff;
+	shapes &= (sp->sport_shapes >> shift) & (dp->dport_shapes >> shift) & 0xffff;
 	if (!shapes)
 		return -1;
 
-	__u32 sa = 0, da = 0, s;
+	__u32 sa = 0, da = 0;
+	__u64 s;
 	if (shapes & (SHAPESET_WITH_SADDR | SHAPESET_WITH_DADDR) & 0xffff) {
 		void *trie = bpf_map_lookup_elem(&addr_maps, &gen);
 		if (!trie)
 			return -1;
 		if (shapes & SHAPESET_WITH_SADDR & 0xffff) {
-			if (addr_class(prm, trie, SFUNNEL_FIELD_SADDR, p->saddr, &sa, &s))
+			if (addr_class(skb, prm, trie, p, 0, &sa, &s))
 				return -1;
-			shapes &= s >> slot;
+			shapes &= s >> shift;
 		}
 		if (shapes & SHAPESET_WITH_DADDR & 0xffff) {
-			if (addr_class(prm, trie, SFUNNEL_FIELD_DADDR, p->daddr, &da, &s))
+			if (addr_class(skb, prm, trie, p, 1, &da, &s))
 				return -1;
-			shapes &= s >> slot;
+			shapes &= s >> shift;
 		}
 		shapes &= 0xffff;
 		if (!shapes)
@@ -103,9 +116,10 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	struct sfunnel_rule_key key = {};
 	const struct sfunnel_rule_val *best = NULL;
 	key.proto = p->proto;
-	/* Only packets of a protocol whose rules use `funneled` pay for the
-	 * test (detect.h). */
-	if (prm->flags & (1 << (slot / SHAPES_PER_PROTO)))
+	key.family = p->family;
+	/* Only packets of a family and protocol whose rules use `funneled`
+	 * pay for the test (detect.h). */
+	if (prm->flags & (1 << slot))
 		key.funneled = looks_funneled(skb, p);
 	for (__u32 shape = 0; shape < SHAPES_PER_PROTO; shape++) {
 		if (!(shapes >> shape))

@@ -129,8 +129,9 @@ struct {
 } stats SEC(".maps");
 
 /*
- * Per-CPU scratch space for the ICMP reply mtu.h builds: with the rest of
- * the program's frame it would not fit the 512-byte stack.
+ * Per-CPU scratch space for mtu.h (the FIB lookup's parameters, then the
+ * ICMP reply it builds): with the rest of the program's frame they would
+ * not fit the 512-byte stack.
  */
 #define SCRATCH_SIZE 128
 struct {

@@ -4,7 +4,7 @@
  * funneled.  By default it is dropped, and when its DF bit is set the
  * sender gets an ICMP "fragmentation needed" naming the MTU less the
  * funnel header, so path MTU discovery shrinks its packets until they fit
- * funneled.  With SFUNNEL_PARAMS_OVER_MTU_PASS it is passed unfunneled instead.
+ * funneled.  An IPv6 sender always gets an ICMPv6 "packet too big".  With SFUNNEL_PARAMS_OVER_MTU_PASS it is passed unfunneled instead.
  *
  * Which MTU:
  *  - egress: the device this program is attached to (bpf_check_mtu);
@@ -32,6 +32,9 @@
 
 /* Spelled out here: linux/icmp.h pulls in libc headers. */
 #define SFUNNEL_AF_INET 2
+#define SFUNNEL_AF_INET6 10
+#define ICMPV6_PKT_TOOBIG 2
+#define IPPROTO_ICMPV6_ 58
 #define IP_DF_FLAG 0x4000 /* host order */
 #define ICMP_DEST_UNREACH 3
 #define ICMP_FRAG_NEEDED 4
@@ -54,19 +57,31 @@ struct icmp_frag_hdr {
 static __always_inline __u32 route_mtu_if_over(struct __sk_buff *skb, const struct pkt *p, __u32 len,
 						__u32 in_ifindex)
 {
-	struct bpf_fib_lookup f = {
-		.family = SFUNNEL_AF_INET,
-		.l4_protocol = p->proto,
-		.sport = bpf_htons(p->sport),
-		.dport = bpf_htons(p->dport),
-		.tot_len = len,
-		.ifindex = in_ifindex,
-		.ipv4_src = p->saddr,
-		.ipv4_dst = p->daddr,
-	};
+	__u32 zero = 0;
+	/* In the scratch map: on the stack it takes 64 of the 512 bytes. */
+	struct bpf_fib_lookup *f = bpf_map_lookup_elem(&scratch, &zero);
+	_Static_assert(sizeof(*f) <= SCRATCH_SIZE, "the lookup must fit the scratch map");
 
-	if (bpf_fib_lookup(skb, &f, sizeof(f), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return f.mtu_result;
+	if (!f)
+		return 0;
+	__builtin_memset(f, 0, sizeof(*f));
+	f->family = SFUNNEL_AF_INET;
+	f->l4_protocol = p->proto;
+	f->sport = bpf_htons(p->sport);
+	f->dport = bpf_htons(p->dport);
+	f->tot_len = len;
+	f->ifindex = in_ifindex;
+	if (p->family == SFUNNEL_FAMILY_IPV6) {
+		f->family = SFUNNEL_AF_INET6;
+		/* Both addresses: ipv6_src and ipv6_dst follow each other, as in the header. */
+		if (bpf_skb_load_bytes(skb, p->l3 + IPV6_SADDR_OFF, f->ipv6_src, 2 * sizeof(f->ipv6_src)))
+			return 0;
+	} else {
+		f->ipv4_src = p->saddr;
+		f->ipv4_dst = p->daddr;
+	}
+	if (bpf_fib_lookup(skb, f, sizeof(*f), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return f->mtu_result;
 	return 0;
 }
 
@@ -117,6 +132,80 @@ struct frag_needed {
 	__u8 quote[IPV4_MAX_HLEN + 8]; /* the IP header and 8 bytes of L4 */
 };
 
+/* The reply goes back where the packet came from.  (In the scratch map:
+ * the stack is short.) */
+static __always_inline void swap_macs(struct ethhdr *eth)
+{
+	__u8 tmp[ETH_ALEN];
+
+	__builtin_memcpy(tmp, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, tmp, ETH_ALEN);
+}
+
+/* ICMPv6 "packet too big" (RFC 4443 §3.2). */
+struct icmp6_too_big_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be32 mtu;
+};
+
+/* The IPv6 reply, as it goes on the wire from `eth` on. */
+struct too_big6 {
+	__u8 align[2];
+	struct ethhdr eth;
+	struct ipv6hdr ip6;
+	struct icmp6_too_big_hdr icmp;
+	__u8 quote[IPV6_HLEN + 8]; /* the IPv6 header and 8 bytes of L4 */
+};
+
+/*
+ * The IPv6 form of reply_frag_needed (below): an ICMPv6 "packet too big"
+ * to the sender, whatever the packet (IPv6 has no DF bit: routers never
+ * fragment).  Its quote is the IPv6 header and the first 8 bytes of L4,
+ * which is what the sender's stack needs to find the socket.
+ */
+static __always_inline int reply_too_big6(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags)
+{
+	__u32 zero = 0;
+	struct too_big6 *r = bpf_map_lookup_elem(&scratch, &zero);
+	_Static_assert(sizeof(*r) <= SCRATCH_SIZE, "the reply must fit the scratch map");
+
+	if (!r)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 0, &r->eth, sizeof(r->eth)) ||
+	    bpf_skb_load_bytes(skb, p->l3, r->quote, sizeof(r->quote)))
+		return -1;
+	swap_macs(&r->eth);
+	r->eth.h_proto = bpf_htons(ETH_P_IPV6);
+	/* Version 6, traffic class 0, flow label 0. */
+	__builtin_memset(&r->ip6, 0, 4);
+	r->ip6.version = 6;
+	r->ip6.payload_len = bpf_htons(sizeof(r->icmp) + sizeof(r->quote));
+	r->ip6.nexthdr = IPPROTO_ICMPV6_;
+	r->ip6.hop_limit = 255;
+	/* From the address the packet was for: on the path the sender knows. */
+	__builtin_memcpy(&r->ip6.saddr, r->quote + IPV6_DADDR_OFF, sizeof(r->ip6.saddr));
+	__builtin_memcpy(&r->ip6.daddr, r->quote + IPV6_SADDR_OFF, sizeof(r->ip6.daddr));
+	r->icmp.type = ICMPV6_PKT_TOOBIG;
+	r->icmp.code = 0;
+	r->icmp.checksum = 0;
+	r->icmp.mtu = bpf_htonl(mtu);
+	/* The pseudo-header (addresses, length, next header), then the message. */
+	__u64 sum = p->addr_sum + csum_pseudo_proto_len(IPPROTO_ICMPV6_, sizeof(r->icmp) + sizeof(r->quote));
+	__s64 body = bpf_csum_diff(0, 0, (__be32 *)&r->icmp, sizeof(r->icmp) + sizeof(r->quote), 0);
+	if (body < 0)
+		return -1;
+	r->icmp.checksum = ~csum_fold(sum + (__u32)body);
+	__u32 len = sizeof(r->eth) + sizeof(r->ip6) + sizeof(r->icmp) + sizeof(r->quote);
+	if (bpf_skb_change_tail(skb, len, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, &r->eth, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
+		return -1;
+	return bpf_redirect(skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
+}
+
 /*
  * Turns the packet into an ICMP "fragmentation needed" (next-hop MTU
  * `mtu`) to its sender and returns the redirect verdict that delivers it:
@@ -129,23 +218,23 @@ static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct
 {
 	__u32 zero = 0;
 	struct frag_needed *r = bpf_map_lookup_elem(&scratch, &zero);
-	struct ethhdr eth;
 	__u32 qlen = p->ihl_len + 8;
 
 	_Static_assert(sizeof(*r) <= SCRATCH_SIZE, "the reply must fit the scratch map");
+	if (p->family == SFUNNEL_FAMILY_IPV6)
+		return reply_too_big6(skb, p, mtu, flags);
 	if (!r)
 		return -1;
 	/* Verifier workaround: restate the bounds of the quote's length. */
 	if (qlen < sizeof(struct iphdr) + 8 || qlen > sizeof(r->quote))
 		return -1;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) || bpf_skb_load_bytes(skb, p->l3, r->quote, qlen))
+	if (bpf_skb_load_bytes(skb, 0, &r->eth, sizeof(r->eth)) || bpf_skb_load_bytes(skb, p->l3, r->quote, qlen))
 		return -1;
 	if (!(bpf_ntohs(((struct iphdr *)r->quote)->frag_off) & IP_DF_FLAG))
 		return -1;
 
 	/* Every byte up to the quote is written: the scratch holds old data. */
-	__builtin_memcpy(r->eth.h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(r->eth.h_source, eth.h_dest, ETH_ALEN);
+	swap_macs(&r->eth);
 	r->eth.h_proto = bpf_htons(ETH_P_IP);
 	r->ip.version = 4;
 	r->ip.ihl = sizeof(struct iphdr) / 4;

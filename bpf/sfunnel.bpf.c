@@ -43,11 +43,12 @@ int sfunnel(struct __sk_buff *skb)
 	if (detour_returned(skb))
 		return TC_ACT_UNSPEC;
 
-	int rc = parse_ipv4(skb, &p);
+	int rc = parse_ip(skb, &p);
 
 	if (rc != PARSE_OK) {
 		count_stat(rc == PARSE_FRAGMENT    ? SFUNNEL_STAT_FRAGMENT :
 			   rc == PARSE_NOT_IPV4 ? SFUNNEL_STAT_NOT_IPV4 :
+			   rc == PARSE_IPV6_EXT ? SFUNNEL_STAT_IPV6_EXT :
 						  SFUNNEL_STAT_MALFORMED);
 		return TC_ACT_UNSPEC;
 	}
@@ -136,10 +137,9 @@ int sfunnel_detour(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	__u32 dev = d->dev_ifindex;
 
-	/* Only IPv4 packets to funnel are sent here (segments of GSO ones,
-	 * and TCP); anything else is the helper's own traffic, and never
-	 * leaves. */
-	if (parse_ipv4(skb, &p) != PARSE_OK)
+	/* Only IP packets to funnel are sent here (segments of GSO ones, and
+	 * TCP); anything else is the helper's own traffic, and never leaves. */
+	if (parse_ip(skb, &p) != PARSE_OK)
 		return TC_ACT_SHOT;
 	/* The ruleset may have changed since: a packet that no funnel rule
 	 * matches now goes on unchanged. */

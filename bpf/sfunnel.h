@@ -6,12 +6,16 @@
  *
  * How a ruleset is laid out (see src/ruleset/compile.rs for the compiler):
  *
+ *  - A rule is of one family, IPv4 (`ip`, the default) or IPv6 (`ip6`), and
+ *    one protocol; the pair is its *slot* (SLOT_*).
  *  - Each field a rule can constrain (saddr, daddr, sport, dport) is first
  *    mapped to a small *class* id: ports through a 65536-entry array, addresses
- *    through an LPM trie holding every prefix the ruleset names.
+ *    through an LPM trie holding every prefix the ruleset names (classes of
+ *    IPv4 and IPv6 addresses are numbered apart).
  *  - A rule's *shape* is the set of fields it constrains (SHAPE_* bits).  For
  *    each shape there is one exact-match key space in the rules hash map,
- *    keyed by the classes of the fields of that shape and the protocol.
+ *    keyed by the classes of the fields of that shape, the family and the
+ *    protocol.
  *  - Every class also carries the set of shapes that can still match a packet
  *    in that class, so a packet only probes the shapes that can hit, and a
  *    miss usually ends after the array lookups.
@@ -34,7 +38,7 @@
 
 #include <linux/types.h>
 
-#define SFUNNEL_ABI_VERSION 4
+#define SFUNNEL_ABI_VERSION 5
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -44,11 +48,25 @@
 #define SHAPES_PER_PROTO 16
 
 /*
- * A shape set is a __u32: bit (slot * 16 + shape), slot 0 for TCP and 1 for
- * UDP.  These masks pick the shapes that need an address lookup.
+ * A shape set is a __u64: bit (slot * 16 + shape), one slot per family and
+ * protocol (SLOT_*).  These masks pick the shapes that need an address
+ * lookup.
  */
-#define SHAPESET_WITH_SADDR 0xAAAAAAAAu
-#define SHAPESET_WITH_DADDR 0xCCCCCCCCu
+#define SHAPESET_WITH_SADDR 0xAAAAAAAAAAAAAAAAull
+#define SHAPESET_WITH_DADDR 0xCCCCCCCCCCCCCCCCull
+
+/* Shape-set slots: IPv4 TCP, IPv4 UDP, IPv6 TCP, IPv6 UDP. */
+#define SLOT_TCP4 0
+#define SLOT_UDP4 1
+#define SLOT_TCP6 2
+#define SLOT_UDP6 3
+#define SLOTS 4
+
+/* sfunnel_rule_key.family and the family half of an address field. */
+enum sfunnel_family {
+	SFUNNEL_FAMILY_IPV4 = 0,
+	SFUNNEL_FAMILY_IPV6 = 1,
+};
 
 #define PORT_SPACE 65536
 #define GENERATIONS 2
@@ -66,60 +84,69 @@ enum sfunnel_action {
 #define SFUNNEL_INNER_AUTO 0
 
 /*
- * sfunnel_params.flags.  From the ruleset: some rule of that protocol uses
- * `funneled` (bit = slot).  From the loader, per attachment: the direction,
- * and what becomes of a packet too big to funnel (mtu.h).
+ * sfunnel_params.flags.  From the ruleset: some rule of that family and
+ * protocol uses `funneled` (bit = 1 << slot).  From the loader, per
+ * attachment: the direction, and what becomes of a packet too big to
+ * funnel (mtu.h).
  */
-#define SFUNNEL_PARAMS_FUNNELED_TCP 0x1
-#define SFUNNEL_PARAMS_FUNNELED_UDP 0x2
-#define SFUNNEL_PARAMS_EGRESS 0x4        /* attached to egress (else ingress) */
-#define SFUNNEL_PARAMS_OVER_MTU_PASS 0x8 /* over the MTU: pass unfunneled (else drop) */
+#define SFUNNEL_PARAMS_FUNNELED_TCP 0x1  /* IPv4 */
+#define SFUNNEL_PARAMS_FUNNELED_UDP 0x2  /* IPv4 */
+#define SFUNNEL_PARAMS_FUNNELED_TCP6 0x4
+#define SFUNNEL_PARAMS_FUNNELED_UDP6 0x8
+#define SFUNNEL_PARAMS_EGRESS 0x10        /* attached to egress (else ingress) */
+#define SFUNNEL_PARAMS_OVER_MTU_PASS 0x20 /* over the MTU: pass unfunneled (else drop) */
 
+/* sfunnel_addr_key.field: family * 2 + the header field. */
 enum sfunnel_addr_field {
 	SFUNNEL_FIELD_SADDR = 0,
 	SFUNNEL_FIELD_DADDR = 1,
+	SFUNNEL_FIELD_SADDR6 = 2,
+	SFUNNEL_FIELD_DADDR6 = 3,
 };
 
 /* `params[gen]`: what a generation's ruleset needs to be walked. */
 struct sfunnel_params {
-	__u32 shapes;         /* shape set of every rule in the ruleset */
+	__u64 shapes;         /* shape set of every rule in the ruleset */
 	__u32 nrules;
 	__u32 counter_stride; /* counters per CPU: nrules padded to a cache line */
 	__u32 root_class;     /* 0: the class of 0.0.0.0/0 (see lookup.h) */
+	__u32 flags;          /* SFUNNEL_PARAMS_* */
 	/*
-	 * Per address field (SFUNNEL_FIELD_*): the first octets that some
-	 * named prefix covers, as a 256-bit set.  An address whose first octet
-	 * is not in it can only be in class 0 (0.0.0.0/0), whose shape set is
-	 * `root_shapes`: the LPM lookup is skipped.
+	 * Per IPv4 address field (SFUNNEL_FIELD_SADDR, _DADDR): the first
+	 * octets that some named prefix covers, as a 256-bit set.  An address
+	 * whose first octet is not in it can only be in class 0 (0.0.0.0/0),
+	 * whose shape set is `root_shapes`: the LPM lookup is skipped.
 	 */
 	__u64 octets[2][4];
-	__u32 root_shapes[2];
-	__u32 flags; /* SFUNNEL_PARAMS_* */
-	__u32 pad;   /* zero */
+	__u64 root_shapes[2];
 };
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */
 struct sfunnel_port_class {
 	__u16 sport_class;
 	__u16 dport_class;
-	__u32 sport_shapes; /* shapes that can match with this source port */
-	__u32 dport_shapes; /* shapes that can match with this destination port */
+	__u32 pad;          /* zero */
+	__u64 sport_shapes; /* shapes that can match with this source port */
+	__u64 dport_shapes; /* shapes that can match with this destination port */
 };
 
 /*
- * Key of the address LPM trie.  The trie compares `field`, `pad` and `addr`
- * as one bit string, so prefixlen = 32 + the address prefix length.
+ * Key of the address LPM trie, one trie for both families.  The trie
+ * compares `field`, `pad` and `addr` as one bit string, so prefixlen = 32 +
+ * the address prefix length.  An IPv4 address takes addr[0..4]; the field
+ * keeps the families apart.
  */
 struct sfunnel_addr_key {
 	__u32 prefixlen;
 	__u8 field;  /* enum sfunnel_addr_field */
 	__u8 pad[3]; /* zero */
-	__be32 addr;
+	__u8 addr[16];
 };
 
 struct sfunnel_addr_class {
 	__u32 class;
-	__u32 shapes; /* shapes that can match with an address in this class */
+	__u32 pad;    /* zero */
+	__u64 shapes; /* shapes that can match with an address in this class */
 };
 
 /* Key of the rules hash map.  Fields outside `shape` are zero. */
@@ -131,7 +158,7 @@ struct sfunnel_rule_key {
 	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP: the packet's L4 protocol */
 	__u8 shape;
 	__u8 funneled; /* 1: the packet looks funneled; 0 unless SFUNNEL_PARAMS_FUNNELED_* */
-	__u8 pad;
+	__u8 family;   /* enum sfunnel_family: classes are per family */
 };
 
 struct sfunnel_rule_val {
@@ -145,7 +172,7 @@ struct sfunnel_rule_val {
 
 /* Index of the per-CPU `stats` array: why a packet was left alone. */
 enum sfunnel_stat {
-	SFUNNEL_STAT_NOT_IPV4 = 0,   /* not IPv4 TCP/UDP */
+	SFUNNEL_STAT_NOT_IPV4 = 0,   /* not IPv4 or IPv6 TCP/UDP */
 	SFUNNEL_STAT_FRAGMENT = 1,   /* an IP fragment: no L4 header to trust */
 	SFUNNEL_STAT_MALFORMED = 2,  /* truncated or inconsistent headers */
 	SFUNNEL_STAT_MISS = 3,       /* no rule matched */
@@ -153,7 +180,8 @@ enum sfunnel_stat {
 	SFUNNEL_STAT_ERROR = 5,      /* a helper failed; see the verdict */
 	SFUNNEL_STAT_UNDECIDED = 6,  /* unfunnel auto: the inner header fits neither or both protocols */
 	SFUNNEL_STAT_OVER_MTU = 7,   /* funneled, it would not fit the MTU */
-	SFUNNEL_STAT_MAX = 8,
+	SFUNNEL_STAT_IPV6_EXT = 8,   /* IPv6 with extension headers (not a fragment) */
+	SFUNNEL_STAT_MAX = 9,
 };
 
 /*

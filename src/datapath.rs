@@ -65,10 +65,10 @@ macro_rules! pod {
 }
 
 pod! {
-    sfunnel_params = 96,
-    sfunnel_port_class = 12,
-    sfunnel_addr_key = 12,
-    sfunnel_addr_class = 8,
+    sfunnel_params = 104,
+    sfunnel_port_class = 24,
+    sfunnel_addr_key = 24,
+    sfunnel_addr_class = 16,
     sfunnel_rule_key = 16,
     sfunnel_rule_val = 12,
     sfunnel_counter = 32,

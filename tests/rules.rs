@@ -4,7 +4,9 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use sfunnel::ruleset::ast::{AddrMatch, Ipv4Net, PortMatch, PortSet};
+use std::net::IpAddr;
+
+use sfunnel::ruleset::ast::{AddrMatch, Family, IpNet, Ipv4Net, Ipv6Net, PortMatch, PortSet};
 use sfunnel::ruleset::lookup::Reference;
 use sfunnel::ruleset::{compile, load, parse, Action, Match, PacketFields, Proto, Rule, Ruleset};
 
@@ -47,7 +49,7 @@ fn sets_ranges_and_negations() {
         m.dport,
         Some(PortMatch { negated: true, ports: PortSet::new(vec![(80, 81), (443, 443), (1000, 2000)]) })
     );
-    assert_eq!(m.saddr, Some(AddrMatch { negated: true, net: Ipv4Net::new(0x0a00_0000, 8) }));
+    assert_eq!(m.saddr, Some(AddrMatch { negated: true, net: IpNet::V4(Ipv4Net::new(0x0a00_0000, 8)) }));
     assert_eq!(
         rs.rules[0].to_string(),
         "ip saddr != 10.0.0.0/8 tcp sport 1024-65535 dport != { 80-81, 443, 1000-2000 } actions accept"
@@ -73,6 +75,54 @@ fn funneled_and_unfunnel_auto() {
     assert_eq!(j["rules"][0]["match"]["funneled"], true);
     assert_eq!(j["rules"][0]["action"]["type"], "unfunnel_auto");
     assert!(j["rules"][1]["match"].get("funneled").is_none());
+}
+
+#[test]
+fn ip6_rules_and_their_family() {
+    let rs = parse(
+        "ip6 saddr 2001:db8::/32 daddr != fd00::1 tcp dport 8080 actions funnel tcp sport 540 dport 80\n\
+         ip6 udp dport 4739 funnel udp sport 541 dport 81\n\
+         daddr 2001:DB8:0:0:1::/80 tcp accept\n\
+         ip6 daddr ::ffff:10.0.0.1 udp drop\n\
+         tcp dport 22 drop",
+    )
+    .unwrap();
+    let fam: Vec<Family> = rs.rules.iter().map(|r| r.matches.family).collect();
+    // An IPv6 address makes the rule IPv6 without the word; none: IPv4.
+    assert_eq!(fam, [Family::Ip6, Family::Ip6, Family::Ip6, Family::Ip6, Family::Ip]);
+    assert_eq!(
+        rs.rules[0].matches.saddr,
+        Some(AddrMatch { negated: false, net: IpNet::V6(Ipv6Net::new(0x2001_0db8 << 96, 32)) })
+    );
+    // Host bits are cleared; the canonical form names the family.
+    assert_eq!(
+        rs.to_string(),
+        "ip6 saddr 2001:db8::/32 daddr != fd00::1 tcp dport 8080 actions funnel tcp sport 540 dport 80\n\
+         ip6 udp dport 4739 actions funnel udp sport 541 dport 81\n\
+         ip6 daddr 2001:db8:0:0:1::/80 tcp actions accept\n\
+         ip6 daddr ::ffff:10.0.0.1 udp actions drop\n\
+         tcp dport 22 actions drop\n"
+    );
+    assert_eq!(parse(&rs.to_string()).unwrap(), rs);
+    // An IPv4 rule never matches an IPv6 packet, and the reverse.
+    let v4 = parse("tcp dport 80 accept").unwrap();
+    let v6 = parse("ip6 tcp dport 80 accept").unwrap();
+    let pkt = |a: &str| PacketFields {
+        saddr: a.parse().unwrap(),
+        daddr: a.parse().unwrap(),
+        proto: Proto::Tcp,
+        sport: 1,
+        dport: 80,
+        funneled: false,
+    };
+    assert_eq!((v4.first_match(&pkt("10.0.0.1")), v4.first_match(&pkt("fd00::1"))), (Some(0), None));
+    assert_eq!((v6.first_match(&pkt("10.0.0.1")), v6.first_match(&pkt("fd00::1"))), (None, Some(0)));
+    for rs in [v4, v6] {
+        let c = compile(&rs).unwrap();
+        let r = Reference::new(&c);
+        assert_eq!(r.lookup(&pkt("10.0.0.1")), rs.first_match(&pkt("10.0.0.1")).map(|i| i as u32));
+        assert_eq!(r.lookup(&pkt("fd00::1")), rs.first_match(&pkt("fd00::1")).map(|i| i as u32));
+    }
 }
 
 #[test]
@@ -107,8 +157,8 @@ const BAD: &[(&str, usize, usize, &str)] = &[
     ("tcp dport 80-70 accept", 1, 11, "range 80-70 is empty: its start is after its end"),
     ("tcp daddr 1.2.3.4/33 accept", 1, 19, "prefix length 33 is longer than 32"),
     ("tcp saddr 300.1.1.1 accept", 1, 11, "`300` is not an address byte (0-255)"),
-    ("tcp saddr 1.2.3 accept", 1, 11, "expected an IPv4 address or prefix (like 10.0.0.0/8), found `1.2.3`"),
-    ("tcp saddr 1.2.3.4/ accept", 1, 19, "expected a prefix length (0-32), found a space"),
+    ("tcp saddr 1.2.3 accept", 1, 11, "expected an address or prefix (like 10.0.0.0/8 or fd00::/8), found `1.2.3`"),
+    ("tcp saddr 1.2.3.4/ accept", 1, 19, "expected a prefix length (0-32, or 0-128 for IPv6), found a space"),
     ("tcp dport 80 accept drop", 1, 14, "`accept` cannot be combined with other actions"),
     ("tcp drop funnel tcp sport 1 dport 2", 1, 5, "`drop` cannot be combined with other actions"),
     (
@@ -124,6 +174,20 @@ const BAD: &[(&str, usize, usize, &str)] = &[
     ("tcp tcp accept", 1, 5, "`tcp` given twice"),
     ("tcp udp accept", 1, 5, "`udp` after `tcp`: a rule matches exactly one of tcp or udp"),
     ("tcp ip ip accept", 1, 8, "`ip` given twice"),
+    ("ip6 ip tcp accept", 1, 5, "`ip` after `ip6`: a rule matches one family, IPv4 (`ip`) or IPv6 (`ip6`)"),
+    ("ip6 daddr 2001:db8::/129 tcp accept", 1, 22, "prefix length 129 is longer than 128"),
+    ("ip6 daddr 2001:db8:::1 tcp accept", 1, 11, "`2001:db8:::1` is not an IPv6 address (like 2001:db8::1 or fd00::/8)"),
+    ("ip6 daddr 1:2:3:4:5:6:7:8:9 tcp accept", 1, 11, "`1:2:3:4:5:6:7:8:9` is not an IPv6 address (like 2001:db8::1 or fd00::/8)"),
+    ("ip6 saddr 10.0.0.1 tcp accept", 1, 11, "`10.0.0.1` is an IPv4 address, but this `ip6` rule matches IPv6 packets only"),
+    ("ip daddr fd00::1 tcp accept", 1, 10, "`fd00::1` is an IPv6 address, but this `ip` rule matches IPv4 packets only"),
+    (
+        "saddr 10.0.0.1 daddr fd00::/8 udp drop",
+        1,
+        22,
+        "`fd00::/8` is an IPv6 address, but this rule's first address is not: a rule matches one family; write two rules",
+    ),
+    ("ip6 ip6 udp drop", 1, 5, "`ip6` given twice"),
+    ("ip66 udp drop", 1, 1, "unknown word `ip66`; did you mean `ip6`?"),
     ("dport 80 accept", 1, 1, "a rule needs `tcp` or `udp`: which protocol does it match?"),
     (
         "tcp dport 80",
@@ -142,7 +206,7 @@ const BAD: &[(&str, usize, usize, &str)] = &[
     ("funneled dport 80 unfunnel auto", 1, 1, "`funneled` needs `tcp` or `udp`: it tests the funnel header of that protocol"),
     ("tcp funneledd accept", 1, 5, "unknown word `funneledd`; did you mean `funneled`?"),
     ("tcp funnel auto sport 1 dport 2", 1, 12, "expected `tcp` or `udp`, found `auto`"),
-    ("tcp funneled = 1 accept", 1, 14, "expected a match (ip, saddr, daddr, tcp, udp, sport, dport, funneled), `actions` or an action (funnel, unfunnel, accept, drop), found `=`"),
+    ("tcp funneled = 1 accept", 1, 14, "expected a match (ip, ip6, saddr, daddr, tcp, udp, sport, dport, funneled), `actions` or an action (funnel, unfunnel, accept, drop), found `=`"),
     ("tcp dport 80 actions actions accept", 1, 22, "expected an action (funnel, unfunnel, accept, drop), found `actions`"),
     ("tcp accept\ntcp accept\n   udp dport 99999 drop", 3, 14, "port 99999 is out of range: expected a port number (1-65535)"),
     ("tcp accept; udp sport 5 sport 6 drop", 1, 25, "`sport` given twice"),
@@ -150,7 +214,7 @@ const BAD: &[(&str, usize, usize, &str)] = &[
         "tcp accept extra",
         1,
         12,
-        "unknown word `extra`; rules are made of matches (ip, saddr, daddr, tcp, udp, sport, dport, funneled) and actions (funnel, unfunnel, accept, drop)",
+        "unknown word `extra`; rules are made of matches (ip, ip6, saddr, daddr, tcp, udp, sport, dport, funneled) and actions (funnel, unfunnel, accept, drop)",
     ),
 ];
 
@@ -200,15 +264,31 @@ fn a_ruleset_over_the_entry_cap_is_refused_with_its_line() {
 /// Addresses and ports are drawn from small pools so that rules overlap,
 /// nest and shadow each other, and packets land on every boundary.
 const BASES: [u32; 4] = [0x0a00_0000, 0x0a01_0000, 0xc0a8_0101, 0x0a01_0203];
+const BASES6: [u128; 4] = [
+    0x2001_0db8 << 96,
+    0x2001_0db8_0001 << 80,
+    0xfd00_0000_0000_0000_0000_0001_0002_0003,
+    (0x2001_0db8 << 96) | 1,
+];
 const PORTS: [u16; 8] = [1, 79, 80, 81, 443, 1000, 2000, 65535];
 
-fn arb_net() -> impl Strategy<Value = Ipv4Net> {
-    (prop::sample::select(&BASES[..]), prop::sample::select(&[0u8, 1, 8, 16, 24, 31, 32][..]))
-        .prop_map(|(a, l)| Ipv4Net::new(a, l))
+fn arb_family() -> impl Strategy<Value = Family> {
+    prop_oneof![Just(Family::Ip), Just(Family::Ip6)]
 }
 
-fn arb_addr_match() -> impl Strategy<Value = Option<AddrMatch>> {
-    prop::option::weighted(0.5, (any::<bool>(), arb_net()).prop_map(|(negated, net)| AddrMatch { negated, net }))
+fn arb_net(family: Family) -> BoxedStrategy<IpNet> {
+    match family {
+        Family::Ip => (prop::sample::select(&BASES[..]), prop::sample::select(&[0u8, 1, 8, 16, 24, 31, 32][..]))
+            .prop_map(|(a, l)| IpNet::V4(Ipv4Net::new(a, l)))
+            .boxed(),
+        Family::Ip6 => (prop::sample::select(&BASES6[..]), prop::sample::select(&[0u8, 1, 16, 32, 48, 80, 127, 128][..]))
+            .prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(a, l)))
+            .boxed(),
+    }
+}
+
+fn arb_addr_match(family: Family) -> impl Strategy<Value = Option<AddrMatch>> {
+    prop::option::weighted(0.5, (any::<bool>(), arb_net(family)).prop_map(|(negated, net)| AddrMatch { negated, net }))
 }
 
 fn arb_port_match() -> impl Strategy<Value = Option<PortMatch>> {
@@ -238,26 +318,40 @@ fn arb_action() -> impl Strategy<Value = Action> {
 }
 
 fn arb_rule() -> impl Strategy<Value = Rule> {
-    (
-        arb_addr_match(),
-        arb_addr_match(),
-        arb_proto(),
-        arb_port_match(),
-        arb_port_match(),
-        prop::bool::weighted(0.25),
-        arb_action(),
-    )
-        .prop_map(|(saddr, daddr, proto, sport, dport, funneled, action)| Rule {
-            matches: Match { saddr, daddr, proto, sport, dport, funneled },
-            action,
-            pos: Default::default(),
-        })
+    arb_family().prop_flat_map(|family| {
+        (
+            arb_addr_match(family),
+            arb_addr_match(family),
+            arb_proto(),
+            arb_port_match(),
+            arb_port_match(),
+            prop::bool::weighted(0.25),
+            arb_action(),
+        )
+            .prop_map(move |(saddr, daddr, proto, sport, dport, funneled, action)| Rule {
+                matches: Match { family, saddr, daddr, proto, sport, dport, funneled },
+                action,
+                pos: Default::default(),
+            })
+    })
 }
 
-fn arb_addr() -> impl Strategy<Value = u32> {
+fn arb_addr(family: Family) -> BoxedStrategy<IpAddr> {
     // Near the pool: the base itself, and a few bits flipped at prefix edges.
-    (prop::sample::select(&BASES[..]), prop::sample::select(&[0u32, 1, 0x100, 0x1_0000, 0x80_0000, 0x8000_0000][..]))
-        .prop_map(|(a, flip)| a ^ flip)
+    match family {
+        Family::Ip => (
+            prop::sample::select(&BASES[..]),
+            prop::sample::select(&[0u32, 1, 0x100, 0x1_0000, 0x80_0000, 0x8000_0000][..]),
+        )
+            .prop_map(|(a, flip)| IpAddr::from(std::net::Ipv4Addr::from(a ^ flip)))
+            .boxed(),
+        Family::Ip6 => (
+            prop::sample::select(&BASES6[..]),
+            prop::sample::select(&[0u128, 1, 2, 1 << 48, 1 << 80, 1 << 95, 1 << 96, 1 << 127][..]),
+        )
+            .prop_map(|(a, flip)| IpAddr::from(std::net::Ipv6Addr::from(a ^ flip)))
+            .boxed(),
+    }
 }
 
 fn arb_port() -> impl Strategy<Value = u16> {
@@ -270,9 +364,11 @@ fn arb_port() -> impl Strategy<Value = u16> {
 }
 
 fn arb_packet() -> impl Strategy<Value = PacketFields> {
-    (arb_addr(), arb_addr(), arb_proto(), arb_port(), arb_port(), any::<bool>()).prop_map(
-        |(saddr, daddr, proto, sport, dport, funneled)| PacketFields { saddr, daddr, proto, sport, dport, funneled },
-    )
+    arb_family().prop_flat_map(|f| {
+        (arb_addr(f), arb_addr(f), arb_proto(), arb_port(), arb_port(), any::<bool>()).prop_map(
+            |(saddr, daddr, proto, sport, dport, funneled)| PacketFields { saddr, daddr, proto, sport, dport, funneled },
+        )
+    })
 }
 
 #[test]

@@ -41,7 +41,7 @@ pub struct Detour {
     pub in_ifindex: u32,
 }
 
-const STAT_NAMES: [(&str, u32); 8] = [
+const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
     ("not_ipv4_tcp_udp", SFUNNEL_STAT_NOT_IPV4),
     ("fragment", SFUNNEL_STAT_FRAGMENT),
     ("malformed", SFUNNEL_STAT_MALFORMED),
@@ -50,6 +50,7 @@ const STAT_NAMES: [(&str, u32); 8] = [
     ("error", SFUNNEL_STAT_ERROR),
     ("unfunnel_auto_undecided", SFUNNEL_STAT_UNDECIDED),
     ("over_mtu", SFUNNEL_STAT_OVER_MTU),
+    ("ipv6_extension_headers", SFUNNEL_STAT_IPV6_EXT),
 ];
 
 pub fn collect() -> Vec<Attachment> {

@@ -2,7 +2,7 @@
 //! canonical form gives back an equal value.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
@@ -70,9 +70,59 @@ impl Proto {
     }
 }
 
+/// The IP version a rule matches: `ip` (the default) or `ip6`.  A rule
+/// never matches a packet of the other family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ip,
+    Ip6,
+}
+
+impl Family {
+    /// `enum sfunnel_family` (bpf/sfunnel.h).
+    pub fn number(self) -> u8 {
+        match self {
+            Family::Ip => 0,
+            Family::Ip6 => 1,
+        }
+    }
+
+    pub fn of(addr: IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::Ip,
+            IpAddr::V6(_) => Family::Ip6,
+        }
+    }
+
+    /// The address width in bits.
+    pub fn bits(self) -> u8 {
+        match self {
+            Family::Ip => 32,
+            Family::Ip6 => 128,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+        })
+    }
+}
+
+/// The shape-set slot of a family and protocol (SLOT_* in bpf/sfunnel.h).
+pub fn slot(family: Family, proto: Proto) -> u32 {
+    u32::from(family.number()) * 2 + proto.slot()
+}
+
 /// The conjunction of a rule's matches.  `None` is a wildcard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Match {
+    pub family: Family,
     pub saddr: Option<AddrMatch>,
     pub daddr: Option<AddrMatch>,
     pub proto: Proto,
@@ -121,14 +171,108 @@ impl Ipv4Net {
     }
 }
 
+/// An IPv6 prefix; `addr` has no bits set past `len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Ipv6Net {
+    pub addr: u128,
+    pub len: u8,
+}
+
+impl Ipv6Net {
+    /// The prefix `addr/len`, with host bits cleared.
+    pub fn new(addr: u128, len: u8) -> Ipv6Net {
+        assert!(len <= 128, "prefix length {len} > 128");
+        Ipv6Net { addr: addr & mask128(len), len }
+    }
+}
+
+/// The top `len` bits of 128.
+fn mask128(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
+}
+
+/// A prefix of either family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(untagged)]
+pub enum IpNet {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+}
+
+impl IpNet {
+    pub fn family(&self) -> Family {
+        match self {
+            IpNet::V4(_) => Family::Ip,
+            IpNet::V6(_) => Family::Ip6,
+        }
+    }
+
+    pub fn len(&self) -> u8 {
+        match self {
+            IpNet::V4(n) => n.len,
+            IpNet::V6(n) => n.len,
+        }
+    }
+
+    /// The network address left-aligned in 128 bits, so that both families
+    /// share prefix arithmetic (an IPv4 address takes the top 32 bits).
+    pub fn bits(&self) -> u128 {
+        match self {
+            IpNet::V4(n) => u128::from(n.addr) << 96,
+            IpNet::V6(n) => n.addr,
+        }
+    }
+
+    /// The last address of the prefix, left-aligned like [`IpNet::bits`].
+    pub fn last_bits(&self) -> u128 {
+        let width = u32::from(self.family().bits());
+        let host = !mask128(self.len()) & (u128::MAX << (128 - width));
+        self.bits() | host
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self, addr) {
+            (IpNet::V4(n), IpAddr::V4(a)) => n.contains(u32::from(a)),
+            (IpNet::V6(n), IpAddr::V6(a)) => u128::from(a) & mask128(n.len) == n.addr,
+            _ => false,
+        }
+    }
+}
+
+impl From<Ipv4Net> for IpNet {
+    fn from(n: Ipv4Net) -> IpNet {
+        IpNet::V4(n)
+    }
+}
+
+impl From<Ipv6Net> for IpNet {
+    fn from(n: Ipv6Net) -> IpNet {
+        IpNet::V6(n)
+    }
+}
+
+/// An address left-aligned in 128 bits, like [`IpNet::bits`].
+pub fn addr_bits(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct AddrMatch {
     pub negated: bool,
-    pub net: Ipv4Net,
+    pub net: IpNet,
 }
 
 impl AddrMatch {
-    pub fn matches(&self, addr: u32) -> bool {
+    /// `addr` must be of the prefix's family (the rule's family is checked
+    /// first).
+    pub fn matches(&self, addr: IpAddr) -> bool {
         self.net.contains(addr) != self.negated
     }
 }
@@ -202,7 +346,8 @@ pub enum Action {
 impl Match {
     /// True when a packet with these header fields satisfies every match.
     pub fn matches(&self, pkt: &PacketFields) -> bool {
-        self.proto == pkt.proto
+        self.family == Family::of(pkt.saddr)
+            && self.proto == pkt.proto
             && self.saddr.is_none_or(|m| m.matches(pkt.saddr))
             && self.daddr.is_none_or(|m| m.matches(pkt.daddr))
             && self.sport.as_ref().is_none_or(|m| m.matches(pkt.sport))
@@ -211,13 +356,13 @@ impl Match {
     }
 }
 
-/// What a rule looks at in a packet: the outer IPv4 addresses and L4
-/// ports, and whether the packet looks funneled (the datapath's test,
-/// bpf/detect.h; the README defines it).
+/// What a rule looks at in a packet: the outer IP addresses (both of one
+/// family) and L4 ports, and whether the packet looks funneled (the
+/// datapath's test, bpf/detect.h; the README defines it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacketFields {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
     pub proto: Proto,
     pub sport: u16,
     pub dport: u16,
@@ -265,6 +410,25 @@ fn neg(negated: bool) -> &'static str {
     }
 }
 
+impl fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", Ipv6Addr::from(self.addr))?;
+        if self.len != 128 {
+            write!(f, "/{}", self.len)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpNet::V4(n) => n.fmt(f),
+            IpNet::V6(n) => n.fmt(f),
+        }
+    }
+}
+
 impl fmt::Display for AddrMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{}", neg(self.negated), self.net)
@@ -305,9 +469,9 @@ impl fmt::Display for PortMatch {
 
 impl fmt::Display for Match {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // `ip` only introduces addresses: IPv4 is the family of every rule.
-        if self.saddr.is_some() || self.daddr.is_some() {
-            f.write_str("ip ")?;
+        // IPv4 is the default family: `ip` only introduces its addresses.
+        if self.family == Family::Ip6 || self.saddr.is_some() || self.daddr.is_some() {
+            write!(f, "{} ", self.family)?;
         }
         if let Some(m) = &self.saddr {
             write!(f, "saddr {m} ")?;

@@ -5,15 +5,16 @@
 //! 1. Each field is cut into classes: values that no rule can tell apart.
 //!    - Ports: the boundaries of every range any rule names split 0..=65535
 //!      into segments; each segment is a class.
-//!    - Addresses: every prefix a rule names (plus 0.0.0.0/0) is a class,
-//!      holding the addresses whose longest named prefix it is.  The
-//!      datapath finds it with one LPM lookup.
+//!    - Addresses: every prefix a rule names (plus 0.0.0.0/0, or ::/0) is a
+//!      class, holding the addresses whose longest named prefix it is.  The
+//!      datapath finds it with one LPM lookup.  IPv4 and IPv6 classes are
+//!      numbered apart, per field.
 //!
 //!    A match (`dport { 80, 443 }`, `saddr != 10.0.0.0/8`, …) is then a set
 //!    of classes.
 //! 2. A rule's shape is the set of fields it constrains.  The rule becomes
 //!    one hash entry per combination of classes of those fields, keyed by
-//!    (protocol, shape, classes).  A key that an earlier rule already holds
+//!    (family, protocol, shape, classes).  A key that an earlier rule already holds
 //!    keeps the earlier rule: first match wins.
 //! 3. Every class also records which shapes have a rule that admits it, so
 //!    the datapath probes only shapes that can still match.
@@ -33,7 +34,7 @@
 
 use std::collections::HashMap;
 
-use super::ast::{AddrMatch, Ipv4Net, PortMatch, Proto, Ruleset};
+use super::ast::{slot, AddrMatch, Family, IpNet, Ipv4Net, Ipv6Net, PortMatch, Proto, Ruleset};
 use super::error::RulesetError;
 use crate::datapath::consts::*;
 use crate::datapath::types::{
@@ -77,16 +78,15 @@ fn shape_of(m: &super::ast::Match) -> u32 {
     s
 }
 
-/// The shape-set bit of (protocol, shape).
-pub(crate) fn shape_bit(proto: Proto, shape: u32) -> u32 {
-    1 << (proto.slot() * SHAPES_PER_PROTO + shape)
+/// The shape-set bit of (family, protocol, shape).
+pub(crate) fn shape_bit(family: Family, proto: Proto, shape: u32) -> u64 {
+    1 << (slot(family, proto) * SHAPES_PER_PROTO + shape)
 }
 
-/// Bits of every shape, in both protocol slots, that leaves `field` free.
-fn shapes_without(field: u32) -> u32 {
-    (0..SHAPES_PER_PROTO)
-        .filter(|s| s & field == 0)
-        .fold(0, |acc, s| acc | shape_bit(Proto::Tcp, s) | shape_bit(Proto::Udp, s))
+/// Bits of every shape, in every slot, that leaves `field` free.
+fn shapes_without(field: u32) -> u64 {
+    let one_slot = (0..SHAPES_PER_PROTO).filter(|s| s & field == 0).fold(0u64, |acc, s| acc | 1 << s);
+    (0..SLOTS).fold(0, |acc, slot| acc | one_slot << (slot * SHAPES_PER_PROTO))
 }
 
 /// Port classes of one field: segment starts, ascending, the first being 0.
@@ -130,28 +130,32 @@ impl PortClasses {
     }
 }
 
-/// Address classes of one field: the named prefixes, sorted by (address,
-/// length), so that 0.0.0.0/0 is class 0 and each prefix's subtree is the
-/// contiguous run that follows it.
+/// Address classes of one field and family: the named prefixes, sorted by
+/// (address, length), so that the whole space (0.0.0.0/0 or ::/0) is class
+/// 0 and each prefix's subtree is the contiguous run that follows it.
 struct AddrClasses {
-    nets: Vec<Ipv4Net>,
+    nets: Vec<IpNet>,
 }
 
 impl AddrClasses {
-    fn new<'a>(matches: impl Iterator<Item = &'a AddrMatch>) -> AddrClasses {
-        let mut nets = vec![Ipv4Net::new(0, 0)];
-        nets.extend(matches.map(|m| m.net));
+    fn new<'a>(family: Family, matches: impl Iterator<Item = &'a AddrMatch>) -> AddrClasses {
+        let root = match family {
+            Family::Ip => IpNet::V4(Ipv4Net::new(0, 0)),
+            Family::Ip6 => IpNet::V6(Ipv6Net::new(0, 0)),
+        };
+        let mut nets = vec![root];
+        nets.extend(matches.map(|m| m.net).filter(|n| n.family() == family));
         nets.sort_unstable();
         nets.dedup();
         AddrClasses { nets }
     }
 
-    /// The first octets the named prefixes (all but 0.0.0.0/0) cover, as
-    /// a 256-bit set: outside it, an address is in class 0.
+    /// The first octets the named prefixes (all but the root) cover, as a
+    /// 256-bit set: outside it, an address is in class 0.
     fn first_octets(&self) -> [u64; 4] {
         let mut set = [0u64; 4];
         for net in &self.nets[1..] {
-            for octet in net.addr >> 24..=net.last() >> 24 {
+            for octet in net.bits() >> 120..=net.last_bits() >> 120 {
                 set[(octet >> 6) as usize] |= 1 << (octet & 63);
             }
         }
@@ -160,7 +164,8 @@ impl AddrClasses {
 
     fn classes(&self, m: &AddrMatch) -> Vec<u32> {
         let start = self.nets.binary_search(&m.net).expect("every named prefix is a class");
-        let end = start + self.nets[start..].partition_point(|n| n.addr <= m.net.last());
+        let last = m.net.last_bits();
+        let end = start + self.nets[start..].partition_point(|n| n.bits() <= last);
         let inside: Vec<u32> = (start as u32..end as u32).collect();
         if m.negated {
             complement(&inside, self.nets.len())
@@ -207,27 +212,38 @@ fn rule_val(index: u32, action: &Action) -> sfunnel_rule_val {
 pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
     let sport_cls = PortClasses::new(rs.rules.iter().filter_map(|r| r.matches.sport.as_ref()));
     let dport_cls = PortClasses::new(rs.rules.iter().filter_map(|r| r.matches.dport.as_ref()));
-    let saddr_cls = AddrClasses::new(rs.rules.iter().filter_map(|r| r.matches.saddr.as_ref()));
-    let daddr_cls = AddrClasses::new(rs.rules.iter().filter_map(|r| r.matches.daddr.as_ref()));
+    // [family][field]: the classes of the addresses each field names.
+    let addr_cls = [Family::Ip, Family::Ip6].map(|f| {
+        [
+            AddrClasses::new(f, rs.rules.iter().filter_map(|r| r.matches.saddr.as_ref())),
+            AddrClasses::new(f, rs.rules.iter().filter_map(|r| r.matches.daddr.as_ref())),
+        ]
+    });
 
     let mut sport_shapes = vec![shapes_without(SHAPE_SPORT); sport_cls.len()];
     let mut dport_shapes = vec![shapes_without(SHAPE_DPORT); dport_cls.len()];
-    let mut saddr_shapes = vec![shapes_without(SHAPE_SADDR); saddr_cls.nets.len()];
-    let mut daddr_shapes = vec![shapes_without(SHAPE_DADDR); daddr_cls.nets.len()];
+    let mut addr_shapes = addr_cls.each_ref().map(|[s, d]| {
+        [vec![shapes_without(SHAPE_SADDR); s.nets.len()], vec![shapes_without(SHAPE_DADDR); d.nets.len()]]
+    });
 
     let mut table: HashMap<RuleKeyTuple, u32> = HashMap::new();
     let mut entries_per_rule = vec![0usize; rs.rules.len()];
-    let mut shapes_used = 0u32;
+    let mut shapes_used = 0u64;
     let wildcard = vec![0u32];
-    // Per protocol slot: does some rule of that protocol use `funneled`?
-    let funneled_slots: u32 =
-        rs.rules.iter().filter(|r| r.matches.funneled).fold(0, |acc, r| acc | 1 << r.matches.proto.slot());
+    // Per slot: does some rule of that family and protocol use `funneled`?
+    let funneled_slots: u32 = rs
+        .rules
+        .iter()
+        .filter(|r| r.matches.funneled)
+        .fold(0, |acc, r| acc | 1 << slot(r.matches.family, r.matches.proto));
 
     for (i, rule) in rs.rules.iter().enumerate() {
         let m = &rule.matches;
         let shape = shape_of(m);
-        let bit = shape_bit(m.proto, shape);
+        let bit = shape_bit(m.family, m.proto, shape);
         shapes_used |= bit;
+        let fam = usize::from(m.family.number());
+        let [saddr_cls, daddr_cls] = &addr_cls[fam];
 
         let sa = m.saddr.as_ref().map_or_else(|| wildcard.clone(), |a| saddr_cls.classes(a));
         let da = m.daddr.as_ref().map_or_else(|| wildcard.clone(), |a| daddr_cls.classes(a));
@@ -235,7 +251,7 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         let dp = m.dport.as_ref().map_or_else(|| wildcard.clone(), |p| dport_cls.classes(p));
 
         // Values of the key's `funneled` bit this rule is entered under.
-        let funneled_bits: &[u8] = match (funneled_slots >> m.proto.slot() & 1 != 0, m.funneled) {
+        let funneled_bits: &[u8] = match (funneled_slots >> slot(m.family, m.proto) & 1 != 0, m.funneled) {
             (false, _) => &[0],
             (true, true) => &[1],
             (true, false) => &[0, 1],
@@ -255,10 +271,10 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         }
 
         if m.saddr.is_some() {
-            sa.iter().for_each(|&c| saddr_shapes[c as usize] |= bit);
+            sa.iter().for_each(|&c| addr_shapes[fam][0][c as usize] |= bit);
         }
         if m.daddr.is_some() {
-            da.iter().for_each(|&c| daddr_shapes[c as usize] |= bit);
+            da.iter().for_each(|&c| addr_shapes[fam][1][c as usize] |= bit);
         }
         if m.sport.is_some() {
             sp.iter().for_each(|&c| sport_shapes[c as usize] |= bit);
@@ -268,12 +284,13 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         }
 
         let proto = m.proto.number();
+        let family = m.family.number();
         for &a in &sa {
             for &d in &da {
                 for &s in &sp {
                     for &p in &dp {
                         for &f in funneled_bits {
-                            let key = (a, d, s as u16, p as u16, proto, shape as u8, f);
+                            let key = (a, d, s as u16, p as u16, proto, shape as u8, f, family);
                             if let std::collections::hash_map::Entry::Vacant(e) = table.entry(key) {
                                 e.insert(i as u32);
                                 entries_per_rule[i] += 1;
@@ -292,23 +309,29 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         *pc = sfunnel_port_class {
             sport_class: sc as u16,
             dport_class: dc as u16,
+            pad: 0,
             sport_shapes: sport_shapes[sc as usize],
             dport_shapes: dport_shapes[dc as usize],
         };
     }
 
     let mut addrs = Vec::new();
-    // A field no rule constrains is never looked up: it needs no entries.
-    if shapes_used & SHAPESET_WITH_SADDR != 0 {
-        push_addr_classes(&mut addrs, SFUNNEL_FIELD_SADDR, &saddr_cls, &saddr_shapes);
-    }
-    if shapes_used & SHAPESET_WITH_DADDR != 0 {
-        push_addr_classes(&mut addrs, SFUNNEL_FIELD_DADDR, &daddr_cls, &daddr_shapes);
+    for family in [Family::Ip, Family::Ip6] {
+        let fam = usize::from(family.number());
+        // The shapes of this family's slots.
+        let slots = (0xffffffffu64) << (fam as u32 * 2 * SHAPES_PER_PROTO);
+        // A field no rule constrains is never looked up: it needs no entries.
+        for (field, with) in [(0, SHAPESET_WITH_SADDR), (1, SHAPESET_WITH_DADDR)] {
+            if shapes_used & with & slots != 0 {
+                let code = family.number() * 2 + field as u8;
+                push_addr_classes(&mut addrs, code, &addr_cls[fam][field], &addr_shapes[fam][field]);
+            }
+        }
     }
 
     let rules = table
         .into_iter()
-        .map(|((sa, da, sc, dc, proto, shape, funneled), index)| {
+        .map(|((sa, da, sc, dc, proto, shape, funneled, family), index)| {
             let key = sfunnel_rule_key {
                 saddr_class: sa,
                 daddr_class: da,
@@ -317,24 +340,24 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
                 proto,
                 shape,
                 funneled,
-                pad: 0,
+                family,
             };
             (key, rule_val(index, &rs.rules[index as usize].action))
         })
         .collect();
 
+    let [v4_saddr, v4_daddr] = &addr_cls[0];
     Ok(Compiled {
         params: sfunnel_params {
             shapes: shapes_used,
             nrules: rs.rules.len() as u32,
             counter_stride: (rs.rules.len() as u32).next_multiple_of(COUNTERS_PER_LINE).max(COUNTERS_PER_LINE),
             root_class: 0,
-            octets: [saddr_cls.first_octets(), daddr_cls.first_octets()],
-            root_shapes: [saddr_shapes[0], daddr_shapes[0]],
-            // SFUNNEL_PARAMS_FUNNELED_TCP / _UDP: bit = protocol slot; the
-            // per-attachment bits are RulesetMaps::install's.
+            // SFUNNEL_PARAMS_FUNNELED_*: bit = slot; the per-attachment bits
+            // are RulesetMaps::install's.
             flags: funneled_slots,
-            pad: 0,
+            octets: [v4_saddr.first_octets(), v4_daddr.first_octets()],
+            root_shapes: [addr_shapes[0][0][0], addr_shapes[0][1][0]],
         },
         ports,
         addrs,
@@ -344,24 +367,26 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
     })
 }
 
-/// (saddr, daddr, sport, dport classes, protocol, shape, funneled): a rule
-/// key as a hashable tuple while compiling.
-pub(crate) type RuleKeyTuple = (u32, u32, u16, u16, u8, u8, u8);
+/// (saddr, daddr, sport, dport classes, protocol, shape, funneled, family):
+/// a rule key as a hashable tuple while compiling.
+pub(crate) type RuleKeyTuple = (u32, u32, u16, u16, u8, u8, u8, u8);
 
+/// `field` is the key's: family * 2 + (0 saddr, 1 daddr).
 fn push_addr_classes(
     out: &mut Vec<(sfunnel_addr_key, sfunnel_addr_class)>,
-    field: u32,
+    field: u8,
     classes: &AddrClasses,
-    shapes: &[u32],
+    shapes: &[u64],
 ) {
     for (class, net) in classes.nets.iter().enumerate() {
         let key = sfunnel_addr_key {
-            prefixlen: 32 + u32::from(net.len),
-            field: field as u8,
+            prefixlen: 32 + u32::from(net.len()),
+            field,
             pad: [0; 3],
-            addr: net.addr.to_be(),
+            // Left-aligned: an IPv4 address fills addr[0..4].
+            addr: net.bits().to_be_bytes(),
         };
-        out.push((key, sfunnel_addr_class { class: class as u32, shapes: shapes[class] }));
+        out.push((key, sfunnel_addr_class { class: class as u32, pad: 0, shapes: shapes[class] }));
     }
 }
 
@@ -384,8 +409,8 @@ mod tests {
         // 8080 is in its own dport class, which admits the rule's shape.
         let pc = c.ports[8080];
         assert_ne!(pc.dport_class, c.ports[8081].dport_class);
-        assert_ne!(pc.dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
-        assert_eq!(c.ports[8081].dport_shapes & shape_bit(Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
+        assert_ne!(pc.dport_shapes & shape_bit(Family::Ip, Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
+        assert_eq!(c.ports[8081].dport_shapes & shape_bit(Family::Ip, Proto::Tcp, SHAPE_DADDR | SHAPE_DPORT), 0);
         // Only daddr is looked up: the root and 1.1.1.1/32.
         assert_eq!(c.addrs.len(), 2);
     }

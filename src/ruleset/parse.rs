@@ -6,7 +6,9 @@ use pest::error::{ErrorVariant, InputLocation};
 use pest::iterators::Pair;
 use pest::{Parser as _, Span};
 
-use super::ast::{Action, AddrMatch, Ipv4Net, Match, PortMatch, PortSet, Proto, Rule, Ruleset, SourcePos};
+use super::ast::{
+    Action, AddrMatch, Family, IpNet, Ipv4Net, Ipv6Net, Match, PortMatch, PortSet, Proto, Rule, Ruleset, SourcePos,
+};
 use super::error::RulesetError;
 
 mod grammar {
@@ -19,7 +21,7 @@ use grammar::{Grammar, Rule as G};
 
 /// Every keyword of the language, for "did you mean" suggestions.
 const KEYWORDS: &[&str] = &[
-    "ip", "saddr", "daddr", "sport", "dport", "tcp", "udp", "funneled", "actions", "funnel", "unfunnel", "auto",
+    "ip", "ip6", "saddr", "daddr", "sport", "dport", "tcp", "udp", "funneled", "actions", "funnel", "unfunnel", "auto",
     "accept", "drop",
 ];
 
@@ -44,7 +46,7 @@ fn err(input: &str, span: Span<'_>, msg: impl Into<String>) -> RulesetError {
 fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
     let rule_span = pair.as_span();
     let (line, col) = pair.line_col();
-    let mut family: Option<Span<'_>> = None;
+    let mut family: Option<(Family, Span<'_>)> = None;
     let mut proto: Option<(Proto, Span<'_>)> = None;
     let mut saddr = None;
     let mut daddr = None;
@@ -52,13 +54,20 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
     let mut dport = None;
     let mut funneled: Option<Span<'_>> = None;
     let mut actions: Vec<(Action, Span<'_>, &str)> = Vec::new();
+    let mut addr_families: Vec<(Family, Span<'_>)> = Vec::new();
 
     for item in pair.into_inner() {
         let span = item.as_span();
         match item.as_rule() {
             G::family => {
-                if family.replace(span).is_some() {
-                    return Err(err(input, span, "`ip` given twice"));
+                let f = if item.as_str() == "ip6" { Family::Ip6 } else { Family::Ip };
+                if let Some((prev, _)) = family.replace((f, span)) {
+                    let msg = if prev == f {
+                        format!("`{f}` given twice")
+                    } else {
+                        format!("`{f}` after `{prev}`: a rule matches one family, IPv4 (`ip`) or IPv6 (`ip6`)")
+                    };
+                    return Err(err(input, span, msg));
                 }
             }
             G::l4_proto => {
@@ -77,7 +86,9 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
                 let mut inner = item.into_inner();
                 let field = inner.next().expect("addr_match has a field");
                 let (negated, net_pair) = negation(&mut inner);
+                let net_span = net_pair.as_span();
                 let m = AddrMatch { negated, net: build_net(input, net_pair)? };
+                addr_families.push((m.net.family(), net_span));
                 let slot = if field.as_str() == "saddr" { &mut saddr } else { &mut daddr };
                 set_once(input, slot, m, field.as_span(), field.as_str())?;
             }
@@ -135,8 +146,36 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
             return Err(err(input, span, msg));
         }
     };
+    let family = rule_family(input, family, &addr_families)?;
     let funneled = funneled.is_some();
-    Ok(Rule { matches: Match { saddr, daddr, proto, sport, dport, funneled }, action, pos: SourcePos { line, col } })
+    Ok(Rule { matches: Match { family, saddr, daddr, proto, sport, dport, funneled }, action, pos: SourcePos { line, col } })
+}
+
+/// A rule's family: its `ip`/`ip6` word, else that of its addresses, else
+/// IPv4 (as in 0.0.11).  Every address must be of that family.
+fn rule_family(
+    input: &str,
+    word: Option<(Family, Span<'_>)>,
+    addrs: &[(Family, Span<'_>)],
+) -> Result<Family, RulesetError> {
+    let family = word.map(|(f, _)| f).or(addrs.first().map(|(f, _)| *f)).unwrap_or_default();
+    for (f, span) in addrs {
+        if *f != family {
+            let (this, other) = match f {
+                Family::Ip => ("an IPv4", "`ip6` rule matches IPv6 packets only"),
+                Family::Ip6 => ("an IPv6", "`ip` rule matches IPv4 packets only"),
+            };
+            let msg = match word {
+                Some(_) => format!("`{}` is {this} address, but this {other}", span.as_str()),
+                None => format!(
+                    "`{}` is {this} address, but this rule's first address is not: a rule matches one family; write two rules",
+                    span.as_str()
+                ),
+            };
+            return Err(err(input, *span, msg));
+        }
+    }
+    Ok(family)
 }
 
 fn set_once<T>(input: &str, slot: &mut Option<T>, value: T, span: Span<'_>, word: &str) -> Result<(), RulesetError> {
@@ -219,7 +258,10 @@ fn build_ports(input: &str, spec: Pair<'_, G>) -> Result<PortSet, RulesetError> 
     Ok(PortSet::new(ranges))
 }
 
-fn build_net(input: &str, pair: Pair<'_, G>) -> Result<Ipv4Net, RulesetError> {
+fn build_net(input: &str, pair: Pair<'_, G>) -> Result<IpNet, RulesetError> {
+    if pair.as_rule() == G::ipv6_net {
+        return build_net6(input, pair).map(IpNet::V6);
+    }
     let mut inner = pair.into_inner();
     let ip = inner.next().expect("ipv4_net has an address");
     let mut addr: u32 = 0;
@@ -238,20 +280,40 @@ fn build_net(input: &str, pair: Pair<'_, G>) -> Result<Ipv4Net, RulesetError> {
             Err(_) => return Err(err(input, p.as_span(), format!("prefix length {} is longer than 32", p.as_str()))),
         },
     };
-    Ok(Ipv4Net::new(addr, len))
+    Ok(IpNet::V4(Ipv4Net::new(addr, len)))
 }
 
-const MATCH_WORDS: &str = "a match (ip, saddr, daddr, tcp, udp, sport, dport, funneled)";
+fn build_net6(input: &str, pair: Pair<'_, G>) -> Result<Ipv6Net, RulesetError> {
+    let mut inner = pair.into_inner();
+    let ip = inner.next().expect("ipv6_net has an address");
+    let text = ip.as_str();
+    let addr: std::net::Ipv6Addr = text.parse().map_err(|_| {
+        err(input, ip.as_span(), format!("`{text}` is not an IPv6 address (like 2001:db8::1 or fd00::/8)"))
+    })?;
+    let len = match inner.next() {
+        None => 128,
+        Some(p) => match p.as_str().parse::<u32>() {
+            Ok(n @ 0..=128) => n as u8,
+            _ => return Err(err(input, p.as_span(), format!("prefix length {} is longer than 128", p.as_str()))),
+        },
+    };
+    Ok(Ipv6Net::new(u128::from(addr), len))
+}
+
+const MATCH_WORDS: &str = "a match (ip, ip6, saddr, daddr, tcp, udp, sport, dport, funneled)";
 
 /// What a grammar rule means to a user, for "expected …" messages.
 fn describe(r: G) -> &'static str {
     match r {
         G::port | G::port_set | G::port_range | G::funnel_port => "a port number (1-65535)",
-        G::ipv4_net | G::ipv4 | G::octet => "an IPv4 address or prefix (like 10.0.0.0/8)",
-        G::prefix_len => "a prefix length (0-32)",
+        G::ipv4_net | G::ipv4 | G::octet | G::ipv6_net | G::ipv6 => {
+            "an address or prefix (like 10.0.0.0/8 or fd00::/8)"
+        }
+        G::prefix_len => "a prefix length (0-32, or 0-128 for IPv6)",
         G::neq => "`!=`",
         G::family
         | G::kw_ip
+        | G::kw_ip6
         | G::addr_match
         | G::addr_field
         | G::kw_saddr
@@ -277,7 +339,17 @@ fn describe(r: G) -> &'static str {
 fn is_keyword_rule(r: G) -> bool {
     !matches!(
         r,
-        G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::octet | G::prefix_len | G::neq | G::EOI
+        G::port
+            | G::port_set
+            | G::port_range
+            | G::ipv4_net
+            | G::ipv4
+            | G::ipv6_net
+            | G::ipv6
+            | G::octet
+            | G::prefix_len
+            | G::neq
+            | G::EOI
     )
 }
 
@@ -285,7 +357,9 @@ fn is_keyword_rule(r: G) -> bool {
 fn token_at(input: &str, pos: usize) -> &str {
     let rest = &input[pos..];
     if rest.starts_with(|c: char| c.is_ascii_digit()) {
-        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '/')).unwrap_or(rest.len());
+        let n = rest
+            .find(|c: char| !(c.is_ascii_hexdigit() || c == '.' || c == '/' || c == ':'))
+            .unwrap_or(rest.len());
         return &rest[..n];
     }
     let word_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
@@ -329,7 +403,7 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
         let msg = match best {
             Some((_, k)) => format!("unknown word `{found}`; did you mean `{k}`?"),
             None => format!(
-                "unknown word `{found}`; rules are made of matches (ip, saddr, daddr, tcp, udp, sport, dport, funneled) and actions (funnel, unfunnel, accept, drop)"
+                "unknown word `{found}`; rules are made of matches (ip, ip6, saddr, daddr, tcp, udp, sport, dport, funneled) and actions (funnel, unfunnel, accept, drop)"
             ),
         };
         return RulesetError::at(input, pos, msg);
@@ -349,7 +423,9 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
     }
     // A value is what is missing: `!=` would only be noise.
     let wants_value =
-        positives.iter().any(|r| matches!(r, G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::octet));
+        positives.iter().any(|r| {
+            matches!(r, G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::ipv6_net | G::ipv6 | G::octet)
+        });
     let mut wanted: Vec<&str> = Vec::new();
     for r in positives.iter().filter(|r| !(wants_value && **r == G::neq)) {
         let d = describe(*r);
