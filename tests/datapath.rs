@@ -474,14 +474,15 @@ fn build_cases() -> Vec<Case> {
     v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     v6.extend_from_slice(&[0x15, 0xb3, 0x12, 0x83, 0, 12, 0x12, 0x34, 1, 2, 3, 4]);
-    cases.push(pass_case("IPv6 UDP datagram", "udp actions funnel tcp sport 1 dport 2", v6, SFUNNEL_STAT_NOT_IPV4));
+    // An IPv4 rule (no `ip6`) never matches an IPv6 packet.
+    cases.push(pass_case("IPv6 UDP datagram under an IPv4 rule", "udp actions funnel tcp sport 1 dport 2", v6, SFUNNEL_STAT_MISS));
     let mut v4_in_v6 = full.clone();
     v4_in_v6[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     cases.push(pass_case(
         "IPv4 bytes under the IPv6 ethertype",
         "udp actions funnel tcp sport 1 dport 2",
         v4_in_v6,
-        SFUNNEL_STAT_NOT_IPV4,
+        SFUNNEL_STAT_MALFORMED,
     ));
     let icmp = {
         let mut b = full[..ETH_HLEN + 20].to_vec();
@@ -1491,8 +1492,8 @@ fn first_match(rs: &sfunnel::ruleset::Ruleset, frame: &[u8]) -> Option<usize> {
         _ => sfunnel::ruleset::Proto::Udp,
     };
     let pkt = sfunnel::ruleset::PacketFields {
-        saddr: u32::from_be_bytes(addr(frame, 26)),
-        daddr: u32::from_be_bytes(addr(frame, 30)),
+        saddr: std::net::IpAddr::from(addr(frame, 26)),
+        daddr: std::net::IpAddr::from(addr(frame, 30)),
         proto,
         sport: be16(frame, l4),
         dport: be16(frame, l4 + 2),

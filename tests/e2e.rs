@@ -797,7 +797,7 @@ fn matrix_endpoint_offloads_off_no_nat() {
     }
     run_matrix(
         "endpoints tx/tso/gso off, router forwards, no NAT",
-        TopoOpts { nat: false, endpoints_offloads_off: true, router_offloads_off: false },
+        TopoOpts { nat: false, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false },
         false,
     );
 }
@@ -810,7 +810,7 @@ fn matrix_endpoint_offloads_off_nat() {
     }
     run_matrix(
         "endpoints tx/tso/gso off, router DNAT+MASQUERADE",
-        TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false },
+        TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false },
         false,
     );
 }
@@ -826,12 +826,12 @@ fn matrix_endpoint_offloads_on_no_nat() {
     }
     run_matrix(
         "endpoints default offloads, router veths tx/tso/gso off, no NAT",
-        TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true },
+        TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false },
         false,
     );
 }
 
-const RUN2_NAT: TopoOpts = TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true };
+const RUN2_NAT: TopoOpts = TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false };
 
 /// Run 2 with NAT, strict.  Fails today: a funneled packet leaves its
 /// sender CHECKSUM_PARTIAL with csum_start at the *inner* L4 header and a
@@ -890,7 +890,7 @@ const UDP_OVER_UDP_B: Combo = COMBOS[1];
 /// The no-NAT topology with the router completing checksums, and the
 /// server's unfunnel rules loaded.
 fn simple_topo() -> Topo {
-    let t = Topo::new(TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true });
+    let t = Topo::new(TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false });
     load_ok(&t.server, &t.s_if, "ingress", SERVER_AB);
     t
 }
@@ -1415,7 +1415,7 @@ fn clsact_mode_carries_traffic_and_unload_leaves_others_alone() {
     if !root("clsact_mode_carries_traffic_and_unload_leaves_others_alone") {
         return;
     }
-    let t = Topo::new(TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true });
+    let t = Topo::new(TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false });
     let (c, ci) = (t.client.clone(), t.c_if.clone());
     let (s, si) = (t.server.clone(), t.s_if.clone());
     // Foreign filters first: ingress prio 1 on the client, egress prio
@@ -1750,7 +1750,7 @@ fn snat_two_clients_port_rules_fail_funneled_delivers() {
     if !root("snat_two_clients_port_rules_fail_funneled_delivers") {
         return;
     }
-    let mut t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false });
+    let mut t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false });
     t.add_second_client();
     let clients = vec![t.client.clone(), t.client2.clone()];
     let egress = format!("{CLIENT_EGRESS}\n{CLIENT_EGRESS_PROBES}");
@@ -1852,7 +1852,7 @@ fn stale_conntrack_rewrites_funnel_port_funneled_delivers() {
     if !root("stale_conntrack_rewrites_funnel_port_funneled_delivers") {
         return;
     }
-    let t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false });
+    let t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false });
     let (r, s) = (ip_str(ROUTER_S_IP), ip_str(SERVER_IP));
     nsh(
         &t.router,

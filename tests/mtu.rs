@@ -61,7 +61,7 @@ const CSUM_COUNTERS: [&str; 4] = ["UdpInCsumErrors", "TcpInCsumErrors", "UdpInEr
 /// The topology, MTU 1500 on the funneling ends, every rule loaded through
 /// the container interface with `OVER_MTU=<over_mtu>` (None: the default).
 fn topo(over_mtu: Option<&str>) -> Topo {
-    let t = Topo::new(TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true });
+    let t = Topo::new(TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false });
     for (ns, dev) in [(&t.client, &t.c_if), (&t.server, &t.s_if)] {
         nsh(ns, &["ip", "link", "set", dev, "mtu", &MTU.to_string(), "gso_max_segs", "1"]);
     }

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod packet;
+pub mod packet6;
 pub mod rng;
 pub mod topology;
 

@@ -5,6 +5,9 @@
 //!   10.201.1.2 ── veth ── 10.201.1.1   10.201.3.1 ── veth ── 10.201.3.2
 //!    if `c`              if `rc`  service 10.201.2.1/32 on lo   if `rs`        if `s`
 //! ```
+//! With `ipv6`, every interface also gets an IPv6 address in the same place
+//! (fd00:201:<subnet>::<host>/64, service fd00:201:2::1/128), the router
+//! forwards IPv6, and with `nat` ip6tables does what iptables does.
 //! [`Topo::add_second_client`] adds a second client, `<tag>-d`, at
 //! 10.201.4.2 behind the router's `rd` interface (10.201.4.1), set up like
 //! the first; with `nat` the router masquerades both towards the server.
@@ -41,6 +44,11 @@ pub const CLIENT2_IP: [u8; 4] = [10, 201, 4, 2];
 pub const ROUTER_D_IP: [u8; 4] = [10, 201, 4, 1];
 /// The "Kubernetes Service" address the router owns and DNATs.
 pub const SERVICE_IP: [u8; 4] = [10, 201, 2, 1];
+pub const CLIENT_IP6: &str = "fd00:201:1::2";
+pub const ROUTER_C_IP6: &str = "fd00:201:1::1";
+pub const ROUTER_S_IP6: &str = "fd00:201:3::1";
+pub const SERVER_IP6: &str = "fd00:201:3::2";
+pub const SERVICE_IP6: &str = "fd00:201:2::1";
 
 /// Environment variables of the binary's container interface: cleared from
 /// every child so that the test's own environment cannot leak in.
@@ -403,6 +411,9 @@ pub struct TopoOpts {
     /// that every forwarded checksum is completed before the receiver
     /// verifies it.
     pub router_offloads_off: bool,
+    /// IPv6 addresses and routes beside the IPv4 ones (and ip6tables NAT
+    /// with `nat`).
+    pub ipv6: bool,
 }
 
 /// Three namespaces, two veth pairs; dropping it removes everything.
@@ -541,6 +552,9 @@ impl Topo {
                 nsh(r, &["ethtool", "-K", i, "tx", "off", "tso", "off", "gso", "off"]);
             }
         }
+        if self.opts.ipv6 {
+            self.build_ipv6();
+        }
         if self.opts.nat {
             // Like a Kubernetes Service on port 80: DNAT matches what is on
             // the wire, i.e. the funnel header (TCP/80 or UDP/81).
@@ -569,6 +583,67 @@ impl Topo {
                 );
             }
             nsh(r, &["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
+        }
+    }
+
+    /// The IPv6 half of [`Topo::build`]: addresses without duplicate
+    /// address detection (usable at once), routes, forwarding, and NAT.
+    fn build_ipv6(&self) {
+        let (c, r, s) = (&self.client, &self.router, &self.server);
+        let addr = |ns: &str, a: &str, len: u8, dev: &str| {
+            sh(&["ip", "-n", ns, "-6", "addr", "add", &format!("{a}/{len}"), "dev", dev, "nodad"]);
+        };
+        addr(c, CLIENT_IP6, 64, &self.c_if);
+        addr(r, ROUTER_C_IP6, 64, &self.rc_if);
+        addr(r, ROUTER_S_IP6, 64, &self.rs_if);
+        addr(r, SERVICE_IP6, 128, "lo");
+        addr(s, SERVER_IP6, 64, &self.s_if);
+        sh(&["ip", "-n", c, "-6", "route", "add", "default", "via", ROUTER_C_IP6]);
+        sh(&["ip", "-n", s, "-6", "route", "add", "default", "via", ROUTER_S_IP6]);
+        nsh(r, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        if self.opts.nat {
+            for p in [["tcp", "80"], ["udp", "81"]] {
+                nsh(
+                    r,
+                    &[
+                        "ip6tables",
+                        "-t",
+                        "nat",
+                        "-A",
+                        "PREROUTING",
+                        "-d",
+                        SERVICE_IP6,
+                        "-p",
+                        p[0],
+                        "--dport",
+                        p[1],
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        SERVER_IP6,
+                    ],
+                );
+            }
+            nsh(r, &["ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
+        }
+    }
+
+    /// Where the client sends over IPv6: the service address with NAT,
+    /// else the server itself.
+    pub fn dest6(&self) -> &'static str {
+        if self.opts.nat {
+            SERVICE_IP6
+        } else {
+            SERVER_IP6
+        }
+    }
+
+    /// The IPv6 address the server sees the client's traffic come from.
+    pub fn client_seen_by_server6(&self) -> &'static str {
+        if self.opts.nat {
+            ROUTER_S_IP6
+        } else {
+            CLIENT_IP6
         }
     }
 
