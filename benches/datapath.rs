@@ -19,6 +19,9 @@
 //! is UDP, the TCP-header variants' `funneled` rule is TCP), except in the
 //! UDP variant, where both steps do.
 //!
+//! The `ipv6 ports` rows repeat the port-based ones over IPv6 (`ip6` rules,
+//! IPv6 packets, IPv6 decoys), and are shown against them.
+//!
 //! Decoy rules (benches/common) come ahead of the two real ones.  Targets:
 //! round trip ≤ 6× the floor and miss ≤ 2× the floor at every size.
 
@@ -28,27 +31,40 @@ use anyhow::{ensure, Result};
 use sfunnel::datapath::{Loaded, Noop, Settings};
 use sfunnel::ruleset;
 
-/// (row label, the two real rules, funnel header length)
-const VARIANTS: [(&str, [&str; 2], usize); 4] = [
+/// (row label, the two real rules, funnel header length, IPv6)
+const VARIANTS: [(&str, [&str; 2], usize, bool); 5] = [
     (
         "ports",
         ["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp sport 540 dport 179 actions unfunnel udp"],
         20,
+        false,
     ),
     (
         "funneled",
         ["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp dport 179 funneled actions unfunnel udp"],
         20,
+        false,
     ),
     (
         "funneled+auto",
         ["udp dport 4739 actions funnel tcp sport 540 dport 179", "tcp dport 179 funneled actions unfunnel auto"],
         20,
+        false,
     ),
     (
         "udp funneled+auto",
         ["udp dport 4739 actions funnel udp sport 540 dport 179", "udp dport 179 funneled actions unfunnel auto"],
         8,
+        false,
+    ),
+    (
+        "ipv6 ports",
+        [
+            "ip6 udp dport 4739 actions funnel tcp sport 540 dport 179",
+            "ip6 tcp sport 540 dport 179 actions unfunnel udp",
+        ],
+        20,
+        true,
     ),
 ];
 const SIZES: [usize; 4] = [2, 100, 10_000, 100_000];
@@ -66,18 +82,21 @@ fn main() -> Result<()> {
         eprintln!("the datapath benchmark loads BPF programs: run it as root");
         std::process::exit(1);
     }
-    let udp = common::frame(17, 5000, 4739, 64);
-    let miss = common::frame(6, 40000, 443, 64);
-
     let noop = Noop::load()?;
-    let floor = median_ns(|| Ok(noop.test_run(&udp, REPEAT)?.as_nanos() as f64))?;
+    let floor = median_ns(|| Ok(noop.test_run(&common::frame(17, 5000, 4739, 64), REPEAT)?.as_nanos() as f64))?;
 
     let mut rows: Vec<(String, Vec<f64>, f64)> = Vec::new();
-    for (label, real, hlen) in VARIANTS {
+    for (label, real, hlen, ipv6) in VARIANTS {
+        // The same packets over either family, among decoys of that family.
+        let (udp, miss, decoy) = if ipv6 {
+            (common::frame6(17, 5000, 4739, 64), common::frame6(6, 40000, 443, 64), common::decoy6 as fn(u32) -> String)
+        } else {
+            (common::frame(17, 5000, 4739, 64), common::frame(6, 40000, 443, 64), common::decoy as fn(u32) -> String)
+        };
         let mut round = Vec::new();
         let mut misses = Vec::new();
         for n in SIZES {
-            let (_, compiled) = ruleset::load(&common::ruleset_with_decoys(n, &real))?;
+            let (_, compiled) = ruleset::load(&common::ruleset_with(n, &real, decoy))?;
             let dp = Loaded::load()?;
             dp.maps()?.install(&compiled, Settings { egress: true, ..Default::default() })?;
             // Sanity: the packets take the paths we mean to time.
@@ -92,9 +111,9 @@ fn main() -> Result<()> {
             round.push(median_ns(|| Ok(dp.test_run(&udp, REPEAT)?.duration.as_nanos() as f64))?);
             misses.push(median_ns(|| Ok(dp.test_run(&miss, REPEAT)?.duration.as_nanos() as f64))?);
         }
-        // The targets are the port-based path's; the others are shown
-        // against it.
-        let ports = label == "ports";
+        // The targets are the port-based paths'; the others are shown
+        // against IPv4's.
+        let ports = label.ends_with("ports");
         rows.push((format!("round trip, {label}"), round, if ports { 6.0 } else { 0.0 }));
         rows.push((format!("miss, {label}"), misses, if ports { 2.0 } else { 0.0 }));
     }
@@ -109,6 +128,7 @@ fn main() -> Result<()> {
     // Each `funneled` row also as a ratio to the port-based row beside it.
     let base: Vec<(String, Vec<f64>)> =
         rows.iter().filter(|r| r.0.ends_with(", ports")).map(|r| (r.0.clone(), r.1.clone())).collect();
+    // (The IPv6 rows end in "ipv6 ports": they are shown against IPv4's.)
     for (name, row, target) in &rows {
         let (name, row, target) = (name.as_str(), row, *target);
         print!("{:<30}", name);

@@ -86,22 +86,27 @@ static __always_inline int move_ip_options(struct __sk_buff *skb, __u32 l3, __u3
 }
 
 /*
- * Sets the IPv6 next header and payload length.  IPv6 has no header
- * checksum to keep the sum of the header as it was, so the write goes
- * through the helper that keeps skb->csum in step.
+ * Sets the IPv6 next header and payload length in place.  IPv6 has no
+ * header checksum to keep the header's sum as it was, so the change in
+ * the sum goes into skb->csum (bpf_csum_update: a no-op unless the skb
+ * carries a complete checksum, as on ingress).
  */
-static __always_inline int set_ipv6_proto_len(struct __sk_buff *skb, const struct pkt *p, __u8 proto, __u32 l4_len)
+static __always_inline int set_ipv6_proto_len(struct __sk_buff *skb, __u8 proto, __u32 l4_len)
 {
-	/* payload_len, nexthdr and hop_limit: one 4-byte word at offset 4. */
-	__u8 w[4];
-	__u32 off = p->l3 + offsetof(struct ipv6hdr, payload_len);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
 
-	if (bpf_skb_load_bytes(skb, off, w, sizeof(w)))
+	if ((void *)(ip6 + 1) > data_end)
 		return -1;
-	w[0] = l4_len >> 8;
-	w[1] = l4_len & 0xff;
-	w[2] = proto;
-	return bpf_skb_store_bytes(skb, off, w, sizeof(w), BPF_F_RECOMPUTE_CSUM);
+	/* payload_len, and the word of nexthdr and hop_limit. */
+	__be16 *w = (__be16 *)&ip6->payload_len;
+	__be16 old_len = w[0], old_nh = w[1];
+
+	ip6->payload_len = bpf_htons(l4_len);
+	ip6->nexthdr = proto;
+	bpf_csum_update(skb, (__u16)~old_len + (__u32)w[0] + (__u16)~old_nh + (__u32)w[1]);
+	return 0;
 }
 
 /*
@@ -112,7 +117,7 @@ static __always_inline int set_ipv6_proto_len(struct __sk_buff *skb, const struc
 static __always_inline int set_ip_proto_len(struct __sk_buff *skb, const struct pkt *p, __u8 proto, __u32 l4_len)
 {
 	if (p->family == SFUNNEL_FAMILY_IPV6)
-		return set_ipv6_proto_len(skb, p, proto, l4_len);
+		return set_ipv6_proto_len(skb, proto, l4_len);
 
 	__u16 tot_len = p->ihl_len + l4_len;
 	void *data = (void *)(long)skb->data;

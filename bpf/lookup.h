@@ -26,31 +26,39 @@ static __always_inline int addr_class(struct __sk_buff *skb, const struct sfunne
 				      const struct pkt *p, int daddr, __u32 *class, __u64 *shapes)
 {
 	struct sfunnel_addr_key k = {};
+	__u32 field = p->family * 2 + (daddr & 1);
 
 	if (p->family == SFUNNEL_FAMILY_IPV4) {
 		__be32 addr = daddr ? p->daddr : p->saddr;
-		/* The first octet is the first byte in network order. */
-		__u8 octet = ((__u8 *)&addr)[0];
 
-		if (!((prm->octets[daddr & 1][octet >> 6] >> (octet & 63)) & 1)) {
-			/*
-			 * Verifier workaround: class 0 read from the map, not written
-			 * as a constant, so both paths reach the shape loop with the
-			 * same kind of state and the verifier prunes one of them (a
-			 * constant here doubles the time the program takes to load).
-			 */
-			*class = prm->root_class;
-			*shapes = prm->root_shapes[daddr & 1];
-			return 0;
-		}
-		k.prefixlen = 64; /* field + pad + all 32 address bits */
-		k.field = daddr ? SFUNNEL_FIELD_DADDR : SFUNNEL_FIELD_SADDR;
+		k.prefixlen = 32 + 32; /* field + pad + the address */
 		__builtin_memcpy(k.addr, &addr, sizeof(addr));
 	} else {
-		k.prefixlen = 32 + 128;
-		k.field = daddr ? SFUNNEL_FIELD_DADDR6 : SFUNNEL_FIELD_SADDR6;
-		if (bpf_skb_load_bytes(skb, p->l3 + (daddr ? IPV6_DADDR_OFF : IPV6_SADDR_OFF), k.addr, sizeof(k.addr)))
+		/* parse_ip made the header linear, and nothing has changed it. */
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		__u8 *a = data + ETH_HLEN + (daddr ? IPV6_DADDR_OFF : IPV6_SADDR_OFF);
+
+		if ((void *)(a + sizeof(k.addr)) > data_end)
 			return -1;
+		k.prefixlen = 32 + 128;
+		__builtin_memcpy(k.addr, a, sizeof(k.addr));
+	}
+	k.field = field;
+	field &= 3;
+
+	/* The first octet is the first byte in network order. */
+	__u8 octet = k.addr[0];
+	if (!((prm->octets[field][octet >> 6] >> (octet & 63)) & 1)) {
+		/*
+		 * Verifier workaround: class 0 read from the map, not written as
+		 * a constant, so both paths reach the shape loop with the same
+		 * kind of state and the verifier prunes one of them (a constant
+		 * here doubles the time the program takes to load).
+		 */
+		*class = prm->root_class;
+		*shapes = prm->root_shapes[field];
+		return 0;
 	}
 	struct sfunnel_addr_class *c = bpf_map_lookup_elem(trie, &k);
 

@@ -112,13 +112,13 @@ struct sfunnel_params {
 	__u32 root_class;     /* 0: the class of 0.0.0.0/0 (see lookup.h) */
 	__u32 flags;          /* SFUNNEL_PARAMS_* */
 	/*
-	 * Per IPv4 address field (SFUNNEL_FIELD_SADDR, _DADDR): the first
-	 * octets that some named prefix covers, as a 256-bit set.  An address
-	 * whose first octet is not in it can only be in class 0 (0.0.0.0/0),
-	 * whose shape set is `root_shapes`: the LPM lookup is skipped.
+	 * Per address field (enum sfunnel_addr_field): the first octets that
+	 * some named prefix covers, as a 256-bit set.  An address whose first
+	 * octet is not in it can only be in class 0 (0.0.0.0/0 or ::/0), whose
+	 * shape set is `root_shapes`: the LPM lookup is skipped.
 	 */
-	__u64 octets[2][4];
-	__u64 root_shapes[2];
+	__u64 octets[4][4];
+	__u64 root_shapes[4];
 };
 
 /* `ports[gen * PORT_SPACE + port]`, port in host order. */

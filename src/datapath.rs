@@ -65,7 +65,7 @@ macro_rules! pod {
 }
 
 pod! {
-    sfunnel_params = 104,
+    sfunnel_params = 184,
     sfunnel_port_class = 24,
     sfunnel_addr_key = 24,
     sfunnel_addr_class = 16,

@@ -16,8 +16,28 @@ pub fn decoy(i: u32) -> String {
     }
 }
 
+/// The IPv6 form of [`decoy`]: none matches 2001:db8::1 → 2001:db8::2.
+pub fn decoy6(i: u32) -> String {
+    let (a, b) = ((i >> 16) & 0xffff, i & 0xffff);
+    match i % 4 {
+        0 => format!("ip6 daddr fd00:{a:x}::{b:x} udp dport 4739 actions funnel tcp sport 540 dport 179"),
+        1 => format!("ip6 saddr fd01:{a:x}:{b:x}::/48 tcp dport 443 actions accept"),
+        2 => format!("ip6 daddr fd00:{a:x}::{b:x} tcp sport 540 dport 179 actions unfunnel udp"),
+        _ => format!(
+            "ip6 saddr fd02:{a:x}:{b:x}::/64 udp dport {{ {}, {} }} actions drop",
+            1 + i % 30000,
+            30001 + i % 30000
+        ),
+    }
+}
+
 /// `n` rules: `n - real.len()` decoys, then the real ones.
 pub fn ruleset_with_decoys(n: usize, real: &[&str]) -> String {
+    ruleset_with(n, real, decoy)
+}
+
+/// `n` rules: `n - real.len()` rules made by `decoy`, then the real ones.
+pub fn ruleset_with(n: usize, real: &[&str], decoy: fn(u32) -> String) -> String {
     let mut text = String::with_capacity(n * 80);
     for i in 0..n.saturating_sub(real.len()) {
         text.push_str(&decoy(i as u32));
@@ -79,6 +99,38 @@ pub fn frame(proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
     let pseudo: u32 = [0xc0a8u32, 0x0101, 0xc0a8, 0x0102, u32::from(proto), l4_len as u32].iter().sum();
     let csum_at = 34 + if proto == 6 { 16 } else { 6 };
     let l4 = checksum(&f[34..], pseudo);
+    f[csum_at..csum_at + 2].copy_from_slice(&l4.to_be_bytes());
+    f
+}
+
+/// An Ethernet + IPv6 + TCP/UDP frame 2001:db8::1 → 2001:db8::2 with
+/// `payload` zero bytes and a valid checksum (RFC 8200 §8.1 pseudo-header).
+pub fn frame6(proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    let l4_hlen = if proto == 6 { 20 } else { 8 };
+    let l4_len = l4_hlen + payload;
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0, 0, 0, (l4_len >> 8) as u8, l4_len as u8, proto, 64]);
+    let (src, dst) = ([0x20u8, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], {
+        let mut d = [0x20u8, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        d[15] = 2;
+        d
+    });
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    if proto == 6 {
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+    }
+    f.resize(54 + l4_len, 0);
+    // Pseudo-header: both addresses, the L4 length and the next header.
+    let words: u32 = f[22..54].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    let csum_at = 54 + if proto == 6 { 16 } else { 6 };
+    let l4 = checksum(&f[54..], words + u32::from(proto) + l4_len as u32);
     f[csum_at..csum_at + 2].copy_from_slice(&l4.to_be_bytes());
     f
 }

@@ -346,7 +346,6 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
         })
         .collect();
 
-    let [v4_saddr, v4_daddr] = &addr_cls[0];
     Ok(Compiled {
         params: sfunnel_params {
             shapes: shapes_used,
@@ -356,8 +355,9 @@ pub fn compile(rs: &Ruleset) -> Result<Compiled, RulesetError> {
             // SFUNNEL_PARAMS_FUNNELED_*: bit = slot; the per-attachment bits
             // are RulesetMaps::install's.
             flags: funneled_slots,
-            octets: [v4_saddr.first_octets(), v4_daddr.first_octets()],
-            root_shapes: [addr_shapes[0][0][0], addr_shapes[0][1][0]],
+            // Indexed by the trie's field: family * 2 + (saddr, daddr).
+            octets: [0, 1, 2, 3].map(|f| addr_cls[f / 2][f % 2].first_octets()),
+            root_shapes: [0, 1, 2, 3].map(|f| addr_shapes[f / 2][f % 2][0]),
         },
         ports,
         addrs,

@@ -42,16 +42,10 @@ impl<'c> Reference<'c> {
     fn addr_class(&self, field: u8, addr: IpAddr) -> Option<sfunnel_addr_class> {
         let params = &self.compiled.params;
         let bits = addr_bits(addr);
-        if let IpAddr::V4(_) = addr {
-            // IPv4 only: the first-octet filter.
-            let octet = bits >> 120;
-            if params.octets[usize::from(field)][(octet >> 6) as usize] >> (octet & 63) & 1 == 0 {
-                return Some(sfunnel_addr_class {
-                    class: 0,
-                    pad: 0,
-                    shapes: params.root_shapes[usize::from(field)],
-                });
-            }
+        // The first-octet filter.
+        let octet = bits >> 120;
+        if params.octets[usize::from(field)][(octet >> 6) as usize] >> (octet & 63) & 1 == 0 {
+            return Some(sfunnel_addr_class { class: 0, pad: 0, shapes: params.root_shapes[usize::from(field)] });
         }
         (0..=Family::of(addr).bits()).rev().find_map(|len| {
             let net = if len == 0 { 0 } else { bits & (u128::MAX << (128 - u32::from(len))) };
