@@ -125,6 +125,11 @@ fn udp_server(ns: &str, addr: &'static str) -> UdpSocket {
 /// echoes), written in `chunk`-byte writes while the echo is read.
 /// Returns (bytes the server got intact, bytes the client got back intact).
 fn tcp_echo(t: &Topo, port: u16, len: usize, chunk: usize, seed: usize) -> Result<(usize, usize), String> {
+    tcp_echo_to(t, t.dest6(), port, len, chunk, seed)
+}
+
+/// [`tcp_echo`] to the address `to`.
+fn tcp_echo_to(t: &Topo, to: &str, port: u16, len: usize, chunk: usize, seed: usize) -> Result<(usize, usize), String> {
     let listener = in_ns(&t.server, move || TcpListener::bind(("::", port)).expect("listen on the server"));
     let data = pattern(seed, len);
     let want = data.clone();
@@ -144,7 +149,7 @@ fn tcp_echo(t: &Topo, port: u16, len: usize, chunk: usize, seed: usize) -> Resul
             }
         }
     });
-    let dest = sa6(t.dest6(), port);
+    let dest = sa6(to, port);
     let mut s = in_ns(&t.client, move || TcpStream::connect_timeout(&dest, Duration::from_secs(5)))
         .map_err(|e| format!("connect {dest}: {e}"))?;
     s.set_nodelay(true).unwrap();
@@ -161,7 +166,8 @@ fn tcp_echo(t: &Topo, port: u16, len: usize, chunk: usize, seed: usize) -> Resul
     writer.join().map_err(|_| "writer panicked".to_string())??;
     r.map_err(|e| format!("client read after {} bytes: {e}", back.len()))?;
     let got = server.join().map_err(|_| "server thread panicked".to_string())??;
-    let intact = |v: &[u8]| if v == want.as_slice() { v.len() } else { v.iter().zip(&want).take_while(|(a, b)| a == b).count() };
+    let intact =
+        |v: &[u8]| if v == want.as_slice() { v.len() } else { v.iter().zip(&want).take_while(|(a, b)| a == b).count() };
     Ok((intact(&got), intact(&back)))
 }
 
@@ -250,6 +256,122 @@ fn ipv6_udp_and_tcp_funneled_through_ip6tables_dnat_arrive_exactly() {
     for ns in [&t.server, &t.client] {
         let errs = nstat(ns, &ERROR_COUNTERS);
         println!("{ns}: {}", errs.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+        if errs.iter().any(|(_, v)| *v != 0) {
+            failures.push(format!("{ns}: error counters {errs:?}"));
+        }
+    }
+    t.teardown();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Rule 0 of `iface direction`: (packets, over_mtu).
+fn rule0(t: &Topo, ns: &str, iface: &str, dir: &str) -> (u64, u64) {
+    let a = attachment(t.ino(ns), iface, dir).unwrap_or_else(|| panic!("no status for {iface} {dir}"));
+    (a["rules"][0]["packets"].as_u64().unwrap_or(0), a["rules"][0]["over_mtu"].as_u64().unwrap_or(0))
+}
+
+/// The path MTU `ns` has cached towards `to` (`ip -6 route get`: "… mtu N").
+fn cached_pmtu6(ns: &str, to: &str) -> Option<usize> {
+    let out = common::topology::nsh(ns, &["ip", "-6", "route", "get", to]).stdout;
+    let mut words = out.split_whitespace();
+    words.by_ref().find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
+/// The MTU guard over IPv6: with the ends at the router's 1500, a full-size
+/// datagram does not fit once funneled.  It is dropped, and the sender gets
+/// an ICMPv6 "packet too big" for 1480, which its kernel accepts (checksum,
+/// quote) and caches as the path MTU; what it sends next fits and is
+/// delivered.  A TCP stream of full-size segments adapts the same way.
+#[test]
+fn ipv6_over_mtu_sends_packet_too_big_and_traffic_adapts() {
+    if !common::require_root("ipv6_over_mtu_sends_packet_too_big_and_traffic_adapts") {
+        return;
+    }
+    let t = Topo::new(TopoOpts { router_offloads_off: true, ipv6: true, ..Default::default() });
+    for (ns, dev) in [(&t.client, &t.c_if), (&t.server, &t.s_if)] {
+        common::topology::nsh(ns, &["ip", "link", "set", dev, "mtu", "1500"]);
+    }
+    load(&t.client, &t.c_if, "egress", "ip6 udp dport 4739 actions funnel tcp sport 540 dport 80\nip6 tcp dport 7000 actions funnel tcp sport 541 dport 80");
+    load(&t.client, &t.c_if, "ingress", "ip6 tcp sport 80 dport 541 actions unfunnel tcp");
+    load(
+        &t.server,
+        &t.s_if,
+        "ingress",
+        "ip6 tcp sport 540 dport 80 actions unfunnel udp\nip6 tcp sport 541 dport 80 actions unfunnel tcp",
+    );
+    load(&t.server, &t.s_if, "egress", "ip6 tcp sport 7000 actions funnel tcp sport 80 dport 541");
+    let mut failures = Vec::new();
+
+    let server = udp_server(&t.server, "[::]:4739");
+    let dest = sa6(common::topology::SERVER_IP6, 4739);
+    let client = in_ns(&t.client, || {
+        let s = UdpSocket::bind("[::]:0").expect("client UDP socket");
+        // No local fragmentation: EMSGSIZE above the path MTU.
+        let v: libc::c_int = 1;
+        // SAFETY: setsockopt on a valid descriptor with an int value.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DONTFRAG,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_DONTFRAG");
+        s
+    });
+    // 40 + 8 + 1452 = 1500: fits the link, not once funneled (+20).
+    let full = pattern(7, 1452);
+    client.send_to(&full, dest).expect("the first full-size send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cached_pmtu6(&t.client, common::topology::SERVER_IP6).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pmtu = cached_pmtu6(&t.client, common::topology::SERVER_IP6);
+    let again = client.send_to(&full, dest).map_err(|e| e.raw_os_error());
+    let fits = pattern(8, 1432);
+    client.send_to(&fits, dest).expect("a send that fits");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = server.recv_from(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    let (packets, over) = rule0(&t, &t.client, &t.c_if, "egress");
+    println!(
+        "1452-byte datagram: client path MTU now {pmtu:?}, resend -> {again:?} (EMSGSIZE = {}); \
+         server got {:?} bytes; rule (packets, over_mtu) = ({packets}, {over})",
+        libc::EMSGSIZE,
+        got.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    if pmtu != Some(1480) {
+        failures.push(format!("path MTU {pmtu:?} after the packet too big, want 1480"));
+    }
+    if again != Err(Some(libc::EMSGSIZE)) {
+        failures.push(format!("resending 1452 bytes: {again:?}, want EMSGSIZE"));
+    }
+    if got != [fits] || (packets, over) != (1, 1) {
+        failures.push("the datagram that fits was not the only one funneled and delivered".into());
+    }
+
+    // TCP with full-size segments both ways, through the detour and the
+    // guard, adapts and arrives intact.
+    let len = 1 << 20;
+    match tcp_echo_to(&t, common::topology::SERVER_IP6, 7000, len, 1 << 16, 9) {
+        Ok(r) => {
+            println!("TCP over TCP at MTU 1500: {len} B sent, ({}, {}) B intact at the server and back", r.0, r.1);
+            if r != (len, len) {
+                failures.push(format!("TCP: {r:?} of {len} bytes intact"));
+            }
+        }
+        Err(e) => failures.push(format!("TCP: {e}")),
+    }
+    for ns in [&t.server, &t.client] {
+        let errs = nstat(ns, &ERROR_COUNTERS);
         if errs.iter().any(|(_, v)| *v != 0) {
             failures.push(format!("{ns}: error counters {errs:?}"));
         }

@@ -264,12 +264,8 @@ fn a_ruleset_over_the_entry_cap_is_refused_with_its_line() {
 /// Addresses and ports are drawn from small pools so that rules overlap,
 /// nest and shadow each other, and packets land on every boundary.
 const BASES: [u32; 4] = [0x0a00_0000, 0x0a01_0000, 0xc0a8_0101, 0x0a01_0203];
-const BASES6: [u128; 4] = [
-    0x2001_0db8 << 96,
-    0x2001_0db8_0001 << 80,
-    0xfd00_0000_0000_0000_0000_0001_0002_0003,
-    (0x2001_0db8 << 96) | 1,
-];
+const BASES6: [u128; 4] =
+    [0x2001_0db8 << 96, 0x2001_0db8_0001 << 80, 0xfd00_0000_0000_0000_0000_0001_0002_0003, (0x2001_0db8 << 96) | 1];
 const PORTS: [u16; 8] = [1, 79, 80, 81, 443, 1000, 2000, 65535];
 
 fn arb_family() -> impl Strategy<Value = Family> {
@@ -281,9 +277,11 @@ fn arb_net(family: Family) -> BoxedStrategy<IpNet> {
         Family::Ip => (prop::sample::select(&BASES[..]), prop::sample::select(&[0u8, 1, 8, 16, 24, 31, 32][..]))
             .prop_map(|(a, l)| IpNet::V4(Ipv4Net::new(a, l)))
             .boxed(),
-        Family::Ip6 => (prop::sample::select(&BASES6[..]), prop::sample::select(&[0u8, 1, 16, 32, 48, 80, 127, 128][..]))
-            .prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(a, l)))
-            .boxed(),
+        Family::Ip6 => {
+            (prop::sample::select(&BASES6[..]), prop::sample::select(&[0u8, 1, 16, 32, 48, 80, 127, 128][..]))
+                .prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(a, l)))
+                .boxed()
+        }
     }
 }
 
@@ -366,7 +364,14 @@ fn arb_port() -> impl Strategy<Value = u16> {
 fn arb_packet() -> impl Strategy<Value = PacketFields> {
     arb_family().prop_flat_map(|f| {
         (arb_addr(f), arb_addr(f), arb_proto(), arb_port(), arb_port(), any::<bool>()).prop_map(
-            |(saddr, daddr, proto, sport, dport, funneled)| PacketFields { saddr, daddr, proto, sport, dport, funneled },
+            |(saddr, daddr, proto, sport, dport, funneled)| PacketFields {
+                saddr,
+                daddr,
+                proto,
+                sport,
+                dport,
+                funneled,
+            },
         )
     })
 }

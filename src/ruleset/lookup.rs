@@ -30,7 +30,16 @@ impl<'c> Reference<'c> {
             .iter()
             .map(|(k, v)| {
                 (
-                    (k.saddr_class, k.daddr_class, k.sport_class, k.dport_class, k.proto, k.shape, k.funneled, k.family),
+                    (
+                        k.saddr_class,
+                        k.daddr_class,
+                        k.sport_class,
+                        k.dport_class,
+                        k.proto,
+                        k.shape,
+                        k.funneled,
+                        k.family,
+                    ),
                     *v,
                 )
             })

@@ -148,7 +148,11 @@ fn build_rule(input: &str, pair: Pair<'_, G>) -> Result<Rule, RulesetError> {
     };
     let family = rule_family(input, family, &addr_families)?;
     let funneled = funneled.is_some();
-    Ok(Rule { matches: Match { family, saddr, daddr, proto, sport, dport, funneled }, action, pos: SourcePos { line, col } })
+    Ok(Rule {
+        matches: Match { family, saddr, daddr, proto, sport, dport, funneled },
+        action,
+        pos: SourcePos { line, col },
+    })
 }
 
 /// A rule's family: its `ip`/`ip6` word, else that of its addresses, else
@@ -357,9 +361,7 @@ fn is_keyword_rule(r: G) -> bool {
 fn token_at(input: &str, pos: usize) -> &str {
     let rest = &input[pos..];
     if rest.starts_with(|c: char| c.is_ascii_digit()) {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_hexdigit() || c == '.' || c == '/' || c == ':'))
-            .unwrap_or(rest.len());
+        let n = rest.find(|c: char| !(c.is_ascii_hexdigit() || c == '.' || c == '/' || c == ':')).unwrap_or(rest.len());
         return &rest[..n];
     }
     let word_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
@@ -422,10 +424,9 @@ fn syntax_error(input: &str, e: pest::error::Error<G>) -> RulesetError {
         );
     }
     // A value is what is missing: `!=` would only be noise.
-    let wants_value =
-        positives.iter().any(|r| {
-            matches!(r, G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::ipv6_net | G::ipv6 | G::octet)
-        });
+    let wants_value = positives.iter().any(|r| {
+        matches!(r, G::port | G::port_set | G::port_range | G::ipv4_net | G::ipv4 | G::ipv6_net | G::ipv6 | G::octet)
+    });
     let mut wanted: Vec<&str> = Vec::new();
     for r in positives.iter().filter(|r| !(wants_value && **r == G::neq)) {
         let d = describe(*r);
