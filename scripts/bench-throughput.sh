@@ -12,7 +12,9 @@
 #
 # Prints one table: throughput of each funneled flow as a ratio of plain,
 # UDP loss, request/response rates, and a bulk transfer whose sha256 is
-# compared at both ends, with the server's checksum error counters.
+# compared at both ends, with the server's checksum error counters.  The
+# throughput rows are measured over IPv4 and over IPv6 (`ip6` twins of the
+# rules, on the same ports, in the same rulesets).
 #
 #   scripts/bench-throughput.sh            (root; builds sfunnel)
 #   ROUNDS=5 SECONDS_PER_RUN=10 BULK_MIB=1024 UDP_RATE=2G scripts/bench-throughput.sh
@@ -26,7 +28,7 @@ BULK_MIB=${BULK_MIB:-1024}
 UDP_RATE=${UDP_RATE:-1G}   # the paced UDP rows; the others send as fast as one sender can
 RR_SECONDS=${RR_SECONDS:-3}
 C=sfbtc R=sfbtr S=sfbts
-CIP=10.77.1.2 SIP=10.77.2.2
+CIP=10.77.1.2 SIP=10.77.2.2 SIP6=fd00:77:2::2
 
 cargo build --release --locked -q
 SF=target/release/sfunnel
@@ -52,28 +54,37 @@ ip -n $R addr add 10.77.1.1/24 dev sfbt1
 ip -n $R addr add 10.77.2.1/24 dev sfbt2
 ip -n $S addr add $SIP/24 dev sfbt3
 for x in "$C sfbt0" "$R sfbt1" "$R sfbt2" "$S sfbt3"; do set -- $x; ip -n "$1" link set "$2" up; done
+ip -n $C -6 addr add fd00:77:1::2/64 dev sfbt0 nodad
+ip -n $R -6 addr add fd00:77:1::1/64 dev sfbt1 nodad
+ip -n $R -6 addr add fd00:77:2::1/64 dev sfbt2 nodad
+ip -n $S -6 addr add $SIP6/64 dev sfbt3 nodad
 ip -n $C route add default via 10.77.1.1
 ip -n $S route add default via 10.77.2.1
-ip netns exec $R sysctl -qw net.ipv4.ip_forward=1
+ip -n $C -6 route add default via fd00:77:1::1
+ip -n $S -6 route add default via fd00:77:2::1
+ip netns exec $R sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 ip netns exec $R ethtool -K sfbt1 tx off tso off gso off >/dev/null
 ip netns exec $R ethtool -K sfbt2 tx off tso off gso off >/dev/null
 
+# Each rule and its IPv6 twin (`ip6` in front).
+dual() { printf '%s\n' "$1"; printf '%s\n' "$1" | sed '/./s/^/ip6 /'; }
+
 # Funneled: 5201 TCP/TCP, 5202 TCP/UDP, 5203 UDP/TCP, 5204 UDP/UDP,
 # 5205 request/response (replies funneled back), 5211/5212 bulk sha256.
-$SF load -n $C -i sfbt0 -d egress "
+$SF load -n $C -i sfbt0 -d egress "$(dual "
 tcp dport 5201 actions funnel tcp sport 540 dport 80
 tcp dport 5211 actions funnel tcp sport 540 dport 80
 tcp dport 5202 actions funnel udp sport 541 dport 81
 tcp dport 5212 actions funnel udp sport 541 dport 81
 udp dport 5203 actions funnel tcp sport 542 dport 82
 udp dport 5204 actions funnel udp sport 543 dport 83
-tcp dport 5205 actions funnel tcp sport 544 dport 84" >/dev/null
-$SF load -n $S -i sfbt3 -d ingress "
+tcp dport 5205 actions funnel tcp sport 544 dport 84")" >/dev/null
+$SF load -n $S -i sfbt3 -d ingress "$(dual "
 tcp sport 540 dport 80 actions unfunnel tcp
 udp sport 541 dport 81 actions unfunnel tcp
 tcp sport 542 dport 82 actions unfunnel udp
 udp sport 543 dport 83 actions unfunnel udp
-tcp sport 544 dport 84 actions unfunnel tcp" >/dev/null
+tcp sport 544 dport 84 actions unfunnel tcp")" >/dev/null
 $SF load -n $S -i sfbt3 -d egress "tcp sport 5205 actions funnel tcp sport 84 dport 544" >/dev/null
 $SF load -n $C -i sfbt0 -d ingress "tcp sport 84 dport 544 actions unfunnel tcp" >/dev/null
 
@@ -83,11 +94,12 @@ done
 sleep 0.5
 
 # Gbit/s (and for UDP "lost%") from iperf3's receiver line.
-tcp_run() { ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -f m | awk '/receiver/ {print $(NF-2)/1000}'; }
+# $1: port; the last argument, if any: the server's address (default IPv4).
+tcp_run() { ip netns exec $C iperf3 -c "${2:-$SIP}" -p "$1" -t "$T" -f m | awk '/receiver/ {print $(NF-2)/1000}'; }
 # 4 MiB socket buffers: loss then comes from the path, not from a receiver
 # that was descheduled for a moment.
 udp_run() {
-  ip netns exec $C iperf3 -c $SIP -p "$1" -t "$T" -u -l 1400 -b "$2" -w 4M -f m |
+  ip netns exec $C iperf3 -c "${3:-$SIP}" -p "$1" -t "$T" -u -l 1400 -b "$2" -w 4M -f m |
     awk '/receiver/ {for (i=1;i<=NF;i++) if ($i=="Mbits/sec") r=$(i-1); gsub(/[()%]/,"",$NF); l=$(NF-1); gsub(/[()%]/,"",l); print r/1000, l}'
 }
 
@@ -146,18 +158,21 @@ bulk_run() {
   if [ "$h1" = "$h2" ] && [ "$n1" = "$n2" ]; then echo "$((n2 >> 20)) MiB sha256 identical (${h2:0:16}…)"; else echo "MISMATCH: sent $n1 $h1, received $n2 $h2"; fi
 }
 
-csum_errors() { ip netns exec $S nstat -az TcpInCsumErrors UdpInCsumErrors | awk '/CsumErrors/ {s += $2} END {print s+0}'; }
+csum_errors() { ip netns exec $S nstat -az TcpInCsumErrors UdpInCsumErrors Udp6InCsumErrors | awk '/CsumErrors/ {s += $2} END {print s+0}'; }
 
 printf '\nsfunnel throughput: client → router (tx/tso/gso off) → server, kernel %s\n' "$(uname -r)"
 printf '%s rounds of %s s runs, each funneled run next to a plain one; median (lowest-highest)\n\n' "$ROUNDS" "$T"
 
 # Each round runs plain and the funneled flows back to back, so that a
 # noisy neighbour hits both; the ratio is taken per round.
-declare -a P TT TU UP UT UU
+declare -a P TT TU UP UT UU P6 TT6 TU6 UP6 UT6 UU6
 for ((r = 0; r < ROUNDS; r++)); do
   P+=("$(tcp_run 5301)"); TT+=("$(tcp_run 5201)"); TU+=("$(tcp_run 5202)")
   read -r up upl < <(udp_run 5303 0); read -r ut utl < <(udp_run 5203 0); read -r uu uul < <(udp_run 5204 0)
   UP+=("$up $upl"); UT+=("$ut $utl"); UU+=("$uu $uul")
+  P6+=("$(tcp_run 5301 $SIP6)"); TT6+=("$(tcp_run 5201 $SIP6)"); TU6+=("$(tcp_run 5202 $SIP6)")
+  read -r up upl < <(udp_run 5303 0 $SIP6); read -r ut utl < <(udp_run 5203 0 $SIP6); read -r uu uul < <(udp_run 5204 0 $SIP6)
+  UP6+=("$up $upl"); UT6+=("$ut $utl"); UU6+=("$uu $uul")
 done
 read -r pu pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 tul < <(udp_run 5203 "$UDP_RATE"); read -r uu1 uul1 < <(udp_run 5204 "$UDP_RATE")
 rr_plain=$(rr_run 5305)
@@ -183,6 +198,12 @@ row "TCP over UDP (funneled)" TU P "-"
 row "plain UDP, 1400 B, unpaced" UP "" "$(loss UP)%"
 row "UDP over TCP (funneled)" UT UP "$(loss UT)%"
 row "UDP over UDP (funneled)" UU UP "$(loss UU)%"
+row "IPv6: plain TCP" P6 "" "-"
+row "IPv6: TCP over TCP (funneled)" TT6 P6 "-"
+row "IPv6: TCP over UDP (funneled)" TU6 P6 "-"
+row "IPv6: plain UDP, 1400 B, unpaced" UP6 "" "$(loss UP6)%"
+row "IPv6: UDP over TCP (funneled)" UT6 UP6 "$(loss UT6)%"
+row "IPv6: UDP over UDP (funneled)" UU6 UP6 "$(loss UU6)%"
 printf '%-34s %6.2f %29s %9s\n' "plain UDP, 1400 B at $UDP_RATE" "$pu" "100%" "$pul%"
 printf '%-34s %6.2f %29s %9s\n' "UDP over TCP (funneled)" "$tu1" "$(awk -v a="$tu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$tul%"
 printf '%-34s %6.2f %29s %9s\n' "UDP over UDP (funneled)" "$uu1" "$(awk -v a="$uu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$uul1%"
@@ -191,4 +212,4 @@ printf '%-34s %6s %29s\n' "request/response, funneled both ways" "$rr_fun" "$(aw
 echo
 echo "bulk TCP over TCP: $(bulk_run 5211)"
 echo "bulk TCP over UDP: $(bulk_run 5212)"
-echo "server TcpInCsumErrors + UdpInCsumErrors over the whole run: $(csum_errors)"
+echo "server TcpInCsumErrors + UdpInCsumErrors + Udp6InCsumErrors over the whole run: $(csum_errors)"
