@@ -104,6 +104,11 @@ fn ip6_rules_and_their_family() {
          tcp dport 22 actions drop\n"
     );
     assert_eq!(parse(&rs.to_string()).unwrap(), rs);
+    // JSON (`check --json`) gives the family, and prefixes as text.
+    let j = serde_json::to_value(&rs).unwrap();
+    assert_eq!(j["rules"][0]["match"]["family"], "ip6");
+    assert_eq!(j["rules"][0]["match"]["saddr"]["net"], "2001:db8::/32");
+    assert_eq!(j["rules"][4]["match"]["family"], "ip");
     // An IPv4 rule never matches an IPv6 packet, and the reverse.
     let v4 = parse("tcp dport 80 accept").unwrap();
     let v6 = parse("ip6 tcp dport 80 accept").unwrap();

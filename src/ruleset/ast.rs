@@ -195,9 +195,9 @@ fn mask128(len: u8) -> u128 {
     }
 }
 
-/// A prefix of either family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(untagged)]
+/// A prefix of either family.  It serializes as its text ("10.0.0.0/8",
+/// "2001:db8::/32"): JSON numbers cannot hold an IPv6 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IpNet {
     V4(Ipv4Net),
     V6(Ipv6Net),
@@ -240,6 +240,12 @@ impl IpNet {
             (IpNet::V6(n), IpAddr::V6(a)) => u128::from(a) & mask128(n.len) == n.addr,
             _ => false,
         }
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
