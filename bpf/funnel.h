@@ -254,7 +254,7 @@ static __always_inline int read_inner_csum(struct __sk_buff *skb, __u32 off, __b
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	/* Verifier workaround: a bounded offset for direct access. */
-	if (off < 0xffff) {
+	if (off < 1024) {
 		__be16 *f = data + off;
 		if ((void *)(f + 1) <= data_end) {
 			*csum = *f;

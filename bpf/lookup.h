@@ -34,7 +34,7 @@ static __always_inline int addr_class(struct __sk_buff *skb, const struct sfunne
 		k.prefixlen = 32 + 32; /* field + pad + the address */
 		__builtin_memcpy(k.addr, &addr, sizeof(addr));
 	} else {
-		/* parse_ip made the header linear, and nothing has changed it. */
+		/* sfunnel_parse made the header linear, and nothing has changed it. */
 		void *data = (void *)(long)skb->data;
 		void *data_end = (void *)(long)skb->data_end;
 		__u8 *a = data + ETH_HLEN + (daddr ? IPV6_DADDR_OFF : IPV6_SADDR_OFF);

@@ -133,7 +133,7 @@ struct {
  * ICMP reply it builds): with the rest of the program's frame they would
  * not fit the 512-byte stack.
  */
-#define SCRATCH_SIZE 128
+#define SCRATCH_SIZE 192
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);

@@ -225,7 +225,12 @@ static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct
 		return reply_too_big6(skb, p, mtu, flags);
 	if (!r)
 		return -1;
-	/* Verifier workaround: restate the bounds of the quote's length. */
+	/* Verifier workaround: clang may test one copy of qlen and pass
+	 * another, whose bounds the verifier then does not know.  Masked,
+	 * every copy is below 128 (and qlen keeps its value, at most 68):
+	 * SCRATCH_SIZE leaves room for that after the quote's offset. */
+	qlen &= 127;
+	_Static_assert(offsetof(struct frag_needed, quote) + 128 <= SCRATCH_SIZE, "room for any masked qlen");
 	if (qlen < sizeof(struct iphdr) + 8 || qlen > sizeof(r->quote))
 		return -1;
 	if (bpf_skb_load_bytes(skb, 0, &r->eth, sizeof(r->eth)) || bpf_skb_load_bytes(skb, p->l3, r->quote, qlen))

@@ -43,7 +43,7 @@ int sfunnel(struct __sk_buff *skb)
 	if (detour_returned(skb))
 		return TC_ACT_UNSPEC;
 
-	int rc = parse_ip(skb, &p);
+	int rc = sfunnel_parse(skb, &p);
 
 	if (rc != PARSE_OK) {
 		count_stat(rc == PARSE_FRAGMENT    ? SFUNNEL_STAT_FRAGMENT :
@@ -139,7 +139,7 @@ int sfunnel_detour(struct __sk_buff *skb)
 
 	/* Only IP packets to funnel are sent here (segments of GSO ones, and
 	 * TCP); anything else is the helper's own traffic, and never leaves. */
-	if (parse_ip(skb, &p) != PARSE_OK)
+	if (sfunnel_parse(skb, &p) != PARSE_OK)
 		return TC_ACT_SHOT;
 	/* The ruleset may have changed since: a packet that no funnel rule
 	 * matches now goes on unchanged. */
