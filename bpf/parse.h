@@ -183,7 +183,8 @@ __noinline int sfunnel_parse(struct __sk_buff *skb, struct pkt *p)
 		struct udphdr *uh = l4;
 		if ((void *)(uh + 1) > data_end)
 			return PARSE_MALFORMED;
-		if (bpf_ntohs(uh->len) != p->l4_len)
+		/* The length field is the L4 length, header included. */
+		if (bpf_ntohs(uh->len) != p->l4_len || p->l4_len < sizeof(*uh))
 			return PARSE_MALFORMED;
 		p->l4_hlen = sizeof(*uh);
 		p->sport = bpf_ntohs(uh->source);

@@ -410,6 +410,21 @@ fn build_cases() -> Vec<Case> {
         full[..ETH_HLEN + 20 + 4].to_vec(),
         SFUNNEL_STAT_MALFORMED,
     ));
+    // tot_len cuts the UDP header, whose length field agrees with it, and
+    // the frame goes on (the header's last bytes are padding): not a UDP
+    // header to trust.  (These were once funneled.)
+    for short in [1u16, 4, 7] {
+        let mut g = full.clone();
+        put16(&mut g, ETH_HLEN + 2, 20 + short);
+        packet::fix_ip_checksum(&mut g);
+        put16(&mut g, ETH_HLEN + 20 + 4, short);
+        cases.push(pass_case(
+            format!("malformed: tot_len - IHL = UDP length = {short}, the frame going on"),
+            UDP_OVER_TCP,
+            g,
+            SFUNNEL_STAT_MALFORMED,
+        ));
+    }
     let fullt = tcp.clone().with_options(&ip_options(12)).build();
     cases.push(pass_case(
         "truncated: inside the TCP header, after IP options",

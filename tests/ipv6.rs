@@ -82,7 +82,10 @@ fn sa6(a: &str, port: u16) -> SocketAddr {
 
 /// Sends UDP_PER_SIZE datagrams of each size from the client to `dest`;
 /// returns what the server socket got (data, source address).
-fn udp_flow(t: &Topo, server: &UdpSocket, dest: SocketAddr, seed: usize) -> (Vec<Vec<u8>>, Vec<(Vec<u8>, SocketAddr)>) {
+/// Datagrams received, with where each came from.
+type Received = Vec<(Vec<u8>, SocketAddr)>;
+
+fn udp_flow(t: &Topo, server: &UdpSocket, dest: SocketAddr, seed: usize) -> (Vec<Vec<u8>>, Received) {
     let v6 = dest.is_ipv6();
     let client = in_ns(&t.client, move || {
         if v6 {

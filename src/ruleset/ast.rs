@@ -211,7 +211,7 @@ impl IpNet {
         }
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         match self {
             IpNet::V4(n) => n.len,
             IpNet::V6(n) => n.len,
@@ -230,7 +230,7 @@ impl IpNet {
     /// The last address of the prefix, left-aligned like [`IpNet::bits`].
     pub fn last_bits(&self) -> u128 {
         let width = u32::from(self.family().bits());
-        let host = !mask128(self.len()) & (u128::MAX << (128 - width));
+        let host = !mask128(self.prefix_len()) & (u128::MAX << (128 - width));
         self.bits() | host
     }
 

@@ -380,7 +380,7 @@ fn push_addr_classes(
 ) {
     for (class, net) in classes.nets.iter().enumerate() {
         let key = sfunnel_addr_key {
-            prefixlen: 32 + u32::from(net.len()),
+            prefixlen: 32 + u32::from(net.prefix_len()),
             field,
             pad: [0; 3],
             // Left-aligned: an IPv4 address fills addr[0..4].
