@@ -11,8 +11,8 @@
 #include "parse.h"
 #include "detect.h"
 
-struct match {
-	const struct sfunnel_rule_val *rule;
+struct rule_match {
+	struct sfunnel_rule_val rule; /* a copy: the map's memory may change */
 	__u32 gen;
 	__u32 counter_stride;
 	__u32 flags; /* sfunnel_params.flags */
@@ -34,7 +34,7 @@ static __always_inline int addr_class(struct __sk_buff *skb, const struct sfunne
 		k.prefixlen = 32 + 32; /* field + pad + the address */
 		__builtin_memcpy(k.addr, &addr, sizeof(addr));
 	} else {
-		/* sfunnel_parse made the header linear, and nothing has changed it. */
+		/* parse_ip made the header linear, and nothing has changed it. */
 		void *data = (void *)(long)skb->data;
 		void *data_end = (void *)(long)skb->data_end;
 		__u8 *a = data + ETH_HLEN + (daddr ? IPV6_DADDR_OFF : IPV6_SADDR_OFF);
@@ -71,7 +71,7 @@ static __always_inline int addr_class(struct __sk_buff *skb, const struct sfunne
 }
 
 /* Returns 0 and the first matching rule, or -1 on a miss. */
-static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *p, struct match *out)
+static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *p, struct rule_match *out)
 {
 	__u32 zero = 0;
 	__u32 *active_gen = bpf_map_lookup_elem(&active, &zero);
@@ -82,8 +82,8 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	struct sfunnel_params *prm = bpf_map_lookup_elem(&params, &gen);
 	if (!prm)
 		return -1;
-	__u32 slot = p->family * 2 + (p->proto == IPPROTO_UDP);
-	__u32 shift = (slot & (SLOTS - 1)) * SHAPES_PER_PROTO;
+	__u32 slot = (p->family * 2 + (p->proto == IPPROTO_UDP)) & (SLOTS - 1);
+	__u32 shift = slot * SHAPES_PER_PROTO;
 	__u64 shapes = prm->shapes >> shift;
 
 	__u32 idx = gen * PORT_SPACE + p->sport;
@@ -145,7 +145,7 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	}
 	if (!best)
 		return -1;
-	out->rule = best;
+	out->rule = *best;
 	out->gen = gen;
 	out->counter_stride = prm->counter_stride;
 	out->flags = prm->flags;
@@ -153,17 +153,17 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 }
 
 /* The rule's counters on this CPU; NULL if they are gone. */
-static __always_inline struct sfunnel_counter *rule_counter(const struct match *m)
+static __always_inline struct sfunnel_counter *rule_counter(const struct rule_match *m)
 {
 	void *counters = bpf_map_lookup_elem(&counter_maps, &m->gen);
 	if (!counters)
 		return NULL;
 	/* Only this CPU writes its block, with bottom halves off: no atomics. */
-	__u32 idx = bpf_get_smp_processor_id() * m->counter_stride + m->rule->index;
+	__u32 idx = bpf_get_smp_processor_id() * m->counter_stride + m->rule.index;
 	return bpf_map_lookup_elem(counters, &idx);
 }
 
-static __always_inline void count_rule(const struct match *m, __u32 bytes)
+static __always_inline void count_rule(const struct rule_match *m, __u32 bytes)
 {
 	struct sfunnel_counter *c = rule_counter(m);
 	if (c) {
@@ -172,7 +172,7 @@ static __always_inline void count_rule(const struct match *m, __u32 bytes)
 	}
 }
 
-static __always_inline void count_over_mtu(const struct match *m)
+static __always_inline void count_over_mtu(const struct rule_match *m)
 {
 	struct sfunnel_counter *c = rule_counter(m);
 	if (c)

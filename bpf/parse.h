@@ -79,19 +79,9 @@ static __always_inline int ipv6_ext_header(__u8 nh)
  * to touch.  IPv6 packets whose L4 header does not follow the fixed header
  * directly (extension headers) are passed over: PARSE_IPV6_EXT, or
  * PARSE_FRAGMENT for a fragment header.
- *
- * Verifier workaround: a global function.  The verifier checks it once, on
- * its own, and to the caller every field of `p` is then an unknown scalar,
- * so an IPv4 and an IPv6 packet reach the rest of the program in the same
- * state and it is verified once.  Inlined, each family's constants (family,
- * header length) split every later path in two: the program took twice as
- * long to load.  The callers check the bounds they need.
  */
-__noinline int sfunnel_parse(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
 {
-	if (!skb || !p)
-		return PARSE_MALFORMED;
-
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 

@@ -34,16 +34,95 @@ static __always_inline void count_funnel_skip(int rc)
 						 SFUNNEL_STAT_ERROR);
 }
 
+/*
+ * What the rule `m` that matched the parsed packet `p` does: the verdict.
+ *
+ * Verifier workaround: a global function.  The verifier checks it once, on
+ * its own, with every field of *p and *m unknown, so it is verified once
+ * for both families; inlined, the constants an IPv4 and an IPv6 parse
+ * leave (the family, the header length) made every path after the lookup
+ * verified twice, and the program took twice as long to load.  Packets
+ * no rule matches never get here, so misses pay nothing for the call.
+ */
+__noinline int sfunnel_act(struct __sk_buff *skb, struct pkt *p, struct rule_match *m)
+{
+	int rc;
+
+	if (!skb || !p || !m)
+		return TC_ACT_UNSPEC;
+	__u8 action = m->rule.action, proto = m->rule.proto;
+	__be16 sport = m->rule.sport, dport = m->rule.dport;
+	__u32 len = skb->len;
+
+	switch (action) {
+	case SFUNNEL_ACT_ACCEPT:
+		count_rule(m, len);
+		return TC_ACT_OK;
+	case SFUNNEL_ACT_DROP:
+		count_rule(m, len);
+		return TC_ACT_SHOT;
+	case SFUNNEL_ACT_FUNNEL: {
+		__u32 hlen = l4_hdr_len(proto);
+		__u32 mtu = funnel_exceeds_mtu(skb, p, hlen, m->flags);
+
+		if (mtu) {
+			count_over_mtu(m);
+			if (m->flags & SFUNNEL_PARAMS_OVER_MTU_PASS) {
+				count_stat(SFUNNEL_STAT_OVER_MTU);
+				return TC_ACT_UNSPEC;
+			}
+			/* Tell the sender the size that fits once funneled. */
+			rc = mtu > hlen ? reply_frag_needed(skb, p, mtu - hlen, m->flags) : -1;
+			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
+		}
+		/* GSO packets, and all of TCP so that a flow keeps its order. */
+		if (skb->gso_size || p->proto == IPPROTO_TCP) {
+			rc = detour_send(skb, p, hlen, m->flags);
+			if (rc == DETOUR_SENT)
+				return TC_ACT_REDIRECT;
+			if (rc == DETOUR_BROKEN) {
+				count_stat(SFUNNEL_STAT_ERROR);
+				return TC_ACT_SHOT;
+			}
+			/* No detour: funneled here, GSO or not (as 0.0.11 did). */
+		}
+		rc = funnel(skb, p, proto, sport, dport);
+		break;
+	}
+	case SFUNNEL_ACT_UNFUNNEL:
+		if (proto == SFUNNEL_INNER_AUTO) {
+			/* Never a guess: exactly one inner protocol must fit. */
+			proto = sfunnel_auto_proto(skb, fits_at(p), fits_lens(p), fits_addrs(p)) & 0xff;
+			if (!proto) {
+				count_stat(SFUNNEL_STAT_UNDECIDED);
+				return TC_ACT_UNSPEC;
+			}
+		}
+		rc = unfunnel(skb, p, proto);
+		break;
+	default:
+		return TC_ACT_UNSPEC;
+	}
+
+	if (rc == FUNNEL_OK) {
+		count_rule(m, len);
+		return TC_ACT_OK;
+	}
+	count_funnel_skip(rc);
+	/* Half-rewritten: never send it. */
+	return rc == FUNNEL_BROKEN ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+}
+
 SEC("tc")
 int sfunnel(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	struct match m;
+	struct rule_match m = {};
 
 	if (detour_returned(skb))
 		return TC_ACT_UNSPEC;
 
-	int rc = sfunnel_parse(skb, &p);
+	int rc = parse_ip(skb, &p);
 
 	if (rc != PARSE_OK) {
 		count_stat(rc == PARSE_FRAGMENT    ? SFUNNEL_STAT_FRAGMENT :
@@ -56,69 +135,44 @@ int sfunnel(struct __sk_buff *skb)
 		count_stat(SFUNNEL_STAT_MISS);
 		return TC_ACT_UNSPEC;
 	}
+	return sfunnel_act(skb, &p, &m);
+}
 
-	/* Copy what we need: the rule's memory belongs to the map. */
-	__u8 action = m.rule->action, proto = m.rule->proto;
-	__be16 sport = m.rule->sport, dport = m.rule->dport;
+/*
+ * Funnels one segment in the detour (below) by the rule `m`: 0 to send it
+ * on, funneled or left as it was; -1 to drop it.  A global function, for
+ * the reason sfunnel_act is one.
+ */
+__noinline int sfunnel_detour_funnel(struct __sk_buff *skb, struct pkt *p, struct rule_match *m, __u32 dev,
+				     __u32 egress)
+{
+	if (!skb || !p || !m)
+		return -1;
+	__u8 proto = m->rule.proto;
+	__be16 sport = m->rule.sport, dport = m->rule.dport;
 	__u32 len = skb->len;
+	__u32 hlen = l4_hdr_len(proto);
 
-	switch (action) {
-	case SFUNNEL_ACT_ACCEPT:
-		count_rule(&m, len);
-		return TC_ACT_OK;
-	case SFUNNEL_ACT_DROP:
-		count_rule(&m, len);
-		return TC_ACT_SHOT;
-	case SFUNNEL_ACT_FUNNEL: {
-		__u32 hlen = l4_hdr_len(proto);
-		__u32 mtu = funnel_exceeds_mtu(skb, &p, hlen, m.flags);
-
-		if (mtu) {
-			count_over_mtu(&m);
-			if (m.flags & SFUNNEL_PARAMS_OVER_MTU_PASS) {
-				count_stat(SFUNNEL_STAT_OVER_MTU);
-				return TC_ACT_UNSPEC;
-			}
-			/* Tell the sender the size that fits once funneled. */
-			rc = mtu > hlen ? reply_frag_needed(skb, &p, mtu - hlen, m.flags) : -1;
-			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
-		}
-		/* GSO packets, and all of TCP so that a flow keeps its order. */
-		if (skb->gso_size || p.proto == IPPROTO_TCP) {
-			rc = detour_send(skb, &p, hlen, m.flags);
-			if (rc == DETOUR_SENT)
-				return TC_ACT_REDIRECT;
-			if (rc == DETOUR_BROKEN) {
-				count_stat(SFUNNEL_STAT_ERROR);
-				return TC_ACT_SHOT;
-			}
-			/* No detour: funneled here, GSO or not (as 0.0.11 did). */
-		}
-		rc = funnel(skb, &p, proto, sport, dport);
-		break;
+	/* Left whole by the helper, it cannot be funneled. */
+	if (skb->gso_size) {
+		count_stat(SFUNNEL_STAT_ERROR);
+		return -1;
 	}
-	case SFUNNEL_ACT_UNFUNNEL:
-		if (proto == SFUNNEL_INNER_AUTO) {
-			/* Never a guess: exactly one inner protocol must fit. */
-			proto = sfunnel_auto_proto(skb, fits_at(&p), fits_lens(&p), fits_addrs(&p)) & 0xff;
-			if (!proto) {
-				count_stat(SFUNNEL_STAT_UNDECIDED);
-				return TC_ACT_UNSPEC;
-			}
-		}
-		rc = unfunnel(skb, &p, proto);
-		break;
-	default:
-		return TC_ACT_UNSPEC;
+	/* Segments were cut to fit; one that does not (UDP GSO, or the MTU
+	 * changed on the way) is dropped as the guard drops, without a reply. */
+	if (exceeds_mtu(skb, p, hlen, egress, dev)) {
+		count_over_mtu(m);
+		return -1;
 	}
+	int rc = funnel(skb, p, proto, sport, dport);
 
 	if (rc == FUNNEL_OK) {
-		count_rule(&m, len);
-		return TC_ACT_OK;
+		count_rule(m, len);
+		return 0;
 	}
 	count_funnel_skip(rc);
-	/* Half-rewritten: never send it. */
-	return rc == FUNNEL_BROKEN ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	/* Left unchanged, it is sent on as the main program passes it. */
+	return rc == FUNNEL_BROKEN ? -1 : 0;
 }
 
 /*
@@ -131,47 +185,21 @@ int sfunnel_detour(struct __sk_buff *skb)
 {
 	const struct sfunnel_detour *d = detour_get();
 	struct pkt p = {};
-	struct match m;
+	struct rule_match m = {};
 
 	if (!d || !d->dev_ifindex)
 		return TC_ACT_SHOT;
-	__u32 dev = d->dev_ifindex;
 
 	/* Only IP packets to funnel are sent here (segments of GSO ones, and
 	 * TCP); anything else is the helper's own traffic, and never leaves. */
-	if (sfunnel_parse(skb, &p) != PARSE_OK)
+	if (parse_ip(skb, &p) != PARSE_OK)
 		return TC_ACT_SHOT;
 	/* The ruleset may have changed since: a packet that no funnel rule
 	 * matches now goes on unchanged. */
-	if (lookup_rule(skb, &p, &m) || m.rule->action != SFUNNEL_ACT_FUNNEL)
+	if (lookup_rule(skb, &p, &m) || m.rule.action != SFUNNEL_ACT_FUNNEL)
 		return detour_return(skb, d);
-
-	__u8 proto = m.rule->proto;
-	__be16 sport = m.rule->sport, dport = m.rule->dport;
-	__u32 len = skb->len;
-	__u32 hlen = l4_hdr_len(proto);
-
-	/* Left whole by the helper, it cannot be funneled. */
-	if (skb->gso_size) {
-		count_stat(SFUNNEL_STAT_ERROR);
+	if (sfunnel_detour_funnel(skb, &p, &m, d->dev_ifindex, !(d->flags & SFUNNEL_DETOUR_INGRESS)))
 		return TC_ACT_SHOT;
-	}
-	/* Segments were cut to fit; one that does not (UDP GSO, or the MTU
-	 * changed on the way) is dropped as the guard drops, without a reply. */
-	if (exceeds_mtu(skb, &p, hlen, !(d->flags & SFUNNEL_DETOUR_INGRESS), dev)) {
-		count_over_mtu(&m);
-		return TC_ACT_SHOT;
-	}
-	int rc = funnel(skb, &p, proto, sport, dport);
-
-	if (rc == FUNNEL_OK) {
-		count_rule(&m, len);
-	} else {
-		count_funnel_skip(rc);
-		if (rc == FUNNEL_BROKEN)
-			return TC_ACT_SHOT;
-		/* Left unchanged: sent on as the main program passes it. */
-	}
 	return detour_return(skb, d);
 }
 
