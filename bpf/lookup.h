@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Rule lookup: classify each field, then probe only the shapes that can
- * still match.  The cost is bounded by the number of shapes (16 per
- * family and protocol), never by the number of rules.  See sfunnel.h for the layout.
+ * still match.  The cost is bounded by the number of shapes (16 per family
+ * and protocol), never by the number of rules.  See sfunnel.h for the
+ * layout.
  */
 #ifndef SFUNNEL_LOOKUP_H
 #define SFUNNEL_LOOKUP_H
@@ -155,7 +156,9 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 /* The rule's counters on this CPU; NULL if they are gone. */
 static __always_inline struct sfunnel_counter *rule_counter(const struct rule_match *m)
 {
-	void *counters = bpf_map_lookup_elem(&counter_maps, &m->gen);
+	/* A key on the stack: 6.1 takes no other memory for one. */
+	__u32 gen = m->gen;
+	void *counters = bpf_map_lookup_elem(&counter_maps, &gen);
 	if (!counters)
 		return NULL;
 	/* Only this CPU writes its block, with bottom halves off: no atomics. */

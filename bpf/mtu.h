@@ -4,7 +4,8 @@
  * funneled.  By default it is dropped, and when its DF bit is set the
  * sender gets an ICMP "fragmentation needed" naming the MTU less the
  * funnel header, so path MTU discovery shrinks its packets until they fit
- * funneled.  An IPv6 sender always gets an ICMPv6 "packet too big".  With SFUNNEL_PARAMS_OVER_MTU_PASS it is passed unfunneled instead.
+ * funneled; an IPv6 sender always gets an ICMPv6 "packet too big".  With
+ * SFUNNEL_PARAMS_OVER_MTU_PASS it is passed unfunneled instead.
  *
  * Which MTU:
  *  - egress: the device this program is attached to (bpf_check_mtu);
@@ -132,8 +133,8 @@ struct frag_needed {
 	__u8 quote[IPV4_MAX_HLEN + 8]; /* the IP header and 8 bytes of L4 */
 };
 
-/* The reply goes back where the packet came from.  (In the scratch map:
- * the stack is short.) */
+/* Swaps the addresses in place: the reply goes back where the packet came
+ * from. */
 static __always_inline void swap_macs(struct ethhdr *eth)
 {
 	__u8 tmp[ETH_ALEN];

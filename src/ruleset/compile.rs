@@ -14,8 +14,8 @@
 //!    of classes.
 //! 2. A rule's shape is the set of fields it constrains.  The rule becomes
 //!    one hash entry per combination of classes of those fields, keyed by
-//!    (family, protocol, shape, classes).  A key that an earlier rule already holds
-//!    keeps the earlier rule: first match wins.
+//!    (family, protocol, shape, classes).  A key that an earlier rule
+//!    already holds keeps the earlier rule: first match wins.
 //! 3. Every class also records which shapes have a rule that admits it, so
 //!    the datapath probes only shapes that can still match.
 //!
