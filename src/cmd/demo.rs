@@ -1,13 +1,14 @@
 //! `sfunnel demo`: a self-contained run in throwaway namespaces.
 //!
 //! ```text
-//!  sfdemo-N-client (10.203.0.1) ── veth ── sfdemo-N-server (10.203.0.2)
-//!    egress: funnel UDP/4739 and TCP/8080       ingress: unfunnel
-//!    into TCP/80                                 back to UDP/4739, TCP/8080
+//!  sfdemo-N-client (10.203.0.1, fd00:203::1) ── veth ── sfdemo-N-server (10.203.0.2, fd00:203::2)
+//!    egress: funnel UDP/4739 and TCP/8080             ingress: unfunnel
+//!    into TCP/80, over IPv4 and IPv6                  back to UDP/4739, TCP/8080
 //! ```
-//! It sends UDP datagrams and a TCP exchange from client to server, counts
-//! what crossed the wire on the server's interface, shows the per-rule
-//! counters, and removes every namespace and pin it made, also on failure.
+//! It sends UDP datagrams over both families and a TCP exchange from client
+//! to server, counts what crossed the wire on the server's interface, shows
+//! the per-rule counters, and removes every namespace and pin it made, also
+//! on failure.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -25,12 +26,16 @@ use crate::{caps, netns, ruleset};
 
 const CLIENT_RULES: &str = "\
 udp dport 4739 actions funnel tcp sport 540 dport 80
-tcp dport 8080 actions funnel tcp sport 541 dport 80";
+tcp dport 8080 actions funnel tcp sport 541 dport 80
+ip6 udp dport 4739 actions funnel tcp sport 540 dport 80";
 const SERVER_RULES: &str = "\
 tcp sport 540 dport 80 actions unfunnel udp
-tcp sport 541 dport 80 actions unfunnel tcp";
+tcp sport 541 dport 80 actions unfunnel tcp
+ip6 tcp sport 540 dport 80 actions unfunnel udp";
 const CLIENT_IP: &str = "10.203.0.1";
 const SERVER_IP: &str = "10.203.0.2";
+const CLIENT_IP6: &str = "fd00:203::1";
+const SERVER_IP6: &str = "fd00:203::2";
 const DATAGRAMS: usize = 5;
 const TCP_CHUNKS: usize = 4;
 
@@ -58,8 +63,12 @@ impl Topology {
             "link", "add", "sfdemo-c", "netns", &t.client, "type", "veth", "peer", "name", "sfdemo-s", "netns",
             &t.server,
         ])?;
-        for (ns, dev, addr) in [(&t.client, "sfdemo-c", CLIENT_IP), (&t.server, "sfdemo-s", SERVER_IP)] {
+        for (ns, dev, addr, addr6) in
+            [(&t.client, "sfdemo-c", CLIENT_IP, CLIENT_IP6), (&t.server, "sfdemo-s", SERVER_IP, SERVER_IP6)]
+        {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            // No duplicate address detection: usable at once.
+            ip(&["-n", ns, "-6", "addr", "add", &format!("{addr6}/64"), "dev", dev, "nodad"])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
@@ -100,10 +109,10 @@ impl Drop for Topology {
     }
 }
 
-/// Lists (protocol, destination port) of the IPv4 frames to the server on an
-/// interface, from an ETH_P_ALL packet socket: such taps see ingress frames
-/// before tc, so before unfunnel.
-fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result<Vec<(u8, u16)>> {
+/// Lists (IP version, protocol, destination port) of the IPv4 and IPv6
+/// frames to the server on an interface, from an ETH_P_ALL packet socket:
+/// such taps see ingress frames before tc, so before unfunnel.
+fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result<Vec<(u8, u8, u16)>> {
     netns::run_in(ns, move || {
         // SAFETY: plain socket(2); the descriptor is owned right away.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
@@ -132,17 +141,21 @@ fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result
                 std::mem::size_of_val(&tv) as u32,
             )
         };
+        let server = SERVER_IP.parse::<std::net::Ipv4Addr>()?.octets();
+        let server6 = SERVER_IP6.parse::<std::net::Ipv6Addr>()?.octets();
+        let port_at = |buf: &[u8], at: usize| buf.get(at..at + 2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
         let mut seen = Vec::new();
         let mut buf = [0u8; 2048];
         while stop.try_recv().is_err() {
             // SAFETY: recv into a buffer we own, with its length.
             let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            let to_server = buf[30..34] == SERVER_IP.parse::<std::net::Ipv4Addr>()?.octets();
-            if n >= 34 && buf[12..14] == [0x08, 0x00] && to_server {
+            if n >= 38 && buf[12..14] == [0x08, 0x00] && buf[30..34] == server {
                 let ihl = usize::from(buf[14] & 0xf) * 4;
-                let proto = buf[23];
-                let dport = buf.get(14 + ihl + 2..14 + ihl + 4).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-                seen.push((proto, dport));
+                seen.push((4, buf[23], port_at(&buf, 14 + ihl + 2)));
+            } else if n >= 58 && buf[12..14] == [0x86, 0xdd] && buf[38..54] == server6 {
+                // The L4 header right after the fixed header (no extension
+                // headers here).
+                seen.push((6, buf[20], port_at(&buf, 54 + 2)));
             }
         }
         Ok(seen)
@@ -152,7 +165,9 @@ fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result
 pub fn run() -> Result<Outcome> {
     caps::require_for_load(true)?;
     pins::ensure_bpffs()?;
-    println!("sfunnel demo: client {CLIENT_IP} → server {SERVER_IP}, in throwaway namespaces\n");
+    println!(
+        "sfunnel demo: client {CLIENT_IP} → server {SERVER_IP} (and {CLIENT_IP6} → {SERVER_IP6}), in throwaway namespaces\n"
+    );
     let mut topo = Topology::create()?;
     let (client, server) = (topo.client.clone(), topo.server.clone());
 
@@ -163,16 +178,14 @@ pub fn run() -> Result<Outcome> {
     let r = topo.load(&server, "sfdemo-s", Direction::Ingress, SERVER_RULES)?;
     println!("  → {} with {}, program {}\n", r.what, r.mode, r.prog_id);
 
-    // Locally generated TCP must leave as single-segment skbs until
-    // segmentation offload is handled (README: TCP).
-    netns::run_in(&client, || Ok(std::fs::write("/proc/sys/net/ipv4/tcp_autocorking", "0")?))?;
-
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let server_ns = server.clone();
     let capture = std::thread::spawn(move || capture(&server_ns, "sfdemo-s", stop_rx));
 
     let udp_server = netns::run_in(&server, || Ok(UdpSocket::bind((SERVER_IP, 4739))?))?;
     udp_server.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let udp_server6 = netns::run_in(&server, || Ok(UdpSocket::bind((SERVER_IP6, 4739))?))?;
+    udp_server6.set_read_timeout(Some(Duration::from_secs(2)))?;
     let tcp_server = netns::run_in(&server, || Ok(TcpListener::bind((SERVER_IP, 8080))?))?;
     let echo = std::thread::spawn(move || -> Result<usize> {
         let (mut s, _) = tcp_server.accept()?;
@@ -190,15 +203,19 @@ pub fn run() -> Result<Outcome> {
     });
     std::thread::sleep(Duration::from_millis(200));
 
-    let udp_client = netns::run_in(&client, || Ok(UdpSocket::bind((CLIENT_IP, 0))?))?;
-    let mut udp_got = 0;
-    for i in 0..DATAGRAMS {
-        let msg = format!("datagram {i} over UDP/4739");
-        udp_client.send_to(msg.as_bytes(), (SERVER_IP, 4739))?;
-        let mut buf = [0u8; 256];
-        if let Ok((n, from)) = udp_server.recv_from(&mut buf) {
-            if &buf[..n] == msg.as_bytes() && from.ip().to_string() == CLIENT_IP {
-                udp_got += 1;
+    let mut udp_got = [0; 2];
+    for (k, (from_ip, to_ip, server)) in
+        [(CLIENT_IP, SERVER_IP, &udp_server), (CLIENT_IP6, SERVER_IP6, &udp_server6)].into_iter().enumerate()
+    {
+        let udp_client = netns::run_in(&client, move || Ok(UdpSocket::bind((from_ip, 0))?))?;
+        for i in 0..DATAGRAMS {
+            let msg = format!("datagram {i} over UDP/4739 to {to_ip}");
+            udp_client.send_to(msg.as_bytes(), (to_ip, 4739))?;
+            let mut buf = [0u8; 256];
+            if let Ok((n, from)) = server.recv_from(&mut buf) {
+                if &buf[..n] == msg.as_bytes() && from.ip().to_string() == from_ip {
+                    udp_got[k] += 1;
+                }
             }
         }
     }
@@ -224,14 +241,18 @@ pub fn run() -> Result<Outcome> {
     }
     stop_tx.send(()).ok();
     let frames = capture.join().map_err(|_| anyhow::anyhow!("the capture panicked"))??;
-    let on_80 = frames.iter().filter(|f| **f == (6, 80)).count();
-    let bare = frames.iter().filter(|(_, d)| *d == 4739 || *d == 8080).count();
+    let on_80 = |v: u8| frames.iter().filter(|f| **f == (v, 6, 80)).count();
+    let bare = frames.iter().filter(|(_, _, d)| *d == 4739 || *d == 8080).count();
 
     println!("traffic:");
-    println!("  UDP: {udp_got}/{DATAGRAMS} datagrams arrived intact at {SERVER_IP}:4739");
+    println!("  UDP: {}/{DATAGRAMS} datagrams arrived intact at {SERVER_IP}:4739", udp_got[0]);
+    println!("  UDP over IPv6: {}/{DATAGRAMS} datagrams arrived intact at [{SERVER_IP6}]:4739", udp_got[1]);
     println!("  TCP: {echoed}/{} bytes echoed back by {SERVER_IP}:8080 (server read {served})", TCP_CHUNKS * 1000);
     println!(
-        "  on the server's wire: {on_80} frames as TCP to port 80 (funneled), {bare} to 4739/8080 (should be 0)\n"
+        "  on the server's wire: {} IPv4 and {} IPv6 frames as TCP to port 80 (funneled), {bare} to 4739/8080 \
+         (should be 0)\n",
+        on_80(4),
+        on_80(6)
     );
     println!("per-rule counters (sfunnel status):");
     for a in super::status::collect().iter().filter(|a| a.iface.starts_with("sfdemo")) {
@@ -243,9 +264,9 @@ pub fn run() -> Result<Outcome> {
     }
     drop(topo);
     println!("\nremoved the namespaces and every pin the demo made");
-    if udp_got != DATAGRAMS || echoed != TCP_CHUNKS * 1000 || on_80 == 0 || bare != 0 {
+    if udp_got != [DATAGRAMS; 2] || echoed != TCP_CHUNKS * 1000 || on_80(4) == 0 || on_80(6) < DATAGRAMS || bare != 0 {
         bail!("the demo did not go as expected: see above");
     }
-    println!("demo OK: both flows crossed the wire as one TCP/80 flow and arrived as sent");
+    println!("demo OK: every flow crossed the wire as TCP/80 (one flow per IP family) and arrived as sent");
     Ok(Outcome::Ok)
 }
