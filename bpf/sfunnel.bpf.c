@@ -2,7 +2,12 @@
 /*
  * sfunnel's datapath: one TC program for TCX and clsact.
  *
- *   parse (parse.h) → look the packet up (lookup.h) → act (funnel.h)
+ *   parse (parse.h) → look the packet up (lookup.h) → act (sfunnel_act:
+ *   funnel.h, mtu.h, detour.h)
+ *
+ * IPv4 and IPv6 take the same path.  Parse and lookup are inline, so a
+ * miss makes no call; what a matched rule does is one global function,
+ * which the verifier checks once for both families.
  *
  * Verdicts: a miss returns TC_ACT_UNSPEC (-1), which is "next program" for
  * TCX (TCX_NEXT) and "continue" for a cls_bpf filter; a funnel, unfunnel
