@@ -28,18 +28,14 @@ use common::packet::{
     ETH_P_IPV6, IP_DF, IP_MF,
 };
 use common::rng::Rng;
-use common::{random_packet, require_root, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
+use common::table::{pass_case, run_all, Case};
+use common::{env_usize, payload, random_packet, require_root, Mode, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use sfunnel::datapath::consts::{
-    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MAX, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4,
-    SFUNNEL_STAT_UNDECIDED,
+    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4, SFUNNEL_STAT_UNDECIDED,
 };
 
 /// Seed of the random tests unless SFUNNEL_TEST_SEED says otherwise.
 const DEFAULT_SEED: u64 = 0x5F0E_1202_4DA7_A9A7;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 // ===========================================================================
 // Oracle self-checks (no BPF)
@@ -129,19 +125,6 @@ fn oracle_builders_are_consistent() {
 // 1. Table-driven PROG_TEST_RUN cases
 // ===========================================================================
 
-struct Case {
-    name: String,
-    rules: String,
-    input: Vec<u8>,
-    verdict: i32,
-    output: Vec<u8>,
-    /// Index of the rule that must match (its counter moves by one packet,
-    /// every other rule's stays at zero); None: no rule counter moves.
-    rule: Option<usize>,
-    /// The SFUNNEL_STAT_* entry that must move by one (None: none moves).
-    stat: Option<u32>,
-}
-
 const UDP_OVER_TCP: &str = "udp dport 4739 actions funnel tcp dport 179 sport 540";
 const UDP_OVER_UDP: &str = "udp dport 4739 actions funnel udp sport 5000 dport 6000";
 const TCP_OVER_TCP: &str = "tcp dport 443 actions funnel tcp sport 540 dport 179";
@@ -167,26 +150,17 @@ fn inner_packet(inner: Proto, payload: &[u8]) -> PacketSpec {
     }
 }
 
-fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i * 7 + 3) as u8).collect()
-}
-
 fn funnel_case(name: String, rules: &str, input: Vec<u8>, outer: Proto, sport: u16, dport: u16) -> Case {
     let output = expected_funnel(&input, outer, sport, dport);
     let inner = Proto::from_number(input[ETH_HLEN + 9]).unwrap();
     check_funneled(&output, inner).unwrap_or_else(|e| panic!("oracle for {name}: {e}"));
-    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None }
+    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None, refusal_ok: false }
 }
 
 fn unfunnel_case(name: String, rules: &str, input: Vec<u8>, inner: Proto) -> Case {
     let output = expected_unfunnel(&input, inner);
     check_plain(&output).unwrap_or_else(|e| panic!("oracle for {name}: {e}"));
-    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None }
-}
-
-fn pass_case(name: impl Into<String>, rules: &str, input: Vec<u8>, stat: u32) -> Case {
-    let output = input.clone();
-    Case { name: name.into(), rules: rules.into(), input, verdict: TC_ACT_UNSPEC, output, rule: None, stat: Some(stat) }
+    Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None, refusal_ok: false }
 }
 
 /// The sport of a UDP funnel header that makes its computed checksum 0
@@ -490,7 +464,12 @@ fn build_cases() -> Vec<Case> {
     v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     v6.extend_from_slice(&[0x15, 0xb3, 0x12, 0x83, 0, 12, 0x12, 0x34, 1, 2, 3, 4]);
     // An IPv4 rule (no `ip6`) never matches an IPv6 packet.
-    cases.push(pass_case("IPv6 UDP datagram under an IPv4 rule", "udp actions funnel tcp sport 1 dport 2", v6, SFUNNEL_STAT_MISS));
+    cases.push(pass_case(
+        "IPv6 UDP datagram under an IPv4 rule",
+        "udp actions funnel tcp sport 1 dport 2",
+        v6,
+        SFUNNEL_STAT_MISS,
+    ));
     let mut v4_in_v6 = full.clone();
     v4_in_v6[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     cases.push(pass_case(
@@ -520,6 +499,7 @@ fn build_cases() -> Vec<Case> {
         output: https.clone(),
         rule: Some(0),
         stat: None,
+        refusal_ok: false,
     });
     let other_src = PacketSpec::tcp(40000, 443, &payload(100)).with_addrs([10, 0, 0, 2], [10, 9, 9, 9]).build();
     cases.push(pass_case("miss: accept rule, other saddr", accept, other_src, SFUNNEL_STAT_MISS));
@@ -532,6 +512,7 @@ fn build_cases() -> Vec<Case> {
         output: dns.clone(),
         rule: Some(0),
         stat: None,
+        refusal_ok: false,
     });
     cases.push(pass_case(
         "miss: drop rule, dport 54",
@@ -550,6 +531,7 @@ fn build_cases() -> Vec<Case> {
         output: dns.clone(),
         rule: Some(0),
         stat: None,
+        refusal_ok: false,
     });
     let dns54 = PacketSpec::udp(33333, 54, &payload(30)).build();
     cases.push(Case {
@@ -560,6 +542,7 @@ fn build_cases() -> Vec<Case> {
         output: dns54,
         rule: Some(1),
         stat: None,
+        refusal_ok: false,
     });
     let mut fc = funnel_case(
         "funnel by the second rule; the first (drop, sport 1) does not match".into(),
@@ -635,6 +618,7 @@ fn funneled_cases() -> Vec<Case> {
         output: plain,
         rule: Some(1),
         stat: None,
+        refusal_ok: false,
     });
 
     // UDP: ordinary datagrams to the port of a `funneled` rule, even ones
@@ -744,68 +728,6 @@ fn truncated_inner_cases() -> Vec<Case> {
     cases
 }
 
-/// Runs one case.  The ruleset is installed only when it differs from
-/// `installed` (installing is the slow part); counters and statistics are
-/// compared as differences across the run.
-fn run_case(prog: &Prog, c: &Case, installed: &mut Option<String>) -> Result<(), String> {
-    if installed.as_deref() != Some(c.rules.as_str()) {
-        *installed = None;
-        prog.install(&c.rules).map_err(|e| format!("install: {e:#}"))?;
-        *installed = Some(c.rules.clone());
-        let fresh = prog.maps.rule_counters().map_err(|e| e.to_string())?;
-        if fresh.iter().any(|k| k.packets != 0 || k.bytes != 0) {
-            return Err(format!("counters not zero after install: {fresh:?}"));
-        }
-    }
-    let counters_before = prog.maps.rule_counters().map_err(|e| e.to_string())?;
-    let stats_before = prog.maps.stats().map_err(|e| e.to_string())?;
-    let (verdict, data) = prog.run(&c.input).map_err(|e| format!("test_run: {e:#}"))?;
-    let mut errs = Vec::new();
-    if verdict != c.verdict {
-        errs.push(format!("verdict: expected {} got {}", c.verdict, verdict));
-    }
-    if data != c.output {
-        errs.push(format!("output bytes differ:\n{}", diff(&c.output, &data)));
-    }
-    let counters = prog.maps.rule_counters().map_err(|e| e.to_string())?;
-    if counters.len() != counters_before.len() {
-        return Err("the number of rule counters changed".into());
-    }
-    for (i, (after, before)) in counters.iter().zip(&counters_before).enumerate() {
-        let k = sfunnel::datapath::RuleCounter {
-            packets: after.packets - before.packets,
-            bytes: after.bytes - before.bytes,
-            over_mtu: after.over_mtu - before.over_mtu,
-        };
-        if Some(i) == c.rule {
-            let ok_bytes = [c.input.len() as u64, c.output.len() as u64];
-            if k.packets != 1 || !ok_bytes.contains(&k.bytes) || k.over_mtu != 0 {
-                errs.push(format!("rule {i} counter: expected 1 packet of {ok_bytes:?} bytes, got {k:?}"));
-            }
-        } else if k != sfunnel::datapath::RuleCounter::default() {
-            errs.push(format!("rule {i} counter moved: {k:?}"));
-        }
-    }
-    if let Some(r) = c.rule {
-        if r >= counters.len() {
-            errs.push(format!("no counter for rule {r} ({} counters)", counters.len()));
-        }
-    }
-    let stats_after = prog.maps.stats().map_err(|e| e.to_string())?;
-    for i in 0..SFUNNEL_STAT_MAX as usize {
-        let d = stats_after[i] - stats_before[i];
-        let want = u64::from(c.stat == Some(i as u32));
-        if d != want {
-            errs.push(format!("stat {i}: expected +{want}, got +{d}"));
-        }
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n"))
-    }
-}
-
 #[test]
 fn table_driven_cases() {
     if !require_root("table_driven_cases") {
@@ -813,22 +735,7 @@ fn table_driven_cases() {
     }
     let prog = Prog::load().expect("load");
     let cases = build_cases();
-    // Grouped by ruleset, so that each ruleset is installed once.
-    let mut order: Vec<&Case> = cases.iter().collect();
-    order.sort_by(|a, b| a.rules.cmp(&b.rules));
-    let mut installed = None;
-    let mut failed = Vec::new();
-    for c in order {
-        if let Err(e) = run_case(&prog, c, &mut installed) {
-            failed.push(format!(
-                "FAIL: {}\n  rules: {:?}\n  input ({} bytes): {}\n{e}",
-                c.name,
-                c.rules,
-                c.input.len(),
-                hex(&c.input[..c.input.len().min(96)])
-            ));
-        }
-    }
+    let (failed, _) = run_all(&prog, &cases, diff);
     println!("table-driven: {} cases, {} failed", cases.len(), failed.len());
     for f in &failed {
         eprintln!("{f}\n");
@@ -1067,13 +974,6 @@ fn property_unfunnel_auto_never_mislabels() {
 const FUNNEL_ANY: &str = "tcp actions funnel udp sport 1 dport 2\nudp actions funnel tcp sport 1 dport 2";
 const UNFUNNEL_ANY: &str = "tcp actions unfunnel udp\nudp actions unfunnel tcp";
 
-/// Which ruleset a robustness input runs under.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Funnel,
-    Unfunnel,
-}
-
 /// What the specification says about an arbitrary frame.
 #[derive(Debug)]
 enum Expect {
@@ -1095,13 +995,6 @@ enum Expect {
     /// it; the reason says why.  Either -1 unchanged, or 0 with the action
     /// applied (checked as for `Handled` where the spec fixes the result).
     Either { reason: &'static str, output: Option<(Vec<u8>, Vec<usize>)> },
-}
-
-fn other(p: Proto) -> Proto {
-    match p {
-        Proto::Tcp => Proto::Udp,
-        Proto::Udp => Proto::Tcp,
-    }
 }
 
 /// Why an L4 header at the start of `s` (the rest of the IP packet) is
@@ -1152,7 +1045,7 @@ fn classify(frame: &[u8], mode: Mode) -> Expect {
     let bad_ip_csum = Csum::new().add(&ip[..hlen]).fold() != 0xFFFF;
     match mode {
         Mode::Funnel => {
-            let fp = other(outer);
+            let fp = outer.other();
             if let Some(reason) = l4_inconsistency(outer, seg) {
                 return Expect::Either { reason, output: None };
             }
@@ -1166,7 +1059,7 @@ fn classify(frame: &[u8], mode: Mode) -> Expect {
             Expect::Handled { output, masked }
         }
         Mode::Unfunnel => {
-            let inner = other(outer);
+            let inner = outer.other();
             if let Some(reason) = l4_inconsistency(outer, seg) {
                 return Expect::Either { reason, output: None };
             }

@@ -52,18 +52,15 @@ use common::packet6::{
     NEXTHDR_MOBILITY, NEXTHDR_NONE, NEXTHDR_SHIM6,
 };
 use common::rng::Rng;
-use common::{require_root, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
+use common::table::{pass_case, run_all, Case};
+use common::{env_usize, payload, randomize_tcp, require_root, Mode, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use sfunnel::datapath::consts::{
-    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_IPV6_EXT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MAX, SFUNNEL_STAT_MISS,
-    SFUNNEL_STAT_NOT_IPV4, SFUNNEL_STAT_OVER_MTU, SFUNNEL_STAT_TOO_BIG, SFUNNEL_STAT_UNDECIDED,
+    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_IPV6_EXT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4,
+    SFUNNEL_STAT_OVER_MTU, SFUNNEL_STAT_TOO_BIG, SFUNNEL_STAT_UNDECIDED,
 };
 
 /// Seed of the random tests unless SFUNNEL_TEST_SEED says otherwise.
 const DEFAULT_SEED: u64 = 0x5F0E_1206_4DA7_A9A7;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 // ===========================================================================
 // Oracle self-check (no BPF)
@@ -77,17 +74,6 @@ fn oracle6_self_check() {
 // ===========================================================================
 // Helpers
 // ===========================================================================
-
-fn other(p: Proto) -> Proto {
-    match p {
-        Proto::Tcp => Proto::Udp,
-        Proto::Udp => Proto::Tcp,
-    }
-}
-
-fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i * 7 + 3) as u8).collect()
-}
 
 /// A one-line summary of an IPv6 frame if it is whole enough to describe
 /// (no extension headers walked), else its length: for failure messages.
@@ -166,24 +152,6 @@ fn fix_outer6(g: &mut [u8]) {
 // 1. Table-driven PROG_TEST_RUN cases
 // ===========================================================================
 
-struct Case {
-    name: String,
-    rules: String,
-    input: Vec<u8>,
-    verdict: i32,
-    output: Vec<u8>,
-    /// Index of the rule that must match (its counter moves by one packet,
-    /// every other rule's stays at zero); None: no rule counter moves.
-    rule: Option<usize>,
-    /// The SFUNNEL_STAT_* entry that must move by one (None: none moves).
-    stat: Option<u32>,
-    /// PROG_TEST_RUN may refuse the frame (EINVAL) instead of running the
-    /// program: an IPv6-ethertype frame without a whole 40-byte header, on
-    /// kernels with the 2026 test_run fix "bpf: test_run: reject short IP
-    /// headers".  If it runs, the rest of the case holds.
-    refusal_ok: bool,
-}
-
 const UDP_OVER_TCP: &str = "ip6 udp dport 4739 actions funnel tcp dport 179 sport 540";
 const UDP_OVER_UDP: &str = "ip6 udp dport 4739 actions funnel udp sport 5000 dport 6000";
 const TCP_OVER_TCP: &str = "ip6 tcp dport 443 actions funnel tcp sport 540 dport 179";
@@ -228,20 +196,6 @@ fn unfunnel_case(name: String, rules: &str, input: Vec<u8>, inner: Proto) -> Cas
     let output = expected_unfunnel6(&input, inner);
     check_plain6_zero_ok(&output).unwrap_or_else(|e| panic!("oracle for {name}: {e}"));
     Case { name, rules: rules.into(), input, verdict: TC_ACT_OK, output, rule: Some(0), stat: None, refusal_ok: false }
-}
-
-fn pass_case(name: impl Into<String>, rules: &str, input: Vec<u8>, stat: u32) -> Case {
-    let output = input.clone();
-    Case {
-        name: name.into(),
-        rules: rules.into(),
-        input,
-        verdict: TC_ACT_UNSPEC,
-        output,
-        rule: None,
-        stat: Some(stat),
-        refusal_ok: false,
-    }
 }
 
 /// A frame too short for the fixed IPv6 header: PROG_TEST_RUN may refuse
@@ -1201,79 +1155,6 @@ fn funneled_cases(cases: &mut Vec<Case>) {
     ));
 }
 
-/// Runs one case.  The ruleset is installed only when it differs from
-/// `installed` (installing is the slow part); counters and statistics are
-/// compared as differences across the run.  Ok(true): PROG_TEST_RUN
-/// refused the frame, which the case allows.
-fn run_case(prog: &Prog, c: &Case, installed: &mut Option<String>) -> Result<bool, String> {
-    if installed.as_deref() != Some(c.rules.as_str()) {
-        *installed = None;
-        prog.install(&c.rules).map_err(|e| format!("install: {e:#}"))?;
-        *installed = Some(c.rules.clone());
-        let fresh = prog.maps.rule_counters().map_err(|e| e.to_string())?;
-        if fresh.iter().any(|k| k.packets != 0 || k.bytes != 0) {
-            return Err(format!("counters not zero after install: {fresh:?}"));
-        }
-    }
-    let counters_before = prog.maps.rule_counters().map_err(|e| e.to_string())?;
-    let stats_before = prog.maps.stats().map_err(|e| e.to_string())?;
-    let (verdict, data) = match prog.run(&c.input) {
-        Ok(r) => r,
-        Err(e) if c.refusal_ok => {
-            let stats_after = prog.maps.stats().map_err(|e| e.to_string())?;
-            if stats_after != stats_before {
-                return Err(format!("refused ({e:#}), yet the stats moved"));
-            }
-            return Ok(true);
-        }
-        Err(e) => return Err(format!("test_run: {e:#}")),
-    };
-    let mut errs = Vec::new();
-    if verdict != c.verdict {
-        errs.push(format!("verdict: expected {} got {}", c.verdict, verdict));
-    }
-    if data != c.output {
-        errs.push(format!("output bytes differ:\n{}", diff6(&c.output, &data)));
-    }
-    let counters = prog.maps.rule_counters().map_err(|e| e.to_string())?;
-    if counters.len() != counters_before.len() {
-        return Err("the number of rule counters changed".into());
-    }
-    for (i, (after, before)) in counters.iter().zip(&counters_before).enumerate() {
-        let k = sfunnel::datapath::RuleCounter {
-            packets: after.packets - before.packets,
-            bytes: after.bytes - before.bytes,
-            over_mtu: after.over_mtu - before.over_mtu,
-        };
-        if Some(i) == c.rule {
-            let ok_bytes = [c.input.len() as u64, c.output.len() as u64];
-            if k.packets != 1 || !ok_bytes.contains(&k.bytes) || k.over_mtu != 0 {
-                errs.push(format!("rule {i} counter: expected 1 packet of {ok_bytes:?} bytes, got {k:?}"));
-            }
-        } else if k != sfunnel::datapath::RuleCounter::default() {
-            errs.push(format!("rule {i} counter moved: {k:?}"));
-        }
-    }
-    if let Some(r) = c.rule {
-        if r >= counters.len() {
-            errs.push(format!("no counter for rule {r} ({} counters)", counters.len()));
-        }
-    }
-    let stats_after = prog.maps.stats().map_err(|e| e.to_string())?;
-    for i in 0..SFUNNEL_STAT_MAX as usize {
-        let d = stats_after[i] - stats_before[i];
-        let want = u64::from(c.stat == Some(i as u32));
-        if d != want {
-            errs.push(format!("stat {i}: expected +{want}, got +{d}"));
-        }
-    }
-    if errs.is_empty() {
-        Ok(false)
-    } else {
-        Err(errs.join("\n"))
-    }
-}
-
 /// Funneling that would take payload_len past 65535 (SFUNNEL_STAT_TOO_BIG)
 /// needs a frame of 65,5xx bytes, which PROG_TEST_RUN refuses (skb test
 /// frames must fit a page).  Returns what happened, for the summary; if a
@@ -1312,24 +1193,7 @@ fn table_driven_cases6() {
     }
     let prog = Prog::load().expect("load");
     let cases = build_cases();
-    // Grouped by ruleset, so that each ruleset is installed once.
-    let mut order: Vec<&Case> = cases.iter().collect();
-    order.sort_by(|a, b| a.rules.cmp(&b.rules));
-    let mut installed = None;
-    let mut failed = Vec::new();
-    let mut refused = 0usize;
-    for c in order {
-        match run_case(&prog, c, &mut installed) {
-            Ok(r) => refused += usize::from(r),
-            Err(e) => failed.push(format!(
-                "FAIL: {}\n  rules: {:?}\n  input ({} bytes): {}\n{e}",
-                c.name,
-                c.rules,
-                c.input.len(),
-                hex(&c.input[..c.input.len().min(96)])
-            )),
-        }
-    }
+    let (mut failed, refused) = run_all(&prog, &cases, diff6);
     match too_big_probe(&prog) {
         Ok(note) => println!("table-driven (IPv6): {note}"),
         Err(e) => failed.push(format!("FAIL: TOO_BIG probe: {e}")),
@@ -1365,28 +1229,6 @@ fn random_addr6(rng: &mut Rng) -> [u8; 16] {
     a
 }
 
-/// TCP options of `len` bytes (a multiple of 4): MSS, SACK-permitted,
-/// timestamps and NOPs as room allows, else random bytes.
-fn tcp_options(rng: &mut Rng, len: usize) -> Vec<u8> {
-    if rng.one_in(4) {
-        return rng.bytes(len);
-    }
-    let mut o = Vec::with_capacity(len);
-    while o.len() < len {
-        let room = len - o.len();
-        match rng.below(4) {
-            0 if room >= 4 => o.extend_from_slice(&[2, 4, rng.u8(), rng.u8()]),
-            1 if room >= 12 => {
-                o.extend_from_slice(&[1, 1, 8, 10]);
-                o.extend_from_slice(&rng.bytes(8));
-            }
-            2 if room >= 4 => o.extend_from_slice(&[1, 1, 4, 2]),
-            _ => o.push(1),
-        }
-    }
-    o
-}
-
 /// A random valid IPv6 packet of protocol `proto` (no extension headers):
 /// random MACs, addresses, traffic class, flow label, hop limit, ports, TCP
 /// fields and options, a payload of 0–1500 bytes, correct checksums.  About
@@ -1399,15 +1241,7 @@ fn random_packet6(rng: &mut Rng, proto: Proto) -> Packet6Spec {
         Proto::Tcp => Packet6Spec::tcp(sport, dport, &payload),
         Proto::Udp => Packet6Spec::udp(sport, dport, &payload),
     };
-    if let L4::Tcp { seq, ack, flags, window, urg, options, .. } = &mut p.l4 {
-        *seq = rng.u32();
-        *ack = rng.u32();
-        *flags = rng.u8();
-        *window = rng.u16();
-        *urg = if rng.one_in(4) { rng.u16() } else { 0 };
-        let olen = 4 * rng.below(11);
-        *options = tcp_options(rng, olen);
-    }
+    randomize_tcp(rng, &mut p.l4);
     p.src_mac = rng.bytes(6).try_into().unwrap();
     p.dst_mac = rng.bytes(6).try_into().unwrap();
     p.saddr = random_addr6(rng);
@@ -1569,13 +1403,6 @@ fn property_case(
 const FUNNEL_ANY: &str = "ip6 tcp actions funnel udp sport 1 dport 2\nip6 udp actions funnel tcp sport 1 dport 2";
 const UNFUNNEL_ANY: &str = "ip6 tcp actions unfunnel udp\nip6 udp actions unfunnel tcp";
 
-/// Which ruleset a robustness input runs under.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Funnel,
-    Unfunnel,
-}
-
 /// The valid frames whose prefixes are tried, each with its ruleset.
 fn robustness_frames() -> Vec<(String, Mode, Vec<u8>)> {
     let x = a6("2001:db8::99");
@@ -1628,11 +1455,11 @@ fn robustness_frames() -> Vec<(String, Mode, Vec<u8>)> {
     for (what, spec) in &plain {
         let p = spec.build();
         let inner = spec.proto();
-        let f = expected_funnel6(&p, other(inner), 1, 2);
+        let f = expected_funnel6(&p, inner.other(), 1, 2);
         frames.push((format!("funneled {what}"), Mode::Unfunnel, f));
     }
     for inner in Proto::ALL {
-        let f = expected_funnel6(&inner_packet(inner, &payload(44)).build(), other(inner), 1, 2);
+        let f = expected_funnel6(&inner_packet(inner, &payload(44)).build(), inner.other(), 1, 2);
         for (what, e) in [("hop-by-hop", ExtHeader::hop_by_hop()), ("fragment", ExtHeader::fragment(0, true, 9))] {
             frames.push((format!("funneled {} behind {what}", inner.name()), Mode::Unfunnel, with_first_ext(&f, &e)));
         }
@@ -1693,8 +1520,8 @@ fn check_prefix(prog: &Prog, frame: &[u8], cut: usize, mode: Mode, tally: &mut T
     // The whole IP packet, with all or part of any trailer.
     let l4 = Proto::from_number(frame[IP6_OFF_NEXT_HEADER]).unwrap();
     let want = match mode {
-        Mode::Funnel => expected_funnel6(prefix, other(l4), 1, 2),
-        Mode::Unfunnel => expected_unfunnel6(prefix, other(l4)),
+        Mode::Funnel => expected_funnel6(prefix, l4.other(), 1, 2),
+        Mode::Unfunnel => expected_unfunnel6(prefix, l4.other()),
     };
     if v != TC_ACT_OK || out != want {
         return Err(format!("whole packet: verdict {v}, expected 0 and the spec's bytes\n{}", diff6(&want, &out)));
@@ -1827,7 +1654,7 @@ fn classify6(frame: &[u8], mode: Mode) -> Expect {
     let csum_ok = |seg: &[u8], s: [u8; 16], d: [u8; 16], p: Proto| check_l4_6_zero_ok(seg, s, d, p).is_ok();
     match mode {
         Mode::Funnel => {
-            let fp = other(outer);
+            let fp = outer.other();
             let output = expected_funnel6(frame, fp, 1, 2);
             let masked = if csum_ok(seg, ip.saddr, ip.daddr, outer) {
                 Vec::new()
@@ -1837,7 +1664,7 @@ fn classify6(frame: &[u8], mode: Mode) -> Expect {
             Expect::Handled { output, masked }
         }
         Mode::Unfunnel => {
-            let inner = other(outer);
+            let inner = outer.other();
             let h = l4_header_len(outer, seg);
             let rest = &seg[h..];
             if rest.len() < inner.funnel_header_len() {
@@ -1947,7 +1774,7 @@ fn random_frame6(rng: &mut Rng, mode: Mode) -> Vec<u8> {
     }
     let mut f = spec.build();
     if mode == Mode::Unfunnel {
-        let outer = if rng.one_in(4) { inner } else { other(inner) };
+        let outer = if rng.one_in(4) { inner } else { inner.other() };
         f = expected_funnel6(&f, outer, rng.u16(), rng.u16());
     }
     if rng.one_in(10) {

@@ -831,7 +831,8 @@ fn matrix_endpoint_offloads_on_no_nat() {
     );
 }
 
-const RUN2_NAT: TopoOpts = TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false };
+const RUN2_NAT: TopoOpts =
+    TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false };
 
 /// Run 2 with NAT, strict.  Fails today: a funneled packet leaves its
 /// sender CHECKSUM_PARTIAL with csum_start at the *inner* L4 header and a
@@ -1750,7 +1751,8 @@ fn snat_two_clients_port_rules_fail_funneled_delivers() {
     if !root("snat_two_clients_port_rules_fail_funneled_delivers") {
         return;
     }
-    let mut t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false });
+    let mut t =
+        Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false });
     t.add_second_client();
     let clients = vec![t.client.clone(), t.client2.clone()];
     let egress = format!("{CLIENT_EGRESS}\n{CLIENT_EGRESS_PROBES}");

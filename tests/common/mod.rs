@@ -8,6 +8,7 @@ pub mod capture;
 pub mod packet;
 pub mod packet6;
 pub mod rng;
+pub mod table;
 pub mod topology;
 
 use anyhow::{Context, Result};
@@ -87,6 +88,24 @@ impl Prog {
     }
 }
 
+/// `name` from the environment as a number, else `default`: the knobs of
+/// the random tests.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `n` bytes of test payload.
+pub fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// Which ruleset a robustness input runs under.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Funnel,
+    Unfunnel,
+}
+
 pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -103,15 +122,7 @@ pub fn random_packet(rng: &mut Rng, proto: Proto) -> PacketSpec {
         Proto::Tcp => PacketSpec::tcp(sport, dport, &payload),
         Proto::Udp => PacketSpec::udp(sport, dport, &payload),
     };
-    if let L4::Tcp { seq, ack, flags, window, urg, options, .. } = &mut p.l4 {
-        *seq = rng.u32();
-        *ack = rng.u32();
-        *flags = rng.u8();
-        *window = rng.u16();
-        *urg = if rng.one_in(4) { rng.u16() } else { 0 };
-        let olen = 4 * rng.below(11);
-        *options = tcp_options(rng, olen);
-    }
+    randomize_tcp(rng, &mut p.l4);
     p.src_mac = rng.bytes(6).try_into().unwrap();
     p.dst_mac = rng.bytes(6).try_into().unwrap();
     p.saddr = rng.addr();
@@ -128,9 +139,22 @@ pub fn random_packet(rng: &mut Rng, proto: Proto) -> PacketSpec {
     p
 }
 
+/// Random TCP header fields and options (0–40 bytes), if `l4` is TCP.
+pub fn randomize_tcp(rng: &mut Rng, l4: &mut L4) {
+    if let L4::Tcp { seq, ack, flags, window, urg, options, .. } = l4 {
+        *seq = rng.u32();
+        *ack = rng.u32();
+        *flags = rng.u8();
+        *window = rng.u16();
+        *urg = if rng.one_in(4) { rng.u16() } else { 0 };
+        let olen = 4 * rng.below(11);
+        *options = tcp_options(rng, olen);
+    }
+}
+
 /// TCP options of `len` bytes (a multiple of 4): MSS, SACK-permitted,
 /// timestamps and NOPs as room allows, else random bytes.
-fn tcp_options(rng: &mut Rng, len: usize) -> Vec<u8> {
+pub fn tcp_options(rng: &mut Rng, len: usize) -> Vec<u8> {
     if rng.one_in(4) {
         return rng.bytes(len);
     }

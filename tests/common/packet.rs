@@ -52,6 +52,14 @@ impl Proto {
     }
 
     /// Rule-language name.
+    /// The other protocol.
+    pub fn other(self) -> Proto {
+        match self {
+            Proto::Tcp => Proto::Udp,
+            Proto::Udp => Proto::Tcp,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
