@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 use common::capture::{complete_inner_csum, l4_of, Capture, Frame};
 use common::packet::{be16, check_funneled, diff, expected_funnel, expected_unfunnel, l4_header_len, Ip, Proto};
 use common::topology::{
-    attachment, env_load, env_unload, helper_pair, hook_prog_ids, ifindex, in_ns, ip_str, nsh, nstat, pattern,
-    printed_prog_id, prog_name, rule_packets, run, sa, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo, TopoOpts,
-    CLIENT2_IP, CLIENT_IP, PIN_ROOT, ROUTER_S_IP, SERVER_IP,
+    attachment, echo_until_eof, env_load, env_unload, helper_pair, hook_prog_ids, ifindex, in_ns, ip_str, nsh, nstat,
+    pattern, printed_prog_id, prog_name, rule_packets, run, sa, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo,
+    TopoOpts, CLIENT2_IP, CLIENT_IP, PIN_ROOT, ROUTER_S_IP, SERVER_IP,
 };
 
 // ---------------------------------------------------------------------------
@@ -551,18 +551,7 @@ fn tcp_echo_server(l: TcpListener) -> Result<Vec<u8>, String> {
     s.set_nonblocking(false).map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(got),
-            Ok(n) => {
-                got.extend_from_slice(&buf[..n]);
-                s.write_all(&buf[..n]).map_err(|e| format!("server write: {e}"))?;
-            }
-            Err(e) => return Err(format!("server read after {} bytes: {e}", got.len())),
-        }
-    }
+    echo_until_eof(&mut s)
 }
 
 /// A TCP request/response of TCP_BYTES each way: the client writes chunks

@@ -21,7 +21,8 @@ use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket
 use std::time::{Duration, Instant};
 
 use common::topology::{
-    attachment, env_load, in_ns, nstat, pattern, rule_packets, sa, spawn_in_ns, Topo, TopoOpts, SERVICE_IP,
+    attachment, echo_until_eof, env_load, in_ns, nstat, pattern, rule_packets, sa, spawn_in_ns, Topo, TopoOpts,
+    SERVICE_IP,
 };
 
 /// Client egress.  Rule 0 is IPv4; the others are IPv6, one per funnel
@@ -139,18 +140,7 @@ fn tcp_echo_to(t: &Topo, to: &str, port: u16, len: usize, chunk: usize, seed: us
     let server = spawn_in_ns(&t.server, move || -> Result<Vec<u8>, String> {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut got = Vec::with_capacity(len);
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return Ok(got),
-                Ok(n) => {
-                    got.extend_from_slice(&buf[..n]);
-                    s.write_all(&buf[..n]).map_err(|e| format!("server write: {e}"))?;
-                }
-                Err(e) => return Err(format!("server read after {} bytes: {e}", got.len())),
-            }
-        }
+        echo_until_eof(&mut s)
     });
     let dest = sa6(to, port);
     let mut s = in_ns(&t.client, move || TcpStream::connect_timeout(&dest, Duration::from_secs(5)))

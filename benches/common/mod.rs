@@ -74,11 +74,35 @@ fn checksum(data: &[u8], mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// Appends a TCP (ACK|PSH) or UDP header with `payload` zero bytes to `f`,
+/// with its checksum over the pseudo-header whose addresses sum (16-bit
+/// words) to `addr_sum`: the same for IPv4 and IPv6 below 64 KiB.
+fn push_l4(f: &mut Vec<u8>, proto: u8, sport: u16, dport: u16, payload: usize, addr_sum: u32) {
+    let l4 = f.len();
+    let l4_len = if proto == 6 { 20 } else { 8 } + payload;
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    if proto == 6 {
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+    }
+    f.resize(l4 + l4_len, 0);
+    let csum_at = l4 + if proto == 6 { 16 } else { 6 };
+    let c = checksum(&f[l4..], addr_sum + u32::from(proto) + l4_len as u32);
+    f[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The sum of the 16-bit words of `b` (an even number of bytes).
+fn words(b: &[u8]) -> u32 {
+    b.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum()
+}
+
 /// An Ethernet + IPv4 + TCP/UDP frame 192.168.1.1 → 192.168.1.2 with
 /// `payload` zero bytes and valid checksums, as a host would send it.
 pub fn frame(proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let l4_hlen = if proto == 6 { 20 } else { 8 };
-    let l4_len = l4_hlen + payload;
+    let l4_len = if proto == 6 { 20 } else { 8 } + payload;
     let tot_len = 20 + l4_len;
     let mut f = vec![0u8; 12];
     f.extend_from_slice(&[0x08, 0x00]);
@@ -86,51 +110,21 @@ pub fn frame(proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
     f.extend_from_slice(&[192, 168, 1, 1, 192, 168, 1, 2]);
     let ip_csum = checksum(&f[14..34], 0);
     f[24..26].copy_from_slice(&ip_csum.to_be_bytes());
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    if proto == 6 {
-        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
-    } else {
-        f.extend_from_slice(&(l4_len as u16).to_be_bytes());
-        f.extend_from_slice(&[0, 0]);
-    }
-    f.resize(14 + tot_len, 0);
-    // Pseudo-header: addresses, protocol, L4 length.
-    let pseudo: u32 = [0xc0a8u32, 0x0101, 0xc0a8, 0x0102, u32::from(proto), l4_len as u32].iter().sum();
-    let csum_at = 34 + if proto == 6 { 16 } else { 6 };
-    let l4 = checksum(&f[34..], pseudo);
-    f[csum_at..csum_at + 2].copy_from_slice(&l4.to_be_bytes());
+    let addr_sum = words(&f[26..34]);
+    push_l4(&mut f, proto, sport, dport, payload, addr_sum);
     f
 }
 
 /// An Ethernet + IPv6 + TCP/UDP frame 2001:db8::1 → 2001:db8::2 with
 /// `payload` zero bytes and a valid checksum (RFC 8200 §8.1 pseudo-header).
 pub fn frame6(proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let l4_hlen = if proto == 6 { 20 } else { 8 };
-    let l4_len = l4_hlen + payload;
+    let l4_len = if proto == 6 { 20 } else { 8 } + payload;
     let mut f = vec![0u8; 12];
     f.extend_from_slice(&[0x86, 0xdd]);
     f.extend_from_slice(&[0x60, 0, 0, 0, (l4_len >> 8) as u8, l4_len as u8, proto, 64]);
-    let (src, dst) = ([0x20u8, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], {
-        let mut d = [0x20u8, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        d[15] = 2;
-        d
-    });
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    if proto == 6 {
-        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
-    } else {
-        f.extend_from_slice(&(l4_len as u16).to_be_bytes());
-        f.extend_from_slice(&[0, 0]);
-    }
-    f.resize(54 + l4_len, 0);
-    // Pseudo-header: both addresses, the L4 length and the next header.
-    let words: u32 = f[22..54].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-    let csum_at = 54 + if proto == 6 { 16 } else { 6 };
-    let l4 = checksum(&f[54..], words + u32::from(proto) + l4_len as u32);
-    f[csum_at..csum_at + 2].copy_from_slice(&l4.to_be_bytes());
+    f.extend_from_slice(&[0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&[0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let addr_sum = words(&f[22..54]);
+    push_l4(&mut f, proto, sport, dport, payload, addr_sum);
     f
 }

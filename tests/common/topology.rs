@@ -200,6 +200,24 @@ pub fn pattern(seed: usize, n: usize) -> Vec<u8> {
     (0..n).map(|i| (seed.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (i >> 8).wrapping_mul(29)) as u8).collect()
 }
 
+/// Echoes every read on `s` back at once, until EOF; returns what was
+/// read.  The server side of the TCP exchanges.
+pub fn echo_until_eof(s: &mut std::net::TcpStream) -> Result<Vec<u8>, String> {
+    use std::io::Write as _;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                s.write_all(&buf[..n]).map_err(|e| format!("server write: {e}"))?;
+            }
+            Err(e) => return Err(format!("server read after {} bytes: {e}", got.len())),
+        }
+    }
+}
+
 /// Whether the interface `name` exists in the namespace `ns`.
 pub fn link_exists(ns: &str, name: &str) -> bool {
     run(&mut ns_cmd(ns, &["ip", "link", "show", name]), Duration::from_secs(10)).ok()
@@ -558,32 +576,20 @@ impl Topo {
         if self.opts.nat {
             // Like a Kubernetes Service on port 80: DNAT matches what is on
             // the wire, i.e. the funnel header (TCP/80 or UDP/81).
-            let svc = ip_str(SERVICE_IP);
-            let srv = ip_str(SERVER_IP);
-            for p in [["tcp", "80"], ["udp", "81"]] {
-                nsh(
-                    r,
-                    &[
-                        "iptables",
-                        "-t",
-                        "nat",
-                        "-A",
-                        "PREROUTING",
-                        "-d",
-                        &svc,
-                        "-p",
-                        p[0],
-                        "--dport",
-                        p[1],
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        &srv,
-                    ],
-                );
-            }
-            nsh(r, &["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
+            self.service_nat("iptables", &ip_str(SERVICE_IP), &ip_str(SERVER_IP));
         }
+    }
+
+    /// The router's NAT, as a Kubernetes Service's: DNAT of TCP/80 and
+    /// UDP/81 to `svc` over to `srv`, MASQUERADE towards the server.
+    /// `tables` is iptables or ip6tables.
+    fn service_nat(&self, tables: &str, svc: &str, srv: &str) {
+        for (proto, port) in [("tcp", "80"), ("udp", "81")] {
+            let dnat =
+                ["-A", "PREROUTING", "-d", svc, "-p", proto, "--dport", port, "-j", "DNAT", "--to-destination", srv];
+            nsh(&self.router, &[&[tables, "-t", "nat"][..], &dnat].concat());
+        }
+        nsh(&self.router, &[tables, "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
     }
 
     /// The IPv6 half of [`Topo::build`]: addresses without duplicate
@@ -602,29 +608,7 @@ impl Topo {
         sh(&["ip", "-n", s, "-6", "route", "add", "default", "via", ROUTER_S_IP6]);
         nsh(r, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         if self.opts.nat {
-            for p in [["tcp", "80"], ["udp", "81"]] {
-                nsh(
-                    r,
-                    &[
-                        "ip6tables",
-                        "-t",
-                        "nat",
-                        "-A",
-                        "PREROUTING",
-                        "-d",
-                        SERVICE_IP6,
-                        "-p",
-                        p[0],
-                        "--dport",
-                        p[1],
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        SERVER_IP6,
-                    ],
-                );
-            }
-            nsh(r, &["ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", &self.rs_if, "-j", "MASQUERADE"]);
+            self.service_nat("ip6tables", SERVICE_IP6, SERVER_IP6);
         }
     }
 
