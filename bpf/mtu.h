@@ -144,6 +144,22 @@ static __always_inline void swap_macs(struct ethhdr *eth)
 	__builtin_memcpy(eth->h_source, tmp, ETH_ALEN);
 }
 
+/*
+ * Makes the packet the `len` bytes of `reply` (from the Ethernet header
+ * on) and returns the redirect verdict that delivers it to the sender: on
+ * egress the sender is this host or behind it, so the reply enters this
+ * device as if received; on ingress it leaves through the device the
+ * packet came in on.
+ */
+static __always_inline int send_reply(struct __sk_buff *skb, void *reply, __u32 len, __u32 flags)
+{
+	if (bpf_skb_change_tail(skb, len, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, reply, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
+		return -1;
+	return bpf_redirect(skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
+}
+
 /* ICMPv6 "packet too big" (RFC 4443 §3.2). */
 struct icmp6_too_big_hdr {
 	__u8 type;
@@ -199,21 +215,14 @@ static __always_inline int reply_too_big6(struct __sk_buff *skb, const struct pk
 	if (body < 0)
 		return -1;
 	r->icmp.checksum = ~csum_fold(sum + (__u32)body);
-	__u32 len = sizeof(r->eth) + sizeof(r->ip6) + sizeof(r->icmp) + sizeof(r->quote);
-	if (bpf_skb_change_tail(skb, len, 0))
-		return -1;
-	if (bpf_skb_store_bytes(skb, 0, &r->eth, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
-		return -1;
-	return bpf_redirect(skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
+	return send_reply(skb, &r->eth, sizeof(r->eth) + sizeof(r->ip6) + sizeof(r->icmp) + sizeof(r->quote), flags);
 }
 
 /*
  * Turns the packet into an ICMP "fragmentation needed" (next-hop MTU
- * `mtu`) to its sender and returns the redirect verdict that delivers it:
- * on egress the sender is this host or behind it, so the reply enters
- * this device as if received; on ingress it leaves through the device the
- * packet came in on.  Returns -1 if the packet does not ask for it (DF
- * clear) or a helper failed; the caller drops it either way.
+ * `mtu`) to its sender and returns the redirect verdict that delivers it
+ * (send_reply).  Returns -1 if the packet does not ask for it (DF clear)
+ * or a helper failed; the caller drops it either way.
  */
 static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags)
 {
@@ -263,12 +272,7 @@ static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct
 	/* qlen is a multiple of 4 (ihl_len is), as bpf_csum_diff wants. */
 	r->icmp.checksum = ~csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r->icmp, sizeof(r->icmp) + qlen, 0));
 
-	__u32 len = sizeof(r->eth) + sizeof(r->ip) + sizeof(r->icmp) + qlen;
-	if (bpf_skb_change_tail(skb, len, 0))
-		return -1;
-	if (bpf_skb_store_bytes(skb, 0, &r->eth, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
-		return -1;
-	return bpf_redirect(skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
+	return send_reply(skb, &r->eth, sizeof(r->eth) + sizeof(r->ip) + sizeof(r->icmp) + qlen, flags);
 }
 
 #endif /* SFUNNEL_MTU_H */

@@ -249,18 +249,6 @@ impl Serialize for IpNet {
     }
 }
 
-impl From<Ipv4Net> for IpNet {
-    fn from(n: Ipv4Net) -> IpNet {
-        IpNet::V4(n)
-    }
-}
-
-impl From<Ipv6Net> for IpNet {
-    fn from(n: Ipv6Net) -> IpNet {
-        IpNet::V6(n)
-    }
-}
-
 /// An address left-aligned in 128 bits, like [`IpNet::bits`].
 pub fn addr_bits(addr: IpAddr) -> u128 {
     match addr {
