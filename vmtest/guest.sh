@@ -16,8 +16,15 @@ release=$(uname -r)
 start=$(date +%s)
 
 # Kernel messages (veth up/down, ...) would interleave with the test output
-# on the console; warnings and worse still show.
-echo 4 >/proc/sys/kernel/printk
+# on the console; warnings and worse still show, with the stack traces that
+# come with them (printed at the default level, 4).
+echo 5 >/proc/sys/kernel/printk
+# A CPU stuck in the kernel for a minute ends the guest at once, with every
+# CPU's stack on the console, rather than a silent wait for vmtest's
+# timeout.  (A minute: TCG guests can be starved by a busy host for a while.)
+echo 30 >/proc/sys/kernel/watchdog_thresh
+echo 1 >/proc/sys/kernel/softlockup_panic
+echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace
 
 # Modules a test needs beyond those the initramfs loaded (an nft expression,
 # a qdisc) are loaded on demand from this kernel's own package.

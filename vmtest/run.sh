@@ -70,6 +70,7 @@ fi
 total_passed=0
 total_failed=0
 lines=()
+crashes=()
 t_all=$(date +%s)
 for t in $targets; do
   echo
@@ -82,7 +83,15 @@ for t in $targets; do
   secs=$(($(date +%s) - t0))
   s=$(grep -aE "^SUMMARY $t " "$RUN/$t.log" | tail -1 | tr -d '\r' || true)
   if [ -z "$s" ]; then
-    why="did not finish (vmtest status $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${TIMEOUT}s")); see vmtest/cache/run/$t.log"
+    why="did not finish (vmtest status $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${TIMEOUT}s"))"
+    crash=$(grep -aoE 'BUG: soft lockup - CPU#[0-9]+ stuck for [0-9]+s! \[[^]]*\]|Kernel panic - not syncing: .*' "$RUN/$t.log" | head -1 | tr -d '\r' || true)
+    if [ -n "$crash" ]; then
+      why="$why: the guest kernel said \"$crash\""
+      # The first stack the kernel printed, repeated after the table (a CI
+      # log is often read from its end).
+      crashes+=("$t: $(grep -anE 'BUG: soft lockup|Kernel panic' "$RUN/$t.log" | head -1 | cut -d: -f1)")
+    fi
+    why="$why; see vmtest/cache/run/$t.log"
     lines+=("$(printf '%-12s %s' "$t" "$why")")
     total_failed=$((total_failed + 1))
     continue
@@ -106,5 +115,11 @@ echo "vmtest: ===== kernel matrix ====="
 [ -z "$host_line" ] || echo "$host_line"
 printf '%s\n' "${lines[@]}"
 echo "vmtest: kernels: $(wc -w <<<"$targets"), ${all_secs} s"
+for c in "${crashes[@]}"; do
+  t=${c%%:*} n=${c##* }
+  echo
+  echo "vmtest: $t: the kernel's report (vmtest/cache/run/$t.log, from line $n):"
+  tail -n +"$n" "$RUN/$t.log" | tr -d '\r' | grep -avE '^\s*$' | head -80
+done
 echo "vmtest: $total_passed passed, $total_failed failed"
 [ "$total_failed" -eq 0 ]
