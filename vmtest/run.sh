@@ -119,7 +119,7 @@ for c in "${crashes[@]}"; do
   t=${c%%:*} n=${c##* }
   echo
   echo "vmtest: $t: the kernel's report (vmtest/cache/run/$t.log, from line $n):"
-  tail -n +"$n" "$RUN/$t.log" | tr -d '\r' | grep -avE '^\s*$' | head -80
+  tail -n +"$n" "$RUN/$t.log" | tr -d '\r' | grep -avE '^\s*$' | head -150
 done
 echo "vmtest: $total_passed passed, $total_failed failed"
 [ "$total_failed" -eq 0 ]
