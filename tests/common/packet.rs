@@ -51,7 +51,6 @@ impl Proto {
         }
     }
 
-    /// Rule-language name.
     /// The other protocol.
     pub fn other(self) -> Proto {
         match self {
@@ -60,6 +59,7 @@ impl Proto {
         }
     }
 
+    /// Rule-language name.
     pub fn name(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
