@@ -22,6 +22,8 @@
 /* Enough linear data for Ethernet, the largest IPv4 header and TCP header
  * (more than the IPv6 header and TCP header need). */
 #define PULL_LEN (ETH_HLEN + IPV4_MAX_HLEN + sizeof(struct tcphdr))
+/* What headers_len() needs to see to say more than PULL_LEN. */
+#define PEEK_LEN (ETH_HLEN + IPV6_HLEN)
 /* Offsets of the addresses in the IPv6 header. */
 #define IPV6_SADDR_OFF 8
 #define IPV6_DADDR_OFF 24
@@ -74,6 +76,37 @@ static __always_inline int ipv6_ext_header(__u8 nh)
 }
 
 /*
+ * How much of the frame parse_ip reads: Ethernet, the IP header (IPv4
+ * options included) and the fixed part of the L4 header.  PULL_LEN when the
+ * IP header is not linear yet; 0 for what is not IP.
+ *
+ * A GSO segment (cut by the detour, or by a router's software GSO) holds
+ * just its headers in linear data, and TCP options make them shorter than
+ * PULL_LEN; pulling PULL_LEN regardless copied payload out of the pages on
+ * every segment, and often reallocated the head to fit it.
+ */
+static __always_inline __u32 headers_len(void *data, void *data_end)
+{
+	struct ethhdr *eth = data;
+
+	if (data + PEEK_LEN > data_end)
+		return PULL_LEN;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		return ETH_HLEN + ip->ihl * 4 +
+		       (ip->protocol == IPPROTO_UDP ? sizeof(struct udphdr) : sizeof(struct tcphdr));
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		return ETH_HLEN + IPV6_HLEN +
+		       (ip6->nexthdr == IPPROTO_UDP ? sizeof(struct udphdr) : sizeof(struct tcphdr));
+	}
+	return 0;
+}
+
+/*
  * Parses an IPv4 or IPv6 TCP or UDP packet.  Headers must be complete and
  * agree with each other and with the skb length; anything else is not ours
  * to touch.  IPv6 packets whose L4 header does not follow the fixed header
@@ -86,8 +119,10 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
 	void *data_end = (void *)(long)skb->data_end;
 
 	/* Headers may sit in paged data; make them linear (no byte changes). */
-	if (data + PULL_LEN > data_end && skb->len > (__u32)(data_end - data)) {
-		if (bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN))
+	__u32 linear = data_end - data, need = headers_len(data, data_end);
+
+	if (need > linear && skb->len > linear) {
+		if (bpf_skb_pull_data(skb, skb->len < need ? skb->len : need))
 			return PARSE_MALFORMED;
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
