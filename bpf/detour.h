@@ -22,7 +22,12 @@
  *                CHECKSUM_PARTIAL: funnel.h handles both);
  *   in ingress   sfunnel_detour funnels each segment and sends it back:
  *                out of dev's egress, or for an ingress attachment
- *                (GRO-merged packets) into dev's receive path;
+ *                (GRO-merged packets) into dev's receive path.  Where
+ *                dev is a veth whose peer is in another namespace and has
+ *                no queue (SFUNNEL_DETOUR_PEER, set by the loader), a
+ *                segment skips dev's transmit path and goes straight into
+ *                the peer's receive path, where veth would have delivered
+ *                it: one trip through a CPU's backlog less per segment;
  *   dev hook     a segment back from the detour is already funneled, and
  *                passes on to the next program untouched.  On egress it is
  *                known by skb->ingress_ifindex (`in`); on ingress, which
@@ -32,6 +37,7 @@
 #define SFUNNEL_DETOUR_H
 
 #include <linux/bpf.h>
+#include <linux/if_packet.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include "maps.h"
@@ -71,9 +77,42 @@ static __always_inline int detour_returned(struct __sk_buff *skb)
 	return 0;
 }
 
+/*
+ * The packet type the peer's eth_type_trans() would give a unicast frame
+ * addressed to it: a segment is addressed to dev's next hop, which on a
+ * routed veth is the peer (a bridge behind it goes by the address alone).
+ */
+static __always_inline __u32 peer_pkt_type(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end || !(eth->h_dest[0] & 1))
+		return PACKET_HOST;
+	for (int i = 0; i < ETH_ALEN; i++)
+		if (eth->h_dest[i] != 0xff)
+			return PACKET_MULTICAST;
+	return PACKET_BROADCAST;
+}
+
 /* Sends a segment back from the detour to `d->dev_ifindex` (see above). */
 static __always_inline int detour_return(struct __sk_buff *skb, const struct sfunnel_detour *d)
 {
+	if (d->flags & SFUNNEL_DETOUR_PEER) {
+		/*
+		 * What veth does to a packet it moves into another namespace
+		 * (skb_scrub_packet, eth_type_trans) and bpf_redirect_peer does
+		 * not before Linux 6.15: no mark or timestamp from this
+		 * namespace, and the packet type the peer would give it (the
+		 * helper end it came in on called it another host's).  Its
+		 * conntrack entry and route went when it crossed the pair.
+		 */
+		skb->mark = 0;
+		skb->tstamp = 0;
+		bpf_skb_change_type(skb, peer_pkt_type(skb));
+		return bpf_redirect_peer(d->dev_ifindex, 0);
+	}
 	if (d->flags & SFUNNEL_DETOUR_INGRESS) {
 		skb->cb[0] = SFUNNEL_DETOUR_MARK;
 		skb->cb[1] = d->in_ifindex;

@@ -113,6 +113,65 @@ pub fn remove(ifindex: u32, d: Direction) -> Result<bool> {
     Ok(removed)
 }
 
+/// Whether segments can go back from the detour straight into the receive
+/// path of the peer of the interface `ifindex` (bpf/detour.h,
+/// SFUNNEL_DETOUR_PEER) instead of out through its transmit path.  Only
+/// for a veth whose peer is in another namespace (the kernel drops the
+/// packet otherwise), with nothing on the transmit path that the segments
+/// would miss: no queue, and checksum offload on, so that the transmit
+/// path would leave a pending checksum pending too (without it the
+/// kernel completes it there, and a NAT on the far side expects it
+/// complete).  Anything that cannot be asked says no: the transmit path
+/// always works.
+pub fn peer_return(ifindex: u32) -> bool {
+    let link = Netlink::open().and_then(|nl| Ok(nl.link(ifindex)?));
+    matches!(link, Ok(l) if l.kind.as_deref() == Some("veth") && l.peer_netns && l.qdisc.as_deref() == Some("noqueue"))
+        && tx_checksumming(ifindex)
+}
+
+/// Whether the interface offloads transmit checksums (`ethtool -k`
+/// tx-checksumming; a veth's only one is tx-checksum-ip-generic).
+fn tx_checksumming(ifindex: u32) -> bool {
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut v = EthtoolValue { cmd: ETHTOOL_GTXCSUM, data: 0 };
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: ifr_name has IFNAMSIZ bytes, as if_indextoname requires.
+    if unsafe { libc::if_indextoname(ifindex, ifr.ifr_name.as_mut_ptr()) }.is_null() {
+        return false;
+    }
+    ifr.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+    // SAFETY: plain socket(2); the fd is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: fd is a new, valid descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points at an ethtool
+    // value that outlives the call.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) == 0 && v.data != 0 }
+}
+
+/// The way back that a detour record's `flags` choose, as status and the
+/// log name it: "receive" (the interface's receive path: ingress), "peer"
+/// (its veth peer's receive path) or "transmit" (out of it).
+pub fn back(flags: u32) -> &'static str {
+    use crate::datapath::consts::{SFUNNEL_DETOUR_INGRESS, SFUNNEL_DETOUR_PEER};
+    if flags & SFUNNEL_DETOUR_INGRESS != 0 {
+        "receive"
+    } else if flags & SFUNNEL_DETOUR_PEER != 0 {
+        "peer"
+    } else {
+        "transmit"
+    }
+}
+
 /// No IPv6 on a helper end: no link-local address, so no neighbour or
 /// multicast chatter.  Nothing to do where IPv6 is absent.
 fn disable_ipv6(name: &str) -> Result<()> {
@@ -125,7 +184,10 @@ fn disable_ipv6(name: &str) -> Result<()> {
 }
 
 // rtnetlink, just enough of it.
-use libc::{IFLA_GSO_MAX_SEGS, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU};
+use libc::{
+    IFLA_GSO_MAX_SEGS, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_MTU,
+    IFLA_QDISC,
+};
 /// linux/veth.h (not in the libc crate).
 const VETH_INFO_PEER: u16 = 1;
 
@@ -134,6 +196,17 @@ const VETH_INFO_PEER: u16 = 1;
 struct Link {
     /// IFLA_LINK: a veth's peer.
     peer: Option<u32>,
+    /// IFLA_LINK_NETNSID is there: the peer is in another namespace.
+    peer_netns: bool,
+    /// IFLA_LINKINFO's IFLA_INFO_KIND: "veth", ...
+    kind: Option<String>,
+    /// IFLA_QDISC: the root qdisc's kind ("noqueue" when there is none).
+    qdisc: Option<String>,
+}
+
+/// A string attribute's value, without its NUL.
+fn attr_str(val: &[u8]) -> String {
+    String::from_utf8_lossy(val.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
 }
 
 /// The (type, payload) of each attribute in `buf`.
@@ -221,6 +294,11 @@ impl Netlink {
                     match ty {
                         libc::IFLA_LINK if val.len() >= 4 => {
                             link.peer = Some(u32::from_ne_bytes(val[..4].try_into().unwrap()))
+                        }
+                        IFLA_LINK_NETNSID => link.peer_netns = true,
+                        IFLA_QDISC => link.qdisc = Some(attr_str(val)),
+                        IFLA_LINKINFO => {
+                            link.kind = attrs(val).find(|&(t, _)| t == IFLA_INFO_KIND).map(|(_, v)| attr_str(v))
                         }
                         _ => {}
                     }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
-use crate::datapath::consts::{SFUNNEL_ACT_FUNNEL, SFUNNEL_DETOUR_INGRESS};
+use crate::datapath::consts::{SFUNNEL_ACT_FUNNEL, SFUNNEL_DETOUR_INGRESS, SFUNNEL_DETOUR_PEER};
 use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
 use crate::log::event;
@@ -140,13 +140,24 @@ fn hook_detour(
         }
     }
     .and_then(|link| {
-        let flags = if direction == Direction::Ingress { SFUNNEL_DETOUR_INGRESS } else { 0 };
-        let d = sfunnel_detour { dev_ifindex: ifindex, out_ifindex: pair.out, in_ifindex: pair.inn, flags };
-        maps.write_detour(&d).map(|()| link)
+        let d = sfunnel_detour {
+            dev_ifindex: ifindex,
+            out_ifindex: pair.out,
+            in_ifindex: pair.inn,
+            flags: detour_flags(ifindex, direction),
+        };
+        maps.write_detour(&d).map(|()| d.flags).map(|flags| (link, flags))
     });
     match hooked {
-        Ok(link) => {
-            event!("detour", ifindex = ifindex, out_ifindex = pair.out, in_ifindex = pair.inn, mode = mode);
+        Ok((link, flags)) => {
+            event!(
+                "detour",
+                ifindex = ifindex,
+                out_ifindex = pair.out,
+                in_ifindex = pair.inn,
+                mode = mode,
+                back = crate::detour::back(flags)
+            );
             Ok((link, made))
         }
         Err(e) => {
@@ -156,6 +167,37 @@ fn hook_detour(
             Err(e).context("setting up the segmentation detour")
         }
     }
+}
+
+/// How segments go back from the detour (bpf/detour.h): into the
+/// interface's receive path for an ingress attachment; on egress straight
+/// into its peer's where `detour::peer_return` allows, else out of it.
+fn detour_flags(ifindex: u32, direction: Direction) -> u32 {
+    match direction {
+        Direction::Ingress => SFUNNEL_DETOUR_INGRESS,
+        Direction::Egress if crate::detour::peer_return(ifindex) => SFUNNEL_DETOUR_PEER,
+        Direction::Egress => 0,
+    }
+}
+
+/// A rerun keeps the pair, and sets the way back afresh: the interface's
+/// queue may have changed since.  Only the record's flags word changes,
+/// and the datapath reads it once per segment.
+fn refresh_detour_flags(maps: &RulesetMaps, ifindex: u32, direction: Direction) -> Result<()> {
+    let mut d = maps.read_detour()?;
+    let flags = detour_flags(ifindex, direction);
+    if d.flags != flags {
+        d.flags = flags;
+        maps.write_detour(&d)?;
+        event!(
+            "detour",
+            ifindex = ifindex,
+            out_ifindex = d.out_ifindex,
+            in_ifindex = d.in_ifindex,
+            back = crate::detour::back(flags)
+        );
+    }
+    Ok(())
 }
 
 /// Whether the datapath's detour record still names the attachment's pair.
@@ -196,6 +238,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                             return Err(e);
                         }
                     }
+                } else if wants_detour(compiled) {
+                    refresh_detour_flags(&maps, ifindex, t.direction)?;
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 let report = LoadReport {

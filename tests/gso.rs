@@ -106,6 +106,13 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     assert_eq!((a["detour"]["out"].as_str(), a["detour"]["in"].as_str()), (Some(&*gso_if), Some(&*seg_if)), "{a}");
     let s = common::topology::attachment(t.ino(&t.server), &t.s_if, "ingress").expect("server attachment in status");
     assert!(s["detour"].is_null(), "{s}");
+    // The way back: the client's veth has its peer in another namespace, no
+    // queue and checksum offload, so straight into the peer; the router's
+    // has tx checksumming off, whose transmit path completes checksums, so
+    // out of it.  An ingress attachment's go back into its receive path.
+    assert_eq!(detour_back(&t, &t.client, &t.c_if, "egress"), "peer");
+    assert_eq!(detour_back(&t, &t.router, &t.rs_if, "egress"), "transmit");
+    assert_eq!(detour_back(&t, &t.router, &t.rc_if, "ingress"), "receive");
 
     let len = mib() << 20;
     for (port, what) in [
@@ -157,6 +164,93 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     let gc = sfunnel(&["gc"], &[]).expect_ok();
     eprintln!("gc: {}", gc.stdout);
     assert!(!link_exists(&t.client, &gso_if) && !link_exists(&t.client, &seg_if), "gc removed the pair");
+    t.teardown();
+}
+
+/// How the attachment's detour sends segments back, as status says.
+fn detour_back(t: &Topo, ns: &str, dev: &str, dir: &str) -> String {
+    let a = common::topology::attachment(t.ino(ns), dev, dir).expect("attachment in status");
+    a["detour"]["back"].as_str().unwrap_or_else(|| panic!("no detour in {a}")).to_string()
+}
+
+/// Packets the router's FORWARD chain dropped for carrying the client's mark.
+fn marked_drops(t: &Topo) -> u64 {
+    let out = common::topology::nsh(&t.router, &["iptables", "-L", "FORWARD", "-v", "-x", "-n"]);
+    let line = out.stdout.lines().find(|l| l.contains("mark match 0x4000")).expect("the router's mark rule");
+    line.split_whitespace().next().and_then(|n| n.parse().ok()).expect("its packet count")
+}
+
+/// Segments back from the detour go straight into the veth peer's receive
+/// path where the interface allows it (bpf/detour.h, SFUNNEL_DETOUR_PEER),
+/// and must arrive there as veth would deliver them: without anything of
+/// the client's namespace.  The client marks its funneled flow and the
+/// router drops marked packets, so a mark that crossed would lose every
+/// segment.  What the segments would miss of the interface's transmit path
+/// (a qdisc; the checksums it completes when tx checksumming is off) turns
+/// the peer path off at the next load, and its going turns it on again.
+#[test]
+fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
+    if !common::require_root("detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind") {
+        return;
+    }
+    let t = Topo::new(TopoOpts { router_offloads_off: true, ..Default::default() });
+    common::topology::nsh(&t.client, &["ip", "link", "set", &t.c_if, "mtu", "1500"]);
+    common::topology::nsh(&t.server, &["ip", "link", "set", &t.s_if, "mtu", "1500"]);
+    common::topology::nsh(
+        &t.client,
+        &[
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "5201",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "0x4000",
+        ],
+    );
+    common::topology::nsh(&t.router, &["iptables", "-A", "FORWARD", "-m", "mark", "--mark", "0x4000", "-j", "DROP"]);
+    env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
+    env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
+
+    let len = 8 << 20;
+    let steps = [
+        ("as made", "peer"),
+        ("with a pfifo qdisc", "transmit"),
+        ("without the qdisc", "peer"),
+        ("with tx checksumming off", "transmit"),
+        ("with it on again", "peer"),
+    ];
+    for (step, back) in steps {
+        let change: &[&str] = match step {
+            "with a pfifo qdisc" => &["tc", "qdisc", "add", "dev", &t.c_if, "root", "pfifo"],
+            "without the qdisc" => &["tc", "qdisc", "del", "dev", &t.c_if, "root"],
+            "with tx checksumming off" => &["ethtool", "-K", &t.c_if, "tx", "off"],
+            "with it on again" => &["ethtool", "-K", &t.c_if, "tx", "on"],
+            _ => &[],
+        };
+        if !change.is_empty() {
+            common::topology::nsh(&t.client, change);
+        }
+        // A rerun updates in place, and sets the way back afresh.
+        let rerun = env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
+        assert!(rerun.stdout.contains("updated in place"), "{}", rerun.stdout);
+        assert_eq!(detour_back(&t, &t.client, &t.c_if, "egress"), back, "{step}");
+        let (n, wrong) = bulk(&t, 5201, len);
+        eprintln!("{step}, back by {back}: {n} of {len} bytes, first wrong byte {wrong:?}");
+        assert_eq!((n, wrong), (len, None), "every byte, in order, back by {back}");
+        // Counters start afresh with each ruleset a load installs.
+        let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment");
+        let pk = common::topology::rule_packets(&a);
+        eprintln!("client rule packets {pk:?}, router drops of marked packets {}", marked_drops(&t));
+        assert!(pk[0] as usize >= len / 1460, "funneled segment by segment, back by {back}: {pk:?}");
+    }
+    assert_eq!(marked_drops(&t), 0, "no segment reached the router with the client's mark");
     t.teardown();
 }
 

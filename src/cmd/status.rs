@@ -39,6 +39,8 @@ pub struct Detour {
     /// The end their segments come in on (where the detour program is).
     pub r#in: String,
     pub in_ifindex: u32,
+    /// Where the funneled segments go from there (`detour::back`).
+    pub back: &'static str,
 }
 
 const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
@@ -92,7 +94,13 @@ pub fn collect() -> Vec<Attachment> {
                 let d = maps.read_detour()?;
                 if d.dev_ifindex != 0 {
                     let (out, inn) = crate::detour::names(d.dev_ifindex, t.direction);
-                    a.detour = Some(Detour { out, out_ifindex: d.out_ifindex, r#in: inn, in_ifindex: d.in_ifindex });
+                    a.detour = Some(Detour {
+                        out,
+                        out_ifindex: d.out_ifindex,
+                        r#in: inn,
+                        in_ifindex: d.in_ifindex,
+                        back: crate::detour::back(d.flags),
+                    });
                 }
                 Ok(())
             })();
@@ -122,8 +130,16 @@ fn print_text(list: &[Attachment]) {
         }
         if let Some(d) = &a.detour {
             println!(
-                "  GSO detour: out of {} ({}), segments back in on {} ({})",
-                d.out, d.out_ifindex, d.r#in, d.in_ifindex
+                "  GSO detour: out of {} ({}), segments back in on {} ({}), then {}",
+                d.out,
+                d.out_ifindex,
+                d.r#in,
+                d.in_ifindex,
+                match d.back {
+                    "peer" => "straight into the veth peer",
+                    "receive" => "into the interface's receive path",
+                    _ => "out of the interface",
+                }
             );
         }
         if let Some(e) = &a.error {
