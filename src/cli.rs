@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use crate::datapath::OverMtu;
+pub use crate::detour::DetourReturn;
 
 use crate::attach::{AttachChoice, Direction};
 
@@ -110,6 +111,15 @@ pub struct LoadArgs {
     /// needed"), or `pass` it on unfunneled.  Counted per rule either way.
     #[arg(long, value_enum, env = "OVER_MTU", default_value = "drop")]
     pub over_mtu: OverMtu,
+
+    /// How funneled segments leave the segmentation detour on egress:
+    /// `auto` goes straight into a veth's peer where the interface's
+    /// transmit path would change nothing (no qdisc, tx checksumming on),
+    /// and out of the interface elsewhere; `transmit` always goes out of
+    /// the interface, so that its counters, tcpdump and later tc programs
+    /// see the segments.
+    #[arg(long, value_enum, env = "DETOUR_RETURN", default_value = "auto")]
+    pub detour_return: DetourReturn,
 }
 
 impl LoadArgs {

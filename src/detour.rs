@@ -113,6 +113,27 @@ pub fn remove(ifindex: u32, d: Direction) -> Result<bool> {
     Ok(removed)
 }
 
+/// How segments come back from the detour on egress (`--detour-return`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DetourReturn {
+    /// Straight into the veth peer's receive path where `peer_return`
+    /// allows it, else out of the interface.
+    #[default]
+    Auto,
+    /// Always out of the interface, through its transmit path.
+    Transmit,
+}
+
+impl DetourReturn {
+    /// The value as `--detour-return` and $DETOUR_RETURN spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetourReturn::Auto => "auto",
+            DetourReturn::Transmit => "transmit",
+        }
+    }
+}
+
 /// Whether segments can go back from the detour straight into the receive
 /// path of the peer of the interface `ifindex` (bpf/detour.h,
 /// SFUNNEL_DETOUR_PEER) instead of out through its transmit path.  Only

@@ -14,6 +14,7 @@ use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_
 use crate::datapath::consts::{SFUNNEL_ACT_FUNNEL, SFUNNEL_DETOUR_INGRESS, SFUNNEL_DETOUR_PEER};
 use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
 use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
+use crate::detour::DetourReturn;
 use crate::log::event;
 use crate::pins::Target;
 use crate::ruleset::Compiled;
@@ -26,6 +27,8 @@ pub struct LoadOptions {
     pub retry_delay: Duration,
     /// What becomes of packets that funneled would exceed the MTU.
     pub over_mtu: OverMtu,
+    /// How segments leave the segmentation detour on egress.
+    pub detour_return: DetourReturn,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -127,6 +130,7 @@ fn hook_detour(
     direction: Direction,
     mode: Mode,
     reuse: bool,
+    back: DetourReturn,
 ) -> Result<(Option<OwnedFd>, bool)> {
     let (pair, made) = match crate::detour::find(ifindex, direction).filter(|_| reuse) {
         Some(p) => (p, false),
@@ -144,7 +148,7 @@ fn hook_detour(
             dev_ifindex: ifindex,
             out_ifindex: pair.out,
             in_ifindex: pair.inn,
-            flags: detour_flags(ifindex, direction),
+            flags: detour_flags(ifindex, direction, back),
         };
         maps.write_detour(&d).map(|()| d.flags).map(|flags| (link, flags))
     });
@@ -171,11 +175,12 @@ fn hook_detour(
 
 /// How segments go back from the detour (bpf/detour.h): into the
 /// interface's receive path for an ingress attachment; on egress straight
-/// into its peer's where `detour::peer_return` allows, else out of it.
-fn detour_flags(ifindex: u32, direction: Direction) -> u32 {
+/// into its peer's where `back` and `detour::peer_return` allow, else out
+/// of it.
+fn detour_flags(ifindex: u32, direction: Direction, back: DetourReturn) -> u32 {
     match direction {
         Direction::Ingress => SFUNNEL_DETOUR_INGRESS,
-        Direction::Egress if crate::detour::peer_return(ifindex) => SFUNNEL_DETOUR_PEER,
+        Direction::Egress if back == DetourReturn::Auto && crate::detour::peer_return(ifindex) => SFUNNEL_DETOUR_PEER,
         Direction::Egress => 0,
     }
 }
@@ -183,9 +188,9 @@ fn detour_flags(ifindex: u32, direction: Direction) -> u32 {
 /// A rerun keeps the pair, and sets the way back afresh: the interface's
 /// queue may have changed since.  Only the record's flags word changes,
 /// and the datapath reads it once per segment.
-fn refresh_detour_flags(maps: &RulesetMaps, ifindex: u32, direction: Direction) -> Result<()> {
+fn refresh_detour_flags(maps: &RulesetMaps, ifindex: u32, direction: Direction, back: DetourReturn) -> Result<()> {
     let mut d = maps.read_detour()?;
-    let flags = detour_flags(ifindex, direction);
+    let flags = detour_flags(ifindex, direction, back);
     if d.flags != flags {
         d.flags = flags;
         maps.write_detour(&d)?;
@@ -231,6 +236,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                         t.direction,
                         mode_of(&meta).unwrap_or(Mode::Tcx),
                         false,
+                        opts.detour_return,
                     )?;
                     if let Some(link) = link {
                         if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
@@ -239,7 +245,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                         }
                     }
                 } else if wants_detour(compiled) {
-                    refresh_detour_flags(&maps, ifindex, t.direction)?;
+                    refresh_detour_flags(&maps, ifindex, t.direction, opts.detour_return)?;
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 let report = LoadReport {
@@ -291,7 +297,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // to it.  Its TCX link is pinned with the other pins, below.
     let detour_prog = loaded.detour_program().map(|p| p.as_fd());
     let (detour_link, made_pair) = match detour_prog {
-        Some(prog) => hook_detour(&maps, prog, ifindex, t.direction, mode, replaced.is_some())?,
+        Some(prog) => hook_detour(&maps, prog, ifindex, t.direction, mode, replaced.is_some(), opts.detour_return)?,
         None => (None, false),
     };
     // Undoes the detour when the load fails from here on: a pair made here

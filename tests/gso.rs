@@ -187,7 +187,8 @@ fn marked_drops(t: &Topo) -> u64 {
 /// router drops marked packets, so a mark that crossed would lose every
 /// segment.  What the segments would miss of the interface's transmit path
 /// (a qdisc; the checksums it completes when tx checksumming is off) turns
-/// the peer path off at the next load, and its going turns it on again.
+/// the peer path off at the next load, and its going turns it on again;
+/// so do `DETOUR_RETURN=transmit` and `auto`.
 #[test]
 fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
     if !common::require_root("detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind") {
@@ -225,6 +226,8 @@ fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
         ("without the qdisc", "peer"),
         ("with tx checksumming off", "transmit"),
         ("with it on again", "peer"),
+        ("with DETOUR_RETURN=transmit", "transmit"),
+        ("with DETOUR_RETURN=auto", "peer"),
     ];
     for (step, back) in steps {
         let change: &[&str] = match step {
@@ -238,7 +241,15 @@ fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
             common::topology::nsh(&t.client, change);
         }
         // A rerun updates in place, and sets the way back afresh.
-        let rerun = env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
+        let choice = step.strip_prefix("with DETOUR_RETURN=").unwrap_or("auto");
+        let env = [
+            ("SFUNNEL_RULESET", CLIENT_RULES),
+            ("IFACES", &*t.c_if),
+            ("DIRECTION", "egress"),
+            ("NETNS", &*t.client),
+            ("DETOUR_RETURN", choice),
+        ];
+        let rerun = sfunnel(&[], &env).expect_ok();
         assert!(rerun.stdout.contains("updated in place"), "{}", rerun.stdout);
         assert_eq!(detour_back(&t, &t.client, &t.c_if, "egress"), back, "{step}");
         let (n, wrong) = bulk(&t, 5201, len);

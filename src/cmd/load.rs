@@ -58,7 +58,8 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         origin = src.origin,
         rules = rs.rules.len(),
         rule_entries = compiled.rules.len(),
-        over_mtu = args.over_mtu.as_str()
+        over_mtu = args.over_mtu.as_str(),
+        detour_return = args.detour_return.as_str()
     );
     caps::require_for_load(args.target.netns.is_some())?;
     crate::datapath::check_kernel()?;
@@ -72,6 +73,7 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         attempts: args.attempts,
         retry_delay: args.retry_delay(),
         over_mtu: args.over_mtu,
+        detour_return: args.detour_return,
     };
     // Wait for missing interfaces before taking the lock, which every
     // loader on the node shares.
