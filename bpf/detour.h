@@ -23,11 +23,13 @@
  *   in ingress   sfunnel_detour funnels each segment and sends it back:
  *                out of dev's egress, or for an ingress attachment
  *                (GRO-merged packets) into dev's receive path.  Where
- *                dev is a veth whose peer is in another namespace and has
- *                no queue (SFUNNEL_DETOUR_PEER, set by the loader), a
- *                segment skips dev's transmit path and goes straight into
- *                the peer's receive path, where veth would have delivered
- *                it: one trip through a CPU's backlog less per segment;
+ *                dev is a veth whose peer is in another namespace and
+ *                whose transmit path would change nothing (no qdisc, tx
+ *                checksum offload: SFUNNEL_DETOUR_PEER, set by the
+ *                loader), a segment skips that path and goes straight
+ *                into the peer's receive path, where veth would have
+ *                delivered it: one trip through a CPU's backlog less per
+ *                segment;
  *   dev hook     a segment back from the detour is already funneled, and
  *                passes on to the next program untouched.  On egress it is
  *                known by skb->ingress_ifindex (`in`); on ingress, which

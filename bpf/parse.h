@@ -119,9 +119,9 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p)
 	void *data_end = (void *)(long)skb->data_end;
 
 	/* Headers may sit in paged data; make them linear (no byte changes). */
-	__u32 linear = data_end - data, need = headers_len(data, data_end);
+	__u32 linear = data_end - data, need;
 
-	if (need > linear && skb->len > linear) {
+	if (skb->len > linear && (need = headers_len(data, data_end)) > linear) {
 		if (bpf_skb_pull_data(skb, skb->len < need ? skb->len : need))
 			return PARSE_MALFORMED;
 		data = (void *)(long)skb->data;

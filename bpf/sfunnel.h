@@ -231,7 +231,8 @@ struct sfunnel_detour {
 /* An ingress attachment: segments go back into dev's receive path. */
 #define SFUNNEL_DETOUR_INGRESS 0x1
 /* An egress attachment on a veth whose peer is in another namespace, with
- * no queue: segments go straight into the peer's receive path. */
+ * no qdisc and tx checksum offload: segments go straight into the peer's
+ * receive path (detour.h). */
 #define SFUNNEL_DETOUR_PEER 0x2
 /* skb->cb[0] of a segment sent back into the receive path (cb[1]: the
  * helper end it came in on), so that the main program lets it pass. */
