@@ -82,16 +82,22 @@ fn bulk(t: &Topo, port: u16, len: usize) -> (usize, Option<usize>) {
     server.join().expect("server thread")
 }
 
+/// The topology with the router's offloads off and the full MTU at both
+/// ends (it lowers them to 1480): segments must be cut to fit (detour.h),
+/// not the MTU lowered.
+fn full_mtu_topo() -> Topo {
+    let t = Topo::new(TopoOpts { router_offloads_off: true, ..Default::default() });
+    common::topology::nsh(&t.client, &["ip", "link", "set", &t.c_if, "mtu", "1500"]);
+    common::topology::nsh(&t.server, &["ip", "link", "set", &t.s_if, "mtu", "1500"]);
+    t
+}
+
 #[test]
 fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     if !common::require_root("bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour") {
         return;
     }
-    let t = Topo::new(TopoOpts { router_offloads_off: true, ..Default::default() });
-    // The full MTU at both ends (the topology lowers them to 1480): segments
-    // must be cut to fit (detour.h), not the MTU lowered.
-    common::topology::nsh(&t.client, &["ip", "link", "set", &t.c_if, "mtu", "1500"]);
-    common::topology::nsh(&t.server, &["ip", "link", "set", &t.s_if, "mtu", "1500"]);
+    let t = full_mtu_topo();
     env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
     env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
     env_load(&t.router, &t.rs_if, "egress", ROUTER_EGRESS_RULES).expect_ok();
@@ -194,9 +200,7 @@ fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
     if !common::require_root("detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind") {
         return;
     }
-    let t = Topo::new(TopoOpts { router_offloads_off: true, ..Default::default() });
-    common::topology::nsh(&t.client, &["ip", "link", "set", &t.c_if, "mtu", "1500"]);
-    common::topology::nsh(&t.server, &["ip", "link", "set", &t.s_if, "mtu", "1500"]);
+    let t = full_mtu_topo();
     common::topology::nsh(
         &t.client,
         &[
