@@ -38,7 +38,10 @@
 
 #include <linux/types.h>
 
-#define SFUNNEL_ABI_VERSION 5
+/* The pinned layout and its meaning; a rerun replaces pins of another one.
+ * 6: sfunnel_detour.flags may say SFUNNEL_DETOUR_PEER, which a program of
+ * layout 5 would ignore (status would then name a way back it does not take). */
+#define SFUNNEL_ABI_VERSION 6
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
