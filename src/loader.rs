@@ -244,10 +244,12 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                             return Err(e);
                         }
                     }
-                } else if wants_detour(compiled) {
-                    refresh_detour_flags(&maps, ifindex, t.direction, opts.detour_return)?;
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
+                // Once the ruleset is in: a failed install changes nothing.
+                if wants_detour(compiled) {
+                    refresh_detour_flags(&maps, ifindex, t.direction, opts.detour_return)?;
+                }
                 let report = LoadReport {
                     iface: t.iface.clone(),
                     direction: t.direction,
