@@ -179,17 +179,47 @@ fn tx_checksumming(ifindex: u32) -> bool {
     unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) == 0 && v.data != 0 }
 }
 
-/// The way back that a detour record's `flags` choose, as status and the
-/// log name it: "receive" (the interface's receive path: ingress), "peer"
-/// (its veth peer's receive path) or "transmit" (out of it).
-pub fn back(flags: u32) -> &'static str {
-    use crate::datapath::consts::{SFUNNEL_DETOUR_INGRESS, SFUNNEL_DETOUR_PEER};
-    if flags & SFUNNEL_DETOUR_INGRESS != 0 {
-        "receive"
-    } else if flags & SFUNNEL_DETOUR_PEER != 0 {
-        "peer"
-    } else {
-        "transmit"
+/// The way segments go back from the detour, as a detour record's flags
+/// choose it (bpf/sfunnel.h); `status --json` and the log spell it in
+/// lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Back {
+    /// Into the interface's receive path (an ingress attachment).
+    Receive,
+    /// Straight into its veth peer's receive path.
+    Peer,
+    /// Out of it, through its transmit path.
+    Transmit,
+}
+
+impl Back {
+    pub fn of(flags: u32) -> Back {
+        use crate::datapath::consts::{SFUNNEL_DETOUR_INGRESS, SFUNNEL_DETOUR_PEER};
+        if flags & SFUNNEL_DETOUR_INGRESS != 0 {
+            Back::Receive
+        } else if flags & SFUNNEL_DETOUR_PEER != 0 {
+            Back::Peer
+        } else {
+            Back::Transmit
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Back::Receive => "receive",
+            Back::Peer => "peer",
+            Back::Transmit => "transmit",
+        }
+    }
+
+    /// Where the segments go, as `status` words it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Back::Receive => "into the interface's receive path",
+            Back::Peer => "straight into the veth peer",
+            Back::Transmit => "out of the interface",
+        }
     }
 }
 

@@ -150,7 +150,7 @@ fn hook_detour(
             in_ifindex: pair.inn,
             flags: detour_flags(ifindex, direction, back),
         };
-        maps.write_detour(&d).map(|()| d.flags).map(|flags| (link, flags))
+        maps.write_detour(&d).map(|()| (link, d.flags))
     });
     match hooked {
         Ok((link, flags)) => {
@@ -160,7 +160,7 @@ fn hook_detour(
                 out_ifindex = pair.out,
                 in_ifindex = pair.inn,
                 mode = mode,
-                back = crate::detour::back(flags)
+                back = crate::detour::Back::of(flags).as_str()
             );
             Ok((link, made))
         }
@@ -199,7 +199,7 @@ fn refresh_detour_flags(maps: &RulesetMaps, ifindex: u32, direction: Direction, 
             ifindex = ifindex,
             out_ifindex = d.out_ifindex,
             in_ifindex = d.in_ifindex,
-            back = crate::detour::back(flags)
+            back = crate::detour::Back::of(flags).as_str()
         );
     }
     Ok(())
@@ -226,7 +226,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                 let meta = maps.read_meta()?;
                 // The detour first: the new funnel rules may send GSO
                 // packets to it as soon as they are in.
-                if wants_detour(compiled) && !detour_intact(&maps, ifindex, t.direction) {
+                let rehook = wants_detour(compiled) && !detour_intact(&maps, ifindex, t.direction);
+                if rehook {
                     let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
                         .context("opening the pinned detour program")?;
                     let (link, _) = hook_detour(
@@ -247,7 +248,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 // Once the ruleset is in: a failed install changes nothing.
-                if wants_detour(compiled) {
+                // (hook_detour set it just now on a pair it hooked again.)
+                if wants_detour(compiled) && !rehook {
                     refresh_detour_flags(&maps, ifindex, t.direction, opts.detour_return)?;
                 }
                 let report = LoadReport {

@@ -224,28 +224,22 @@ fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
     env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
 
     let len = 8 << 20;
-    let steps = [
-        ("as made", "peer"),
-        ("with a pfifo qdisc", "transmit"),
-        ("without the qdisc", "peer"),
-        ("with tx checksumming off", "transmit"),
-        ("with it on again", "peer"),
-        ("with DETOUR_RETURN=transmit", "transmit"),
-        ("with DETOUR_RETURN=auto", "peer"),
+    let c = t.c_if.as_str();
+    // (step, what changes on the client first, DETOUR_RETURN, the way back)
+    let steps: [(&str, &[&str], &str, &str); 7] = [
+        ("as made", &[], "auto", "peer"),
+        ("with a pfifo qdisc", &["tc", "qdisc", "add", "dev", c, "root", "pfifo"], "auto", "transmit"),
+        ("without the qdisc", &["tc", "qdisc", "del", "dev", c, "root"], "auto", "peer"),
+        ("with tx checksumming off", &["ethtool", "-K", c, "tx", "off"], "auto", "transmit"),
+        ("with it on again", &["ethtool", "-K", c, "tx", "on"], "auto", "peer"),
+        ("with DETOUR_RETURN=transmit", &[], "transmit", "transmit"),
+        ("with DETOUR_RETURN=auto", &[], "auto", "peer"),
     ];
-    for (step, back) in steps {
-        let change: &[&str] = match step {
-            "with a pfifo qdisc" => &["tc", "qdisc", "add", "dev", &t.c_if, "root", "pfifo"],
-            "without the qdisc" => &["tc", "qdisc", "del", "dev", &t.c_if, "root"],
-            "with tx checksumming off" => &["ethtool", "-K", &t.c_if, "tx", "off"],
-            "with it on again" => &["ethtool", "-K", &t.c_if, "tx", "on"],
-            _ => &[],
-        };
+    for (step, change, choice, back) in steps {
         if !change.is_empty() {
             common::topology::nsh(&t.client, change);
         }
         // A rerun updates in place, and sets the way back afresh.
-        let choice = step.strip_prefix("with DETOUR_RETURN=").unwrap_or("auto");
         let env = [
             ("SFUNNEL_RULESET", CLIENT_RULES),
             ("IFACES", &*t.c_if),

@@ -39,8 +39,8 @@ pub struct Detour {
     /// The end their segments come in on (where the detour program is).
     pub r#in: String,
     pub in_ifindex: u32,
-    /// Where the funneled segments go from there (`detour::back`).
-    pub back: &'static str,
+    /// Where the funneled segments go from there.
+    pub back: crate::detour::Back,
 }
 
 const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
@@ -99,7 +99,7 @@ pub fn collect() -> Vec<Attachment> {
                         out_ifindex: d.out_ifindex,
                         r#in: inn,
                         in_ifindex: d.in_ifindex,
-                        back: crate::detour::back(d.flags),
+                        back: crate::detour::Back::of(d.flags),
                     });
                 }
                 Ok(())
@@ -135,11 +135,7 @@ fn print_text(list: &[Attachment]) {
                 d.out_ifindex,
                 d.r#in,
                 d.in_ifindex,
-                match d.back {
-                    "peer" => "straight into the veth peer",
-                    "receive" => "into the interface's receive path",
-                    _ => "out of the interface",
-                }
+                d.back.describe()
             );
         }
         if let Some(e) = &a.error {
