@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use crate::datapath::OverMtu;
 pub use crate::detour::DetourReturn;
+pub use crate::spread::DetourCpus;
 
 use crate::attach::{AttachChoice, Direction};
 
@@ -120,6 +121,13 @@ pub struct LoadArgs {
     /// see the segments.
     #[arg(long, value_enum, env = "DETOUR_RETURN", default_value = "auto")]
     pub detour_return: DetourReturn,
+
+    /// The CPUs that funnel the detour's segments: `all` (the online
+    /// ones, a flow to each by its hash, with receive packet steering on
+    /// the helper), `sender` (the CPU that sent them), or a list such as
+    /// 0-3,8.  Spreading lets the sending CPU go on sending.
+    #[arg(long, env = "DETOUR_CPUS", default_value = "all")]
+    pub detour_cpus: DetourCpus,
 }
 
 impl LoadArgs {

@@ -244,13 +244,16 @@ pub struct RulesetMaps {
 }
 
 /// Packets and bytes of one rule, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RuleCounter {
     pub packets: u64,
     pub bytes: u64,
     /// Funnel rules: packets left out because funneled they would exceed
     /// the MTU (dropped or passed, per [`OverMtu`]).
     pub over_mtu: u64,
+    /// `packets` by the CPU that counted them, indexed by CPU number: for
+    /// a funnel rule's GSO segments, the CPUs of `--detour-cpus`.
+    pub packets_per_cpu: Vec<u64>,
 }
 
 /// What becomes of a packet that funneling would push past the MTU.
@@ -584,6 +587,7 @@ impl RulesetMaps {
                         std::slice::from_raw_parts(base.add(off), size_of::<sfunnel_counter>())
                     });
                     total.packets += c.packets;
+                    total.packets_per_cpu.push(c.packets);
                     total.bytes += c.bytes;
                     total.over_mtu += c.over_mtu;
                 }

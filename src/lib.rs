@@ -11,3 +11,4 @@ pub mod log;
 pub mod netns;
 pub mod pins;
 pub mod ruleset;
+pub mod spread;

@@ -18,6 +18,7 @@ use crate::detour::DetourReturn;
 use crate::log::event;
 use crate::pins::Target;
 use crate::ruleset::Compiled;
+use crate::spread::DetourCpus;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -29,6 +30,8 @@ pub struct LoadOptions {
     pub over_mtu: OverMtu,
     /// How segments leave the segmentation detour on egress.
     pub detour_return: DetourReturn,
+    /// The CPUs that funnel the detour's segments.
+    pub detour_cpus: DetourCpus,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,7 +120,8 @@ fn wants_detour(compiled: &Compiled) -> bool {
 
 /// Hooks the detour program `prog` on the far end of the helper pair of
 /// the interface `ifindex`, and points the datapath (`maps`) at the pair.
-/// The pair is made afresh, unless `reuse` and it is whole: a replacing
+/// The pair is made afresh, unless `reuse` and it is whole, and its
+/// segments steered to `opts.detour_cpus`; a replacing
 /// load hooks its program beside (TCX) or in place of (clsact) the old
 /// one, whose datapath keeps using the pair until it is unhooked.  Returns
 /// the TCX link (the caller pins it as `detour_link`) and whether the pair
@@ -130,28 +134,29 @@ fn hook_detour(
     direction: Direction,
     mode: Mode,
     reuse: bool,
-    back: DetourReturn,
+    opts: &LoadOptions,
 ) -> Result<(Option<OwnedFd>, bool)> {
     let (pair, made) = match crate::detour::find(ifindex, direction).filter(|_| reuse) {
         Some(p) => (p, false),
         None => (crate::detour::create(ifindex, direction)?, true),
     };
-    let hooked = match mode {
-        Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
-        Mode::Clsact => {
-            let old = clsact::query(prog, pair.inn, Direction::Ingress).filter(|_| !made);
-            clsact::attach(prog, pair.inn, Direction::Ingress, old).map(|()| None)
-        }
-    }
-    .and_then(|link| {
-        let d = sfunnel_detour {
-            dev_ifindex: ifindex,
-            out_ifindex: pair.out,
-            in_ifindex: pair.inn,
-            flags: detour_flags(ifindex, direction, back),
-        };
-        maps.write_detour(&d).map(|()| (link, d.flags))
-    });
+    let hooked = spread_detour(pair.inn, ifindex, direction, &opts.detour_cpus)
+        .and_then(|()| match mode {
+            Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
+            Mode::Clsact => {
+                let old = clsact::query(prog, pair.inn, Direction::Ingress).filter(|_| !made);
+                clsact::attach(prog, pair.inn, Direction::Ingress, old).map(|()| None)
+            }
+        })
+        .and_then(|link| {
+            let d = sfunnel_detour {
+                dev_ifindex: ifindex,
+                out_ifindex: pair.out,
+                in_ifindex: pair.inn,
+                flags: detour_flags(ifindex, direction, opts.detour_return),
+            };
+            maps.write_detour(&d).map(|()| (link, d.flags))
+        });
     match hooked {
         Ok((link, flags)) => {
             event!(
@@ -170,6 +175,25 @@ fn hook_detour(
             }
             Err(e).context("setting up the segmentation detour")
         }
+    }
+}
+
+/// Steers the segments that come in on the pair's far end (`inn`) to
+/// `cpus` (spread.rs).  The default, `all`, only speeds things up: where it
+/// cannot be set, the load goes on with a warning.  A choice given
+/// explicitly that cannot be set fails the load.
+fn spread_detour(inn: u32, ifindex: u32, direction: Direction, cpus: &DetourCpus) -> Result<()> {
+    let (_, name) = crate::detour::names(ifindex, direction);
+    match crate::spread::set(&name, inn, cpus) {
+        Ok(set) => {
+            event!("detour_cpus", helper = name, cpus = if set.is_empty() { "sender".into() } else { set });
+            Ok(())
+        }
+        Err(e) if *cpus == DetourCpus::All => {
+            eprintln!("warning: {e:#}; the CPU that sends the segments funnels them");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -237,7 +261,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                         t.direction,
                         mode_of(&meta).unwrap_or(Mode::Tcx),
                         false,
-                        opts.detour_return,
+                        opts,
                     )?;
                     if let Some(link) = link {
                         if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
@@ -245,6 +269,9 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                             return Err(e);
                         }
                     }
+                } else if wants_detour(compiled) {
+                    let d = maps.read_detour()?;
+                    spread_detour(d.in_ifindex, ifindex, t.direction, &opts.detour_cpus)?;
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 // Once the ruleset is in: a failed install changes nothing.
@@ -301,7 +328,7 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     // to it.  Its TCX link is pinned with the other pins, below.
     let detour_prog = loaded.detour_program().map(|p| p.as_fd());
     let (detour_link, made_pair) = match detour_prog {
-        Some(prog) => hook_detour(&maps, prog, ifindex, t.direction, mode, replaced.is_some(), opts.detour_return)?,
+        Some(prog) => hook_detour(&maps, prog, ifindex, t.direction, mode, replaced.is_some(), opts)?,
         None => (None, false),
     };
     // Undoes the detour when the load fails from here on: a pair made here

@@ -330,3 +330,125 @@ fn udp_gso_datagrams_are_funneled_one_by_one() {
     assert!(errs.iter().all(|(_, v)| *v == 0), "{errs:?}");
     t.teardown();
 }
+
+/// The CPUs a helper end steers its segments to: its rps_cpus, read through
+/// `ip netns exec` (which mounts a sysfs of the namespace), as CPU numbers.
+fn rps_cpus(ns: &str, dev: &str) -> Vec<u32> {
+    let path = format!("/sys/class/net/{dev}/queues/rx-0/rps_cpus");
+    let out = common::topology::run(
+        std::process::Command::new("ip").args(["netns", "exec", ns, "cat", &path]),
+        Duration::from_secs(10),
+    )
+    .expect_ok();
+    // Hex words of 32 CPUs, the highest first.
+    let words: Vec<u32> = out.stdout.trim().split(',').map(|w| u32::from_str_radix(w, 16).expect("hex")).collect();
+    let mut cpus = Vec::new();
+    for (i, w) in words.iter().rev().enumerate() {
+        cpus.extend((0..32).filter(|b| w >> b & 1 == 1).map(|b| i as u32 * 32 + b));
+    }
+    cpus
+}
+
+/// /sys/devices/system/cpu/online as CPU numbers.
+fn online_cpus() -> Vec<u32> {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("the online CPUs");
+    let mut cpus = Vec::new();
+    for part in s.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap());
+    }
+    cpus
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: u32) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity
+    // take it by pointer for the duration of the call.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
+    }
+}
+
+/// `--detour-cpus` ($DETOUR_CPUS): the helper end's receive packet
+/// steering hands the segments to the CPUs given, which then funnel them
+/// (the rule's per-CPU counters say where), while the sender goes on
+/// sending.  By default every online CPU; `sender` turns steering off; a
+/// CPU that is not online is refused before anything changes.
+#[test]
+fn detour_segments_are_funneled_on_the_cpus_given() {
+    if !common::require_root("detour_segments_are_funneled_on_the_cpus_given") {
+        return;
+    }
+    let t = full_mtu_topo();
+    env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
+    let load = |cpus: &str| {
+        let env = [
+            ("SFUNNEL_RULESET", CLIENT_RULES),
+            ("IFACES", &*t.c_if),
+            ("DIRECTION", "egress"),
+            ("NETNS", &*t.client),
+            ("DETOUR_CPUS", cpus),
+        ];
+        sfunnel(&[], &env)
+    };
+    let (_, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if), "egress");
+    let online = online_cpus();
+
+    load("all").expect_ok();
+    assert_eq!(rps_cpus(&t.client, &seg_if), online, "all: every online CPU");
+    load("sender").expect_ok();
+    assert_eq!(rps_cpus(&t.client, &seg_if), Vec::<u32>::new(), "sender: no steering");
+
+    // Refused, and nothing changes: not the steering, not the ruleset.
+    let bad = (online.last().unwrap() + 1).to_string();
+    let refused = load(&bad);
+    eprintln!("DETOUR_CPUS={bad}: {}", refused.stderr.trim());
+    assert!(!refused.ok() && refused.stderr.contains("is not online"), "{}", refused.stderr);
+    assert_eq!(rps_cpus(&t.client, &seg_if), Vec::<u32>::new(), "a refused load left the steering alone");
+    let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment");
+    assert_eq!(a["ruleset"].as_array().map(Vec::len), Some(2), "{a}");
+
+    if online.len() < 2 {
+        eprintln!(
+            "\n************************************************************************\n\
+             NOT RUN: detour_segments_are_funneled_on_the_cpus_given: which CPU funnels\n\
+             needs two online CPUs, and this machine has {online:?}.\n\
+             ************************************************************************"
+        );
+        t.teardown();
+        return;
+    }
+    // The sender on one CPU, the segments steered to the other: every
+    // segment is funneled there, whichever CPU sent it.
+    let len = 8 << 20;
+    for (sender, steer) in [(online[0], online[1]), (online[1], online[0])] {
+        load(&steer.to_string()).expect_ok();
+        assert_eq!(rps_cpus(&t.client, &seg_if), vec![steer]);
+        let (n, wrong) = {
+            let t = &t;
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    pin_to(sender);
+                    bulk(t, 5201, len)
+                })
+                .join()
+                .unwrap()
+            })
+        };
+        assert_eq!((n, wrong), (len, None), "every byte, in order, steered to CPU {steer}");
+        let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment");
+        let per_cpu: Vec<u64> = a["rules"][0]["packets_per_cpu"]
+            .as_array()
+            .expect("packets_per_cpu")
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        eprintln!("sent from CPU {sender}, steered to CPU {steer}: segments funneled per CPU {per_cpu:?}");
+        let total: u64 = per_cpu.iter().sum();
+        assert!(total as usize >= len / 1460, "funneled segment by segment: {per_cpu:?}");
+        assert_eq!(per_cpu[steer as usize], total, "all on CPU {steer}: {per_cpu:?}");
+    }
+    t.teardown();
+}

@@ -85,6 +85,7 @@ impl Topology {
             retry_delay: Duration::ZERO,
             over_mtu: Default::default(),
             detour_return: Default::default(),
+            detour_cpus: Default::default(),
         };
         let (report, target) = netns::run_in(ns, || {
             let t = Target { netns_ino: netns::current_inode()?, iface: iface.into(), direction };

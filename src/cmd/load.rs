@@ -59,7 +59,8 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         rules = rs.rules.len(),
         rule_entries = compiled.rules.len(),
         over_mtu = args.over_mtu.as_str(),
-        detour_return = args.detour_return.as_str()
+        detour_return = args.detour_return.as_str(),
+        detour_cpus = args.detour_cpus
     );
     caps::require_for_load(args.target.netns.is_some())?;
     crate::datapath::check_kernel()?;
@@ -74,6 +75,7 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         retry_delay: args.retry_delay(),
         over_mtu: args.over_mtu,
         detour_return: args.detour_return,
+        detour_cpus: args.detour_cpus.clone(),
     };
     // Wait for missing interfaces before taking the lock, which every
     // loader on the node shares.

@@ -52,7 +52,7 @@ pub const SERVICE_IP6: &str = "fd00:201:2::1";
 
 /// Environment variables of the binary's container interface: cleared from
 /// every child so that the test's own environment cannot leak in.
-const SFUNNEL_ENV: [&str; 10] = [
+const SFUNNEL_ENV: [&str; 12] = [
     "SFUNNEL_RULESET",
     "IFACES",
     "DIRECTION",
@@ -62,6 +62,8 @@ const SFUNNEL_ENV: [&str; 10] = [
     "N_ATTEMPTS",
     "RETRY_DELAY",
     "OVER_MTU",
+    "DETOUR_RETURN",
+    "DETOUR_CPUS",
     "SFUNNEL_BPFFS",
 ];
 
