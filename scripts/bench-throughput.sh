@@ -15,8 +15,12 @@
 # compared at both ends, with the server's checksum error counters.  The
 # throughput rows are measured over IPv4 and over IPv6 (`ip6` twins of the
 # rules, on the same ports, in the same rulesets).  Bulk TCP is measured
-# both ways segments can leave the detour (README, "Funneling GSO
-# packets"): by default, and with DETOUR_RETURN=transmit.
+# as loaded by default, then in the same round with each detour option
+# changed (README, "Funneling GSO packets"): DETOUR_RETURN=transmit
+# (segments back out of the interface), and DETOUR_CPUS=sender (segments
+# funneled by the CPU that sent them).  Each run also samples the CPU time
+# the machine spent (/proc/stat): the last column is CPU time per bit
+# against plain's in the same round.
 #
 #   scripts/bench-throughput.sh            (root; builds sfunnel)
 #   ROUNDS=5 SECONDS_PER_RUN=10 BULK_MIB=1024 UDP_RATE=2G scripts/bench-throughput.sh
@@ -73,10 +77,10 @@ dual() { printf '%s\n' "$1"; printf '%s\n' "$1" | sed '/./s/^/ip6 /'; }
 
 # Funneled: 5201 TCP/TCP, 5202 TCP/UDP, 5203 UDP/TCP, 5204 UDP/UDP,
 # 5205 request/response (replies funneled back), 5211/5212 bulk sha256.
-# $1: how segments leave the detour (--detour-return); a rerun updates the
-# attachment in place.
+# $1: how segments leave the detour (--detour-return), $2: which CPUs
+# funnel them (--detour-cpus); a rerun updates the attachment in place.
 client_load() {
-  $SF load -n $C -i sfbt0 -d egress --detour-return "$1" "$(dual "
+  $SF load -n $C -i sfbt0 -d egress --detour-return "$1" --detour-cpus "$2" "$(dual "
 tcp dport 5201 actions funnel tcp sport 540 dport 80
 tcp dport 5211 actions funnel tcp sport 540 dport 80
 tcp dport 5202 actions funnel udp sport 541 dport 81
@@ -85,7 +89,7 @@ udp dport 5203 actions funnel tcp sport 542 dport 82
 udp dport 5204 actions funnel udp sport 543 dport 83
 tcp dport 5205 actions funnel tcp sport 544 dport 84")" >/dev/null
 }
-client_load auto
+client_load auto all
 back=$($SF status --json | python3 -c 'import json,sys; print(next(a["detour"]["back"] for a in json.load(sys.stdin) if a["iface"] == "sfbt0" and a["direction"] == "egress"))')
 $SF load -n $S -i sfbt3 -d ingress "$(dual "
 tcp sport 540 dport 80 actions unfunnel tcp
@@ -101,14 +105,27 @@ for p in 5201 5202 5203 5204 5301 5303; do
 done
 sleep 0.5
 
-# Gbit/s (and for UDP "lost%") from iperf3's receiver line.
+# CPU time the machine has spent, in clock ticks (user, nice, system, irq,
+# softirq, steal).
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+# "Gbit/s busy-ticks" (and for UDP "Gbit/s busy-ticks lost%") from
+# iperf3's receiver line and /proc/stat around the run.
 # $1: port; the last argument, if any: the server's address (default IPv4).
-tcp_run() { ip netns exec $C iperf3 -c "${2:-$SIP}" -p "$1" -t "$T" -f m | awk '/receiver/ {print $(NF-2)/1000}'; }
+tcp_run() {
+  local b0 g
+  b0=$(busy)
+  g=$(ip netns exec $C iperf3 -c "${2:-$SIP}" -p "$1" -t "$T" -f m | awk '/receiver/ {print $(NF-2)/1000}')
+  echo "$g $(($(busy) - b0))"
+}
 # 4 MiB socket buffers: loss then comes from the path, not from a receiver
 # that was descheduled for a moment.
 udp_run() {
-  ip netns exec $C iperf3 -c "${3:-$SIP}" -p "$1" -t "$T" -u -l 1400 -b "$2" -w 4M -f m |
-    awk '/receiver/ {for (i=1;i<=NF;i++) if ($i=="Mbits/sec") r=$(i-1); gsub(/[()%]/,"",$NF); l=$(NF-1); gsub(/[()%]/,"",l); print r/1000, l}'
+  local b0 r
+  b0=$(busy)
+  r=$(ip netns exec $C iperf3 -c "${3:-$SIP}" -p "$1" -t "$T" -u -l 1400 -b "$2" -w 4M -f m |
+    awk '/receiver/ {for (i=1;i<=NF;i++) if ($i=="Mbits/sec") r=$(i-1); gsub(/[()%]/,"",$NF); l=$(NF-1); gsub(/[()%]/,"",l); print r/1000, l}')
+  read -r g l <<<"$r"
+  echo "$g $(($(busy) - b0)) $l"
 }
 
 # Request/response: 64-byte requests, each answered before the next.
@@ -170,21 +187,21 @@ csum_errors() { ip netns exec $S nstat -az TcpInCsumErrors UdpInCsumErrors Udp6I
 
 printf '\nsfunnel throughput: client → router (tx/tso/gso off) → server, kernel %s\n' "$(uname -r)"
 printf '%s rounds of %s s runs, each funneled run next to a plain one; median (lowest-highest)\n' "$ROUNDS" "$T"
-printf 'segments leave the detour by: %s (DETOUR_RETURN=auto), and by transmit where the rows say so\n\n' "$back"
+printf 'segments leave the detour by: %s (DETOUR_RETURN=auto), funneled on CPUs %s (DETOUR_CPUS=all), except where the rows say\n' "$back" "$(cat /sys/devices/system/cpu/online)"
+printf 'CPU/bit: CPU time the machine spent per bit received, against plain in the same round\n\n'
 
 # Each round runs plain and the funneled flows back to back, so that a
 # noisy neighbour hits both; the ratio is taken per round.
-declare -a P TT TU TTX TUX UP UT UU P6 TT6 TU6 UP6 UT6 UU6
+declare -a P TT TU TTX TUX TTS TUS UP UT UU P6 TT6 TU6 UP6 UT6 UU6
 for ((r = 0; r < ROUNDS; r++)); do
   P+=("$(tcp_run 5301)"); TT+=("$(tcp_run 5201)"); TU+=("$(tcp_run 5202)")
-  client_load transmit; TTX+=("$(tcp_run 5201)"); TUX+=("$(tcp_run 5202)"); client_load auto
-  read -r up upl < <(udp_run 5303 0); read -r ut utl < <(udp_run 5203 0); read -r uu uul < <(udp_run 5204 0)
-  UP+=("$up $upl"); UT+=("$ut $utl"); UU+=("$uu $uul")
+  client_load transmit all; TTX+=("$(tcp_run 5201)"); TUX+=("$(tcp_run 5202)")
+  client_load auto sender; TTS+=("$(tcp_run 5201)"); TUS+=("$(tcp_run 5202)"); client_load auto all
+  UP+=("$(udp_run 5303 0)"); UT+=("$(udp_run 5203 0)"); UU+=("$(udp_run 5204 0)")
   P6+=("$(tcp_run 5301 $SIP6)"); TT6+=("$(tcp_run 5201 $SIP6)"); TU6+=("$(tcp_run 5202 $SIP6)")
-  read -r up upl < <(udp_run 5303 0 $SIP6); read -r ut utl < <(udp_run 5203 0 $SIP6); read -r uu uul < <(udp_run 5204 0 $SIP6)
-  UP6+=("$up $upl"); UT6+=("$ut $utl"); UU6+=("$uu $uul")
+  UP6+=("$(udp_run 5303 0 $SIP6)"); UT6+=("$(udp_run 5203 0 $SIP6)"); UU6+=("$(udp_run 5204 0 $SIP6)")
 done
-read -r pu pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 tul < <(udp_run 5203 "$UDP_RATE"); read -r uu1 uul1 < <(udp_run 5204 "$UDP_RATE")
+read -r pu _ pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 _ tul < <(udp_run 5203 "$UDP_RATE"); read -r uu1 _ uul1 < <(udp_run 5204 "$UDP_RATE")
 rr_plain=$(rr_run 5305)
 rr_fun=$(rr_run 5205)
 
@@ -194,19 +211,33 @@ ratios() { # $1: name of the funneled array, $2: name of the plain array
   local -n f=$1 b=$2
   for ((r = 0; r < ROUNDS; r++)); do awk -v a="${f[r]%% *}" -v b="${b[r]%% *}" 'BEGIN {print 100 * a / b}'; done | stats
 }
+cpu_ratios() { # CPU time per bit, funneled against plain, per round: $1, $2 as above
+  local -n f=$1 b=$2
+  for ((r = 0; r < ROUNDS; r++)); do
+    read -r fg fb _ <<<"${f[r]}"; read -r bg bb _ <<<"${b[r]}"
+    awk -v fg="$fg" -v fb="$fb" -v bg="$bg" -v bb="$bb" 'BEGIN {print (fb / fg) / (bb / bg)}'
+  done | stats
+}
 gbit() { local -n a=$1; for x in "${a[@]}"; do echo "${x%% *}"; done | stats; }
 loss() { local -n a=$1; for x in "${a[@]}"; do echo "${x##* }"; done | sort -g | tail -1; }
 row() { # label, array, plain array (or "" for the plain row), loss column
   read -r m lo hi < <(gbit "$2")
-  if [ -z "$3" ]; then rat="100%"; else read -r rm rlo rhi < <(ratios "$2" "$3"); rat=$(printf '%.0f%% (%.0f-%.0f)' "$rm" "$rlo" "$rhi"); fi
-  printf '%-34s %6.2f (%.2f-%.2f) %16s %9s\n' "$1" "$m" "$lo" "$hi" "$rat" "$4"
+  if [ -z "$3" ]; then
+    rat="100%" cpu="1"
+  else
+    read -r rm rlo rhi < <(ratios "$2" "$3"); rat=$(printf '%.0f%% (%.0f-%.0f)' "$rm" "$rlo" "$rhi")
+    read -r cm _ < <(cpu_ratios "$2" "$3"); cpu=$(printf '%.2f' "$cm")
+  fi
+  printf '%-34s %6.2f (%.2f-%.2f) %16s %9s %8s\n' "$1" "$m" "$lo" "$hi" "$rat" "$4" "$cpu"
 }
-printf '%-34s %20s %16s %9s\n' "flow" "Gbit/s" "of plain" "max loss"
+printf '%-34s %20s %16s %9s %8s\n' "flow" "Gbit/s" "of plain" "max loss" "CPU/bit"
 row "plain TCP" P "" "-"
 row "TCP over TCP (funneled)" TT P "-"
 row "TCP over UDP (funneled)" TU P "-"
 row "  the same, DETOUR_RETURN=transmit" TTX P "-"
 row "  (TCP over UDP)" TUX P "-"
+row "  the same, DETOUR_CPUS=sender" TTS P "-"
+row "  (TCP over UDP)" TUS P "-"
 row "plain UDP, 1400 B, unpaced" UP "" "$(loss UP)%"
 row "UDP over TCP (funneled)" UT UP "$(loss UT)%"
 row "UDP over UDP (funneled)" UU UP "$(loss UU)%"

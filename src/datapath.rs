@@ -251,9 +251,9 @@ pub struct RuleCounter {
     /// Funnel rules: packets left out because funneled they would exceed
     /// the MTU (dropped or passed, per [`OverMtu`]).
     pub over_mtu: u64,
-    /// `packets` by the CPU that counted them, indexed by CPU number: for
-    /// a funnel rule's GSO segments, the CPUs of `--detour-cpus`.
-    pub packets_per_cpu: Vec<u64>,
+    /// `packets` by the CPU that counted them, for the CPUs that counted
+    /// any: for a funnel rule's GSO segments, the CPUs of `--detour-cpus`.
+    pub packets_per_cpu: std::collections::BTreeMap<u32, u64>,
 }
 
 /// What becomes of a packet that funneling would push past the MTU.
@@ -587,7 +587,9 @@ impl RulesetMaps {
                         std::slice::from_raw_parts(base.add(off), size_of::<sfunnel_counter>())
                     });
                     total.packets += c.packets;
-                    total.packets_per_cpu.push(c.packets);
+                    if c.packets > 0 {
+                        total.packets_per_cpu.insert(cpu_block as u32, c.packets);
+                    }
                     total.bytes += c.bytes;
                     total.over_mtu += c.over_mtu;
                 }

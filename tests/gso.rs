@@ -439,16 +439,18 @@ fn detour_segments_are_funneled_on_the_cpus_given() {
         };
         assert_eq!((n, wrong), (len, None), "every byte, in order, steered to CPU {steer}");
         let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment");
-        let per_cpu: Vec<u64> = a["rules"][0]["packets_per_cpu"]
-            .as_array()
+        // CPU number → segments it funneled, for the CPUs that funneled any.
+        let per_cpu: Vec<(u32, u64)> = a["rules"][0]["packets_per_cpu"]
+            .as_object()
             .expect("packets_per_cpu")
             .iter()
-            .map(|v| v.as_u64().unwrap())
+            .map(|(cpu, n)| (cpu.parse().unwrap(), n.as_u64().unwrap()))
             .collect();
         eprintln!("sent from CPU {sender}, steered to CPU {steer}: segments funneled per CPU {per_cpu:?}");
-        let total: u64 = per_cpu.iter().sum();
-        assert!(total as usize >= len / 1460, "funneled segment by segment: {per_cpu:?}");
-        assert_eq!(per_cpu[steer as usize], total, "all on CPU {steer}: {per_cpu:?}");
+        assert_eq!(a["rules"][0]["packets"].as_u64(), Some(per_cpu.iter().map(|(_, n)| n).sum()), "{a}");
+        assert!(per_cpu.iter().all(|(cpu, _)| *cpu == steer), "all on CPU {steer}: {per_cpu:?}");
+        let on_steer = per_cpu.first().map_or(0, |(_, n)| *n);
+        assert!(on_steer as usize >= len / 1460, "funneled segment by segment: {per_cpu:?}");
     }
     t.teardown();
 }

@@ -92,7 +92,7 @@ pub fn run_case(
             packets: after.packets - before.packets,
             bytes: after.bytes - before.bytes,
             over_mtu: after.over_mtu - before.over_mtu,
-            packets_per_cpu: Vec::new(),
+            packets_per_cpu: Default::default(),
         };
         if Some(i) == c.rule {
             let ok_bytes = [c.input.len() as u64, c.output.len() as u64];
