@@ -67,12 +67,22 @@ fn debug_logs_one_structured_line_per_event() {
     let ev = events(&first.stderr);
     eprintln!("DEBUG=1 load:\n{}", first.stderr);
     let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
-    // An egress ruleset that funnels makes its helper pair (the GSO detour).
-    assert_eq!(names, ["ruleset", "attach_mode", "prog_loaded", "helper_created", "detour", "installed", "attached"]);
+    // An egress ruleset that funnels makes its helper pair (the GSO detour),
+    // whose segments go to every online CPU by default.
+    assert_eq!(
+        names,
+        ["ruleset", "attach_mode", "prog_loaded", "helper_created", "detour_cpus", "detour", "installed", "attached"]
+    );
     let dev = find(&ev, "attach_mode")["ifindex"].clone();
     assert_eq!(find(&ev, "detour")["ifindex"], dev);
     let (gso_if, seg_if) = common::topology::helper_pair(dev.parse().expect("ifindex"), "egress");
     assert_eq!(find(&ev, "helper_created")["pair"], format!("{gso_if}/{seg_if}"));
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("the online CPUs");
+    assert_eq!(
+        (find(&ev, "detour_cpus")["helper"].as_str(), find(&ev, "detour_cpus")["cpus"].as_str()),
+        (seg_if.as_str(), online.trim())
+    );
+    assert_eq!(find(&ev, "ruleset")["detour_cpus"], "all");
     let helper_up = || common::topology::link_exists(&ns, &gso_if);
     assert!(helper_up(), "the helper pair exists after the load");
     assert_eq!(find(&ev, "ruleset")["rules"], "1");
