@@ -120,10 +120,10 @@ fn wants_detour(compiled: &Compiled) -> bool {
 
 /// Hooks the detour program `prog` on the far end of the helper pair of
 /// the interface `ifindex`, and points the datapath (`maps`) at the pair.
-/// The pair is made afresh, unless `reuse` and it is whole, and its
-/// segments steered to `opts.detour_cpus`; a replacing
+/// The pair is made afresh, unless `reuse` and it is whole: a replacing
 /// load hooks its program beside (TCX) or in place of (clsact) the old
-/// one, whose datapath keeps using the pair until it is unhooked.  Returns
+/// one, whose datapath keeps using the pair until it is unhooked.  Its
+/// segments are steered to `opts.detour_cpus` first.  Returns
 /// the TCX link (the caller pins it as `detour_link`) and whether the pair
 /// was made here.  On failure a pair made here is gone again, and its hook
 /// with it.

@@ -172,11 +172,16 @@ pub fn set(name: &str, ifindex: u32, cpus: &DetourCpus) -> Result<String> {
     }
     .map(|()| cpulist(&list))
     .map_err(|e| {
-        e.context(format!(
-            "steering the detour's segments to CPUs {} (RPS mask {mask} on {name}): the kernel needs CONFIG_RPS, \
-             and sfunnel CAP_SYS_ADMIN to mount sysfs; `--detour-cpus sender` does without",
-            if list.is_empty() { "(the sender's)".to_string() } else { cpulist(&list) }
-        ))
+        let what = if list.is_empty() {
+            format!("turning off the steering of the detour's segments (RPS mask 0 on {name})")
+        } else {
+            format!(
+                "steering the detour's segments to CPUs {} (RPS mask {mask} on {name}): the kernel needs \
+                 CONFIG_RPS, and sfunnel CAP_SYS_ADMIN to mount sysfs; `--detour-cpus sender` does without",
+                cpulist(&list)
+            )
+        };
+        e.context(what)
     })
 }
 
@@ -196,6 +201,9 @@ fn write_queues(sys: &Path, name: &str, mask: &str) -> Result<()> {
             continue;
         }
         let f = q.path().join("rps_cpus");
+        if !f.exists() {
+            continue;
+        }
         match std::fs::write(&f, mask) {
             Ok(()) => n += 1,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -208,7 +216,8 @@ fn write_queues(sys: &Path, name: &str, mask: &str) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("writing {}", f.display())),
         }
     }
-    if n == 0 {
+    // No steering asked for, and none to be had: done.
+    if n == 0 && mask != "0" {
         bail!("{} has no receive queue with rps_cpus", queues.display());
     }
     Ok(())

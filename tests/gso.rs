@@ -173,6 +173,14 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     t.teardown();
 }
 
+/// Loads (or reruns) CLIENT_RULES on the client's egress through the
+/// container interface, with one more variable.
+fn load_client(t: &Topo, var: (&str, &str)) -> common::topology::Out {
+    let env =
+        [("SFUNNEL_RULESET", CLIENT_RULES), ("IFACES", &*t.c_if), ("DIRECTION", "egress"), ("NETNS", &*t.client), var];
+    sfunnel(&[], &env)
+}
+
 /// How the attachment's detour sends segments back, as status says.
 fn detour_back(t: &Topo, ns: &str, dev: &str, dir: &str) -> String {
     let a = common::topology::attachment(t.ino(ns), dev, dir).expect("attachment in status");
@@ -240,14 +248,7 @@ fn detour_way_back_follows_the_interface_and_leaves_the_clients_mark_behind() {
             common::topology::nsh(&t.client, change);
         }
         // A rerun updates in place, and sets the way back afresh.
-        let env = [
-            ("SFUNNEL_RULESET", CLIENT_RULES),
-            ("IFACES", &*t.c_if),
-            ("DIRECTION", "egress"),
-            ("NETNS", &*t.client),
-            ("DETOUR_RETURN", choice),
-        ];
-        let rerun = sfunnel(&[], &env).expect_ok();
+        let rerun = load_client(&t, ("DETOUR_RETURN", choice)).expect_ok();
         assert!(rerun.stdout.contains("updated in place"), "{}", rerun.stdout);
         assert_eq!(detour_back(&t, &t.client, &t.c_if, "egress"), back, "{step}");
         let (n, wrong) = bulk(&t, 5201, len);
@@ -383,16 +384,7 @@ fn detour_segments_are_funneled_on_the_cpus_given() {
     }
     let t = full_mtu_topo();
     env_load(&t.server, &t.s_if, "ingress", SERVER_RULES).expect_ok();
-    let load = |cpus: &str| {
-        let env = [
-            ("SFUNNEL_RULESET", CLIENT_RULES),
-            ("IFACES", &*t.c_if),
-            ("DIRECTION", "egress"),
-            ("NETNS", &*t.client),
-            ("DETOUR_CPUS", cpus),
-        ];
-        sfunnel(&[], &env)
-    };
+    let load = |cpus: &str| load_client(&t, ("DETOUR_CPUS", cpus));
     let (_, seg_if) = common::topology::helper_pair(common::topology::ifindex(&t.client, &t.c_if), "egress");
     let online = online_cpus();
 
