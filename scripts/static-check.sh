@@ -47,6 +47,19 @@ echo "chroot holds: $(cd "$ROOT" && find . -maxdepth 1 -mindepth 1 | sort | tr '
 in_chroot() { nsenter --net="/var/run/netns/$NS" chroot "$ROOT" /sfunnel "$@"; }
 check "loads and attaches inside the chroot" \
   in_chroot load -i sfstatic0 -d both 'udp dport 4739 actions funnel tcp sport 540 dport 80'
+# The detour's far ends steer their segments to the online CPUs: the mask
+# is written through a sysfs of the namespace mounted nowhere, which needs
+# no mount point (a chroot has none to spare).
+steered() {
+  local idx d m
+  idx=$(ip -n "$NS" -o link show sfstatic0 | cut -d: -f1)
+  for d in "sfes$idx" "sfis$idx"; do
+    m=$(ip netns exec "$NS" cat "/sys/class/net/$d/queues/rx-0/rps_cpus") || return 1
+    echo "  $d rps_cpus $m"
+    [ -n "${m//[0,]/}" ] || return 1
+  done
+}
+check "steers the detour's segments from inside the chroot" steered
 check "reruns in place inside the chroot" \
   in_chroot load -i sfstatic0 -d both 'udp dport 4739 actions funnel udp sport 541 dport 81'
 check "status sees both hooks" bash -c "'$BIN' status | grep -c 'sfstatic0' | grep -qx 2"

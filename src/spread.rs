@@ -9,19 +9,18 @@
 //! packet's hash, so a flow keeps its order.  The mask is the far end's
 //! `queues/rx-N/rps_cpus` in sysfs: there is no netlink attribute for it.
 //!
-//! /sys shows the network namespace it was mounted in.  For a helper in
-//! another one, a thread of our own with a private mount namespace mounts a
-//! sysfs of the helper's namespace over /sys, writes the mask and ends; the
-//! mount goes with it and nothing else sees it.
+//! /sys shows the network namespace it was mounted in, which need not be
+//! the helper's.  So the mask is written through a sysfs of the helper's
+//! namespace that is mounted nowhere (`detached_sysfs`).
 
+use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
-use std::path::Path;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::mount::{mount, MsFlags};
-use nix::sched::{setns, unshare, CloneFlags};
 
 const ONLINE: &str = "/sys/devices/system/cpu/online";
 
@@ -141,37 +140,14 @@ pub fn rps_mask(cpus: &[u32]) -> String {
 pub fn set(name: &str, ifindex: u32, cpus: &DetourCpus) -> Result<String> {
     let list = cpus.cpus()?;
     let mask = rps_mask(&list);
-    let ns = File::open("/proc/thread-self/ns/net").context("opening /proc/thread-self/ns/net")?;
-    // Ok(written) once sysfs is mounted; Err(why not) before.
-    let via_mount = std::thread::scope(|s| {
-        s.spawn(|| -> Result<Result<()>> {
-            setns(&ns, CloneFlags::CLONE_NEWNET).context("entering the helper's network namespace")?;
-            // This thread's own mount namespace: the sysfs below stays in it.
-            unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_FS).context("unsharing the mount namespace")?;
-            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-                .context("making the mounts private")?;
-            mount(
-                Some("sysfs"),
-                "/sys",
-                Some("sysfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            )
-            .context("mounting a sysfs of the helper's namespace")?;
-            Ok(write_queues(Path::new("/sys"), name, &mask))
-        })
-        .join()
-        .unwrap_or_else(|_| Err(anyhow!("the thread that mounts sysfs panicked")))
-    });
-    match via_mount {
-        Ok(written) => written,
-        // No mounting here (a container's profile, say): /sys will do if it
-        // shows this namespace, as a container's does.
-        Err(_) if shows_us(name, ifindex) => write_queues(Path::new("/sys"), name, &mask),
-        Err(e) => Err(e),
-    }
-    .map(|()| cpulist(&list))
-    .map_err(|e| {
+    let written = match detached_sysfs() {
+        Ok(root) => write_queues(root.as_raw_fd(), "", name, &mask),
+        // No mounting here (a container's seccomp profile, say): /sys
+        // will do if it shows this namespace, as a container's does.
+        Err(_) if shows_us(name, ifindex) => write_queues(libc::AT_FDCWD, "/sys/", name, &mask),
+        Err(e) => Err(anyhow!(e).context("mounting a sysfs of the helper's namespace")),
+    };
+    written.map(|()| cpulist(&list)).map_err(|e| {
         let what = if list.is_empty() {
             format!("turning off the steering of the detour's segments (RPS mask 0 on {name})")
         } else {
@@ -185,6 +161,43 @@ pub fn set(name: &str, ifindex: u32, cpus: &DetourCpus) -> Result<String> {
     })
 }
 
+/// A sysfs of the calling thread's network namespace, attached nowhere:
+/// fsopen and fsmount (Linux 5.2) make a detached mount that only the
+/// returned descriptor reaches, and that goes when it is closed.  So no
+/// mount namespace sees it, and no mount point is needed (a chroot has
+/// none to spare).
+fn detached_sysfs() -> io::Result<OwnedFd> {
+    // linux/mount.h
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    let fd = |rc: libc::c_long| -> io::Result<OwnedFd> {
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: rc is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+    };
+    // SAFETY: fsopen(2) with a NUL-terminated filesystem name.
+    let fs = fd(unsafe { libc::syscall(libc::SYS_fsopen, c"sysfs".as_ptr(), FSOPEN_CLOEXEC) })?;
+    // SAFETY: fsconfig(2) CREATE takes no key, value or aux.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fsmount(2) on the configured context, no attributes.
+    fd(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) })
+}
+
 /// Whether `/sys/class/net/<name>` is the interface `ifindex` of the
 /// calling thread's namespace.
 fn shows_us(name: &str, ifindex: u32) -> bool {
@@ -192,33 +205,37 @@ fn shows_us(name: &str, ifindex: u32) -> bool {
         .is_ok_and(|s| s.trim().parse::<u32>().ok() == Some(ifindex))
 }
 
-fn write_queues(sys: &Path, name: &str, mask: &str) -> Result<()> {
-    let queues = sys.join("class/net").join(name).join("queues");
+/// Writes `mask` to rps_cpus of every receive queue of `name`, under
+/// `base` (a sysfs root: "" from the directory `dir`, or "/sys/").
+fn write_queues(dir: RawFd, base: &str, name: &str, mask: &str) -> Result<()> {
     let mut n = 0;
-    for q in std::fs::read_dir(&queues).with_context(|| format!("listing {}", queues.display()))? {
-        let q = q?;
-        if !q.file_name().to_string_lossy().starts_with("rx-") {
-            continue;
-        }
-        let f = q.path().join("rps_cpus");
-        if !f.exists() {
-            continue;
-        }
-        match std::fs::write(&f, mask) {
-            Ok(()) => n += 1,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                bail!(
-                    "{} refused mask {mask}: the kernel keeps RPS off isolated CPUs (isolcpus, nohz_full), \
-                     so give housekeeping ones",
-                    f.display()
-                )
+    loop {
+        let rel = format!("{base}class/net/{name}/queues/rx-{n}/rps_cpus");
+        let path = CString::new(rel.as_str())?;
+        // SAFETY: openat(2) with a NUL-terminated path; `dir` is a
+        // descriptor the caller holds open, or AT_FDCWD.
+        let f = unsafe { libc::openat(dir, path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if f < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::NotFound {
+                break;
             }
-            Err(e) => return Err(e).with_context(|| format!("writing {}", f.display())),
+            return Err(e).with_context(|| format!("opening {rel}"));
+        }
+        // SAFETY: f is a new descriptor that nothing else owns.
+        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(f) });
+        match f.write_all(mask.as_bytes()) {
+            Ok(()) => n += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => bail!(
+                "{rel} refused mask {mask}: the kernel keeps RPS off isolated CPUs (isolcpus, nohz_full), so \
+                 give housekeeping ones"
+            ),
+            Err(e) => return Err(e).with_context(|| format!("writing {rel}")),
         }
     }
-    // No steering asked for, and none to be had: done.
+    // No steering asked for, and none to be had (no CONFIG_RPS): done.
     if n == 0 && mask != "0" {
-        bail!("{} has no receive queue with rps_cpus", queues.display());
+        bail!("{name} has no receive queue with rps_cpus");
     }
     Ok(())
 }
