@@ -209,11 +209,16 @@ fn detour_flags(ifindex: u32, direction: Direction, back: DetourReturn) -> u32 {
     }
 }
 
-/// A rerun keeps the pair, and sets the way back afresh: the interface's
-/// queue may have changed since.  Only the record's flags word changes,
-/// and the datapath reads it once per segment.
-fn refresh_detour_flags(maps: &RulesetMaps, ifindex: u32, direction: Direction, back: DetourReturn) -> Result<()> {
-    let mut d = maps.read_detour()?;
+/// A rerun keeps the pair (its record `d`), and sets the way back afresh:
+/// the interface's queue may have changed since.  Only the record's flags
+/// word changes, and the datapath reads it once per segment.
+fn refresh_detour_flags(
+    maps: &RulesetMaps,
+    mut d: sfunnel_detour,
+    ifindex: u32,
+    direction: Direction,
+    back: DetourReturn,
+) -> Result<()> {
     let flags = detour_flags(ifindex, direction, back);
     if d.flags != flags {
         d.flags = flags;
@@ -250,7 +255,11 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                 let meta = maps.read_meta()?;
                 // The detour first: the new funnel rules may send GSO
                 // packets to it as soon as they are in.
-                let rehook = wants_detour(compiled) && !detour_intact(&maps, ifindex, t.direction);
+                let detour = wants_detour(compiled);
+                let rehook = detour && !detour_intact(&maps, ifindex, t.direction);
+                // A pair kept: its record, read once for its far end now
+                // and for the way back once the ruleset is in.
+                let mut kept = None;
                 if rehook {
                     let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
                         .context("opening the pinned detour program")?;
@@ -269,15 +278,16 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                             return Err(e);
                         }
                     }
-                } else if wants_detour(compiled) {
+                } else if detour {
                     let d = maps.read_detour()?;
                     spread_detour(d.in_ifindex, ifindex, t.direction, &opts.detour_cpus)?;
+                    kept = Some(d);
                 }
                 maps.install(compiled, settings).context("updating the pinned ruleset")?;
                 // Once the ruleset is in: a failed install changes nothing.
                 // (hook_detour set it just now on a pair it hooked again.)
-                if wants_detour(compiled) && !rehook {
-                    refresh_detour_flags(&maps, ifindex, t.direction, opts.detour_return)?;
+                if let Some(d) = kept {
+                    refresh_detour_flags(&maps, d, ifindex, t.direction, opts.detour_return)?;
                 }
                 let report = LoadReport {
                     iface: t.iface.clone(),
