@@ -20,7 +20,10 @@
 # (segments back out of the interface), and DETOUR_CPUS=sender (segments
 # funneled by the CPU that sent them).  Each run also samples the CPU time
 # the machine spent (/proc/stat): the last column is CPU time per bit
-# against plain's in the same round.
+# against plain's in the same round.  A last round runs unpaced UDP again
+# with kernel.bpf_stats_enabled on (restored after), and prints the time
+# sfunnel's programs took per packet at each end, and their share of the
+# run: what funneling a datagram costs on the CPU that carries it.
 #
 #   scripts/bench-throughput.sh            (root; builds sfunnel)
 #   ROUNDS=5 SECONDS_PER_RUN=10 BULK_MIB=1024 UDP_RATE=2G scripts/bench-throughput.sh
@@ -39,8 +42,10 @@ CIP=10.77.1.2 SIP=10.77.2.2 SIP6=fd00:77:2::2
 cargo build --release --locked -q
 SF=target/release/sfunnel
 
+STATS_WAS=$(sysctl -n kernel.bpf_stats_enabled)
 cleanup() {
   set +e
+  sysctl -qw kernel.bpf_stats_enabled="$STATS_WAS"
   for ns in $C $S; do
     $SF unload -n "$ns" -d both >/dev/null 2>&1
   done
@@ -202,6 +207,24 @@ for ((r = 0; r < ROUNDS; r++)); do
   UP6+=("$(udp_run 5303 0 $SIP6)"); UT6+=("$(udp_run 5203 0 $SIP6)"); UU6+=("$(udp_run 5204 0 $SIP6)")
 done
 read -r pu _ pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 _ tul < <(udp_run 5203 "$UDP_RATE"); read -r uu1 _ uul1 < <(udp_run 5204 "$UDP_RATE")
+# The program time at both ends of an unpaced UDP run: "Gbit/s ns/packet
+# at the sender, ns/packet at the receiver, share of the run (%)".
+prog_stats() { bpftool prog show id "$1" -j | python3 -c 'import json,sys; p = json.load(sys.stdin); print(p.get("run_time_ns", 0), p.get("run_cnt", 0))'; }
+prog_id() { # $1: interface, $2: direction
+  $SF status --json | python3 -c 'import json,sys; print(next(a["prog_id"] for a in json.load(sys.stdin) if a["iface"] == sys.argv[1] and a["direction"] == sys.argv[2]))' "$1" "$2"
+}
+SEND_PROG=$(prog_id sfbt0 egress) RECV_PROG=$(prog_id sfbt3 ingress)
+timed_udp_run() {
+  local s0 sn0 s1 sn1 r0 rn0 r1 rn1 g
+  read -r s0 sn0 < <(prog_stats "$SEND_PROG"); read -r r0 rn0 < <(prog_stats "$RECV_PROG")
+  read -r g _ < <(udp_run "$1" 0)
+  read -r s1 sn1 < <(prog_stats "$SEND_PROG"); read -r r1 rn1 < <(prog_stats "$RECV_PROG")
+  awk -v g="$g" -v s="$((s1 - s0))" -v sn="$((sn1 - sn0))" -v r="$((r1 - r0))" -v rn="$((rn1 - rn0))" -v t="$T" \
+    'BEGIN {printf "%.2f %.0f %.0f %.1f\n", g, s / sn, r / rn, 100 * (s + r) / (t * 1e9)}'
+}
+sysctl -qw kernel.bpf_stats_enabled=1
+SP=$(timed_udp_run 5303) ST=$(timed_udp_run 5203) SU=$(timed_udp_run 5204)
+sysctl -qw kernel.bpf_stats_enabled="$STATS_WAS"
 rr_plain=$(rr_run 5305)
 rr_fun=$(rr_run 5205)
 
@@ -252,6 +275,15 @@ printf '%-34s %6.2f %29s %9s\n' "UDP over TCP (funneled)" "$tu1" "$(awk -v a="$t
 printf '%-34s %6.2f %29s %9s\n' "UDP over UDP (funneled)" "$uu1" "$(awk -v a="$uu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$uul1%"
 printf '%-34s %6s %29s\n' "request/response, plain (per s)" "$rr_plain" "100%"
 printf '%-34s %6s %29s\n' "request/response, funneled both ways" "$rr_fun" "$(awk -v a="$rr_fun" -v b="$rr_plain" 'BEGIN {printf "%.0f%%", 100 * a / b}')"
+echo
+printf 'time in sfunnel'"'"'s programs, unpaced UDP over IPv4, one more run each (kernel.bpf_stats_enabled;\n'
+printf 'the counting adds to each figure): ns per packet at the sender (egress) and the receiver (ingress),\n'
+printf 'and both as a share of the run: here one CPU carries the whole flow (sender, router, receiver)\n'
+printf '%-34s %6s %12s %12s %10s\n' "flow" "Gbit/s" "sender ns" "receiver ns" "of a CPU"
+for x in "plain UDP (no rule matches)|$SP" "UDP over TCP (funneled)|$ST" "UDP over UDP (funneled)|$SU"; do
+  read -r g sn rn share <<<"${x#*|}"
+  printf '%-34s %6.2f %12s %12s %9s%%\n' "${x%%|*}" "$g" "$sn" "$rn" "$share"
+done
 echo
 echo "bulk TCP over TCP: $(bulk_run 5211)"
 echo "bulk TCP over UDP: $(bulk_run 5212)"
