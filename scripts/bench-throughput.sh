@@ -220,7 +220,7 @@ timed_udp_run() {
   read -r g _ < <(udp_run "$1" 0)
   read -r s1 sn1 < <(prog_stats "$SEND_PROG"); read -r r1 rn1 < <(prog_stats "$RECV_PROG")
   awk -v g="$g" -v s="$((s1 - s0))" -v sn="$((sn1 - sn0))" -v r="$((r1 - r0))" -v rn="$((rn1 - rn0))" -v t="$T" \
-    'BEGIN {printf "%.2f %.0f %.0f %.1f\n", g, s / sn, r / rn, 100 * (s + r) / (t * 1e9)}'
+    'BEGIN {printf "%.2f %s %s %.1f\n", g, sn ? sprintf("%.0f", s / sn) : "-", rn ? sprintf("%.0f", r / rn) : "-", 100 * (s + r) / (t * 1e9)}'
 }
 sysctl -qw kernel.bpf_stats_enabled=1
 SP=$(timed_udp_run 5303) ST=$(timed_udp_run 5203) SU=$(timed_udp_run 5204)
