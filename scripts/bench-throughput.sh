@@ -94,8 +94,16 @@ udp dport 5203 actions funnel tcp sport 542 dport 82
 udp dport 5204 actions funnel udp sport 543 dport 83
 tcp dport 5205 actions funnel tcp sport 544 dport 84")" >/dev/null
 }
+# A field of one attachment, as `sfunnel status --json` gives it: $1 the
+# interface, $2 the direction, then the keys down to the field.
+status_field() {
+  $SF status --json | python3 -c 'import json,sys
+v = next(a for a in json.load(sys.stdin) if a["iface"] == sys.argv[1] and a["direction"] == sys.argv[2])
+for k in sys.argv[3:]: v = v[k]
+print(v)' "$@"
+}
 client_load auto all
-back=$($SF status --json | python3 -c 'import json,sys; print(next(a["detour"]["back"] for a in json.load(sys.stdin) if a["iface"] == "sfbt0" and a["direction"] == "egress"))')
+back=$(status_field sfbt0 egress detour back)
 $SF load -n $S -i sfbt3 -d ingress "$(dual "
 tcp sport 540 dport 80 actions unfunnel tcp
 udp sport 541 dport 81 actions unfunnel tcp
@@ -210,10 +218,7 @@ read -r pu _ pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 _ tul < <(udp_run 52
 # The program time at both ends of an unpaced UDP run: "Gbit/s ns/packet
 # at the sender, ns/packet at the receiver, share of the run (%)".
 prog_stats() { bpftool prog show id "$1" -j | python3 -c 'import json,sys; p = json.load(sys.stdin); print(p.get("run_time_ns", 0), p.get("run_cnt", 0))'; }
-prog_id() { # $1: interface, $2: direction
-  $SF status --json | python3 -c 'import json,sys; print(next(a["prog_id"] for a in json.load(sys.stdin) if a["iface"] == sys.argv[1] and a["direction"] == sys.argv[2]))' "$1" "$2"
-}
-SEND_PROG=$(prog_id sfbt0 egress) RECV_PROG=$(prog_id sfbt3 ingress)
+SEND_PROG=$(status_field sfbt0 egress prog_id) RECV_PROG=$(status_field sfbt3 ingress prog_id)
 timed_udp_run() {
   local s0 sn0 s1 sn1 r0 rn0 r1 rn1 g
   read -r s0 sn0 < <(prog_stats "$SEND_PROG"); read -r r0 rn0 < <(prog_stats "$RECV_PROG")
