@@ -30,6 +30,7 @@
 #include "mtu.h"
 #include "detect.h"
 #include "detour.h"
+#include "csum_state.h"
 
 /* Counts why funnel() or unfunnel() left a packet alone (or broke it). */
 static __always_inline void count_funnel_skip(int rc)
@@ -80,8 +81,9 @@ __noinline int sfunnel_act(struct __sk_buff *skb, struct pkt *p, struct rule_mat
 			rc = mtu > hlen ? reply_frag_needed(skb, p, mtu - hlen, m->flags) : -1;
 			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
 		}
-		/* GSO packets, and all of TCP so that a flow keeps its order. */
-		if (skb->gso_size || p->proto == IPPROTO_TCP) {
+		/* GSO packets, all of TCP so that a flow keeps its order, and
+		 * packets whose checksum the kernel still owes (csum_state.h). */
+		if (skb->gso_size || p->proto == IPPROTO_TCP || csum_owed(skb)) {
 			rc = detour_send(skb, p, hlen, m->flags);
 			if (rc == DETOUR_SENT)
 				return TC_ACT_REDIRECT;

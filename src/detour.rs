@@ -76,6 +76,7 @@ pub fn create(ifindex: u32, d: Direction) -> Result<Pair> {
             disable_ipv6(name)?;
         }
         let p = find(ifindex, d).with_context(|| format!("the new helper pair {o}/{i} is not there"))?;
+        complete_checksums(p.out, &o)?;
         nl.set_up(p.out)?;
         nl.set_up(p.inn)?;
         Ok(p)
@@ -154,29 +155,50 @@ pub fn peer_return(ifindex: u32) -> bool {
 /// tx-checksumming; a veth's only one is tx-checksum-ip-generic).
 fn tx_checksumming(ifindex: u32) -> bool {
     const ETHTOOL_GTXCSUM: u32 = 0x16;
+    ethtool_value(ifindex, ETHTOOL_GTXCSUM, 0).is_ok_and(|v| v != 0)
+}
+
+/// Turns transmit checksum offload off on the helper end GSO packets and
+/// packets whose checksum is owed go out of (`ethtool -K DEV tx off`), so
+/// that the kernel completes every checksum there, before the detour
+/// program funnels the packet (bpf/csum_state.h).
+fn complete_checksums(ifindex: u32, name: &str) -> Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    ethtool_value(ifindex, ETHTOOL_STXCSUM, 0)
+        .with_context(|| format!("turning transmit checksum offload off on the helper interface {name}"))?;
+    anyhow::ensure!(!tx_checksumming(ifindex), "the helper interface {name} kept transmit checksum offload on");
+    Ok(())
+}
+
+/// One legacy ethtool ioctl on the interface `ifindex` that gets or sets a
+/// value (`struct ethtool_value`); returns the value after the call.
+fn ethtool_value(ifindex: u32, cmd: u32, data: u32) -> io::Result<u32> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
-    let mut v = EthtoolValue { cmd: ETHTOOL_GTXCSUM, data: 0 };
+    let mut v = EthtoolValue { cmd, data };
     // SAFETY: ifreq is plain data; all zeroes is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     // SAFETY: ifr_name has IFNAMSIZ bytes, as if_indextoname requires.
     if unsafe { libc::if_indextoname(ifindex, ifr.ifr_name.as_mut_ptr()) }.is_null() {
-        return false;
+        return Err(io::Error::last_os_error());
     }
     ifr.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
     // SAFETY: plain socket(2); the fd is owned right after.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return false;
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a new, valid descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: SIOCETHTOOL with an ifreq whose data points at an ethtool
     // value that outlives the call.
-    unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) == 0 && v.data != 0 }
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v.data)
 }
 
 /// The way segments go back from the detour, as a detour record's flags

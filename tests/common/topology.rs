@@ -694,6 +694,30 @@ impl Topo {
     }
 }
 
+/// Namespaces a test made itself, for topologies other than [`Topo`]'s:
+/// dropping it (also when the test panics) unloads sfunnel from each and
+/// deletes them, with everything in them.
+#[derive(Default)]
+pub struct Namespaces {
+    created: Vec<(String, u64)>,
+}
+
+impl Namespaces {
+    /// Makes the namespace `name` with its loopback up.
+    pub fn add(&mut self, name: &str) {
+        sh(&["ip", "netns", "add", name]);
+        let ino = std::fs::metadata(format!("{NETNS_DIR}/{name}")).expect("netns file").ino();
+        self.created.push((name.to_string(), ino));
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        cleanup(&std::mem::take(&mut self.created));
+    }
+}
+
 /// CLEAN=1 per namespace (every interface, both directions, and pins of
 /// interfaces already gone), then removal of any pin directory left, then
 /// the namespaces.  Best effort: reports problems, never panics.
