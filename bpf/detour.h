@@ -16,17 +16,19 @@
  *                to funnel, GSO or not: a flow's packets then all take one
  *                path, in order (a short packet sent straight on would
  *                overtake the segments still in the detour, and TCP reads
- *                reordering as loss);
+ *                reordering as loss); and every packet whose checksum the
+ *                kernel still owes (csum_state.h);
  *   out          has gso_max_segs 1, so the kernel segments it there, as
- *                it would for a device without TSO (checksums stay
- *                CHECKSUM_PARTIAL: funnel.h handles both);
+ *                it would for a device without TSO, and no transmit
+ *                checksum offload, so it completes every checksum there
+ *                too: the segments carry plain bytes from here on;
  *   in ingress   sfunnel_detour funnels each segment and sends it back:
  *                out of dev's egress, or for an ingress attachment
  *                (GRO-merged packets) into dev's receive path.  Where
  *                dev is a veth whose peer is in another namespace and
- *                whose transmit path would change nothing (no qdisc, tx
- *                checksum offload: SFUNNEL_DETOUR_PEER, set by the
- *                loader), a segment skips that path and goes straight
+ *                whose transmit path would change nothing (no qdisc:
+ *                SFUNNEL_DETOUR_PEER, set by the loader), a segment
+ *                skips that path and goes straight
  *                into the peer's receive path, where veth would have
  *                delivered it: one trip through a CPU's backlog less per
  *                segment;

@@ -38,10 +38,9 @@
 
 #include <linux/types.h>
 
-/* The pinned layout and its meaning; a rerun replaces pins of another one.
- * 6: sfunnel_detour.flags may say SFUNNEL_DETOUR_PEER, which a program of
- * layout 5 would ignore (status would then name a way back it does not take). */
-#define SFUNNEL_ABI_VERSION 6
+/* The maps' layout and the datapath's behaviour, as one number: a rerun
+ * updates a program of the same number in place, and replaces any other. */
+#define SFUNNEL_ABI_VERSION 7
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -234,8 +233,7 @@ struct sfunnel_detour {
 /* An ingress attachment: segments go back into dev's receive path. */
 #define SFUNNEL_DETOUR_INGRESS 0x1
 /* An egress attachment on a veth whose peer is in another namespace, with
- * no qdisc and tx checksum offload: segments go straight into the peer's
- * receive path (detour.h). */
+ * no qdisc: segments go straight into the peer's receive path (detour.h). */
 #define SFUNNEL_DETOUR_PEER 0x2
 /* skb->cb[0] of a segment sent back into the receive path (cb[1]: the
  * helper end it came in on), so that the main program lets it pass. */

@@ -610,6 +610,24 @@ impl RulesetMaps {
     }
 }
 
+/// Whether the datapath can tell a packet whose checksum the kernel still
+/// owes (bpf/csum_state.h): the kernel has `bpf_cast_to_kern_ctx` (Linux
+/// 6.2), which libbpf resolves the same way, from the kernel's BTF.
+/// Without it every packet to funnel takes the segmentation detour.
+pub fn reads_checksum_state() -> bool {
+    // SAFETY: plain libbpf calls; the BTF object is freed below and the
+    // name is a NUL-terminated literal.
+    unsafe {
+        let btf = libbpf_sys::btf__load_vmlinux_btf();
+        if btf.is_null() || libbpf_sys::libbpf_get_error(btf as *const _) != 0 {
+            return false;
+        }
+        let id = libbpf_sys::btf__find_by_name_kind(btf, c"bpf_cast_to_kern_ctx".as_ptr(), libbpf_sys::BTF_KIND_FUNC);
+        libbpf_sys::btf__free(btf);
+        id > 0
+    }
+}
+
 /// Fails with a clear message when the kernel lacks something the
 /// datapath needs.  Call before loading on an unknown host.
 pub fn check_kernel() -> Result<()> {

@@ -4,8 +4,10 @@
 //! namespace, named after its direction (e or i) and the interface's index:
 //!
 //! ```text
-//!   sf{e,i}g<ifindex>   GSO packets are redirected out of it; gso_max_segs
-//!                       1, so the kernel segments them on the way out
+//!   sf{e,i}g<ifindex>   GSO packets (and packets whose checksum is owed)
+//!                       are redirected out of it; gso_max_segs 1 and no
+//!                       transmit checksum offload, so the kernel segments
+//!                       them and completes their checksums on the way out
 //!   sf{e,i}s<ifindex>   its peer: the segments come in here, where the
 //!                       detour program funnels them and sends them back
 //!                       to the interface
@@ -139,21 +141,18 @@ impl DetourReturn {
 /// path of the peer of the interface `ifindex` (bpf/detour.h,
 /// SFUNNEL_DETOUR_PEER) instead of out through its transmit path.  Only
 /// for a veth whose peer is in another namespace (the kernel drops the
-/// packet otherwise), with nothing on the transmit path that the segments
-/// would miss: no queue, and checksum offload on, so that the transmit
-/// path would leave a pending checksum pending too (without it the
-/// kernel completes it there, and a NAT on the far side expects it
-/// complete).  Anything that cannot be asked says no: the transmit path
-/// always works.
+/// packet otherwise), with no queue on the transmit path that the
+/// segments would miss.  (Checksums need nothing from that path: the
+/// helper completed them.)  Anything that cannot be asked says no: the
+/// transmit path always works.
 pub fn peer_return(ifindex: u32) -> bool {
     let link = Netlink::open().and_then(|nl| Ok(nl.link(ifindex)?));
     matches!(link, Ok(l) if l.kind.as_deref() == Some("veth") && l.peer_netns && l.qdisc.as_deref() == Some("noqueue"))
-        && tx_checksumming(ifindex)
 }
 
 /// Whether the interface offloads transmit checksums (`ethtool -k`
 /// tx-checksumming; a veth's only one is tx-checksum-ip-generic).
-fn tx_checksumming(ifindex: u32) -> bool {
+pub fn tx_checksumming(ifindex: u32) -> bool {
     const ETHTOOL_GTXCSUM: u32 = 0x16;
     ethtool_value(ifindex, ETHTOOL_GTXCSUM, 0).is_ok_and(|v| v != 0)
 }
@@ -162,7 +161,7 @@ fn tx_checksumming(ifindex: u32) -> bool {
 /// packets whose checksum is owed go out of (`ethtool -K DEV tx off`), so
 /// that the kernel completes every checksum there, before the detour
 /// program funnels the packet (bpf/csum_state.h).
-fn complete_checksums(ifindex: u32, name: &str) -> Result<()> {
+pub fn complete_checksums(ifindex: u32, name: &str) -> Result<()> {
     const ETHTOOL_STXCSUM: u32 = 0x17;
     ethtool_value(ifindex, ETHTOOL_STXCSUM, 0)
         .with_context(|| format!("turning transmit checksum offload off on the helper interface {name}"))?;

@@ -140,7 +140,9 @@ fn hook_detour(
         Some(p) => (p, false),
         None => (crate::detour::create(ifindex, direction)?, true),
     };
-    let hooked = spread_detour(pair.inn, ifindex, direction, &opts.detour_cpus)
+    let (out_name, _) = crate::detour::names(ifindex, direction);
+    let hooked = crate::detour::complete_checksums(pair.out, &out_name)
+        .and_then(|()| spread_detour(pair.inn, ifindex, direction, &opts.detour_cpus))
         .and_then(|()| match mode {
             Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
             Mode::Clsact => {
@@ -280,6 +282,8 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
                     }
                 } else if detour {
                     let d = maps.read_detour()?;
+                    let (out_name, _) = crate::detour::names(ifindex, t.direction);
+                    crate::detour::complete_checksums(d.out_ifindex, &out_name)?;
                     spread_detour(d.in_ifindex, ifindex, t.direction, &opts.detour_cpus)?;
                     kept = Some(d);
                 }
@@ -334,6 +338,18 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
     })?;
     let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
     event!("prog_loaded", prog_id = prog_id, verified_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3));
+    if detour && crate::log::verbose() {
+        let known = crate::datapath::reads_checksum_state();
+        event!(
+            "checksum_state",
+            known = known,
+            detour = if known {
+                "GSO packets, TCP, and packets whose checksum is owed"
+            } else {
+                "every packet to funnel (the kernel cannot tell owed checksums before 6.2)"
+            }
+        );
+    }
     // The detour is in place before any funnel rule can send GSO packets
     // to it.  Its TCX link is pinned with the other pins, below.
     let detour_prog = loaded.detour_program().map(|p| p.as_fd());

@@ -21,8 +21,7 @@
 //! racing loaders, incompatible pins, missing privileges, clsact mode;
 //! source-port NAT (two clients behind one SNAT, a stale conntrack entry):
 //! port-based unfunnel rules fail, `funneled` + `unfunnel auto` deliver.
-//! Known bug (see `matrix_endpoint_offloads_on_nat`): NAT of a funneled
-//! packet that is still CHECKSUM_PARTIAL leaves a wrong outer checksum.
+//! tests/nat_checksum.rs adds a second hop that verifies checksums.
 //!
 //! Every load goes through the original container's environment interface
 //! (no verb; SFUNNEL_RULESET, IFACES, DIRECTION, NETNS; CLEAN=1 to unload),
@@ -235,7 +234,8 @@ struct FrameCheck {
     /// 0x0000 (the same ones'-complement value).
     tcp_neg_zero: usize,
     /// Frames past the router's NAT whose only difference from the spec is
-    /// a wrong outer L4 checksum (the known NAT/CHECKSUM_PARTIAL bug).
+    /// a wrong outer L4 checksum (a NAT that took the funnel header's
+    /// checksum for one still owed: see bpf/csum_state.h).
     nat_outer_csum_bad: usize,
     nat_sample: Option<String>,
     problems: Vec<String>,
@@ -445,14 +445,12 @@ struct CaseResult {
 }
 
 impl CaseResult {
-    /// `tolerate_nat_csum`: frames whose only deviation is the known
-    /// NAT/CHECKSUM_PARTIAL outer checksum bug count as passing.
-    fn ok(&self, tolerate_nat_csum: bool) -> bool {
+    fn ok(&self) -> bool {
         self.errors.is_empty()
-            && self.points.iter().all(|(_, f)| {
-                let tolerated = if tolerate_nat_csum { f.nat_outer_csum_bad } else { 0 };
-                f.problems.is_empty() && f.escaped == 0 && f.fwd > 0 && f.spec_ok + tolerated == f.fwd + f.rev
-            })
+            && self
+                .points
+                .iter()
+                .all(|(_, f)| f.problems.is_empty() && f.escaped == 0 && f.fwd > 0 && f.spec_ok == f.fwd + f.rev)
     }
 }
 
@@ -617,7 +615,7 @@ fn tcp_case(t: &Topo, combo: &Combo, payload: usize, case: usize) -> CaseResult 
 
 const CSUM_COUNTERS: [&str; 4] = ["UdpInCsumErrors", "TcpInCsumErrors", "UdpInErrors", "IpInHdrErrors"];
 
-fn run_matrix(label: &str, opts: TopoOpts, tolerate_nat_csum: bool) {
+fn run_matrix(label: &str, opts: TopoOpts) {
     let t0 = Instant::now();
     let t = Topo::new(opts);
     load_all(&t);
@@ -711,13 +709,7 @@ fn run_matrix(label: &str, opts: TopoOpts, tolerate_nat_csum: bool) {
             "{:<13} {:>4}  {:<6} {:<44}{cols}\n",
             r.combo,
             r.payload,
-            if r.ok(false) {
-                "ok"
-            } else if r.ok(tolerate_nat_csum) {
-                "ok*"
-            } else {
-                "FAIL"
-            },
+            if r.ok() { "ok" } else { "FAIL" },
             r.app
         ));
         for e in &r.errors {
@@ -733,9 +725,8 @@ fn run_matrix(label: &str, opts: TopoOpts, tolerate_nat_csum: bool) {
     report.push_str(" for byte to the spec-built frame, with valid outer and inner checksums; part: frames still\n");
     report.push_str(" CHECKSUM_PARTIAL there, whose pending inner checksum the check completed first, as the device\n");
     report.push_str(" would; esc: frames of the flow that crossed unfunneled; natcs: frames past the router's NAT\n");
-    report
-        .push_str(" whose only deviation from the spec is a wrong outer L4 checksum; ok*: passes only because those\n");
-    report.push_str(" are tolerated in this run.  Every inner payload is also checked equal to what was sent.)\n");
+    report.push_str(" whose only deviation from the spec is a wrong outer L4 checksum.  Every inner payload is also\n");
+    report.push_str(" checked equal to what was sent.)\n");
     let neg0: usize = results.iter().flat_map(|r| r.points.iter().map(|(_, f)| f.tcp_neg_zero)).sum();
     let natcs: usize = results.iter().flat_map(|r| r.points.iter().map(|(_, f)| f.nat_outer_csum_bad)).sum();
     report.push_str(&format!(
@@ -759,11 +750,8 @@ fn run_matrix(label: &str, opts: TopoOpts, tolerate_nat_csum: bool) {
     report.push_str(&format!("time: {:.1?}\n", t0.elapsed()));
     eprintln!("{report}");
 
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.ok(tolerate_nat_csum))
-        .map(|r| format!("{} payload {}", r.combo, r.payload))
-        .collect();
+    let failed: Vec<String> =
+        results.iter().filter(|r| !r.ok()).map(|r| format!("{} payload {}", r.combo, r.payload)).collect();
     let csum_bad: Vec<&(String, u64)> =
         server.iter().filter(|(n, v)| (n == "UdpInCsumErrors" || n == "TcpInCsumErrors") && *v != 0).collect();
     let counters_bad: Vec<&(String, Vec<u64>, Vec<u64>)> = counters.iter().filter(|(_, c, w)| c != w).collect();
@@ -787,7 +775,6 @@ fn matrix_endpoint_offloads_off_no_nat() {
     run_matrix(
         "endpoints tx/tso/gso off, router forwards, no NAT",
         TopoOpts { nat: false, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false },
-        false,
     );
 }
 
@@ -800,7 +787,6 @@ fn matrix_endpoint_offloads_off_nat() {
     run_matrix(
         "endpoints tx/tso/gso off, router DNAT+MASQUERADE",
         TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false },
-        false,
     );
 }
 
@@ -816,45 +802,21 @@ fn matrix_endpoint_offloads_on_no_nat() {
     run_matrix(
         "endpoints default offloads, router veths tx/tso/gso off, no NAT",
         TopoOpts { nat: false, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false },
-        false,
     );
 }
 
-const RUN2_NAT: TopoOpts =
-    TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false };
-
-/// Run 2 with NAT, strict.  Fails today: a funneled packet leaves its
-/// sender CHECKSUM_PARTIAL with csum_start at the *inner* L4 header and a
-/// complete checksum in the funnel header.  The router's NAT (nf_nat ->
-/// inet_proto_csum_replace4) updates the L4 checksum of a CHECKSUM_PARTIAL
-/// skb as if it were the pseudo-header seed, i.e. with the opposite sign,
-/// and skips the port update; the device then completes only the inner
-/// checksum.  Every funneled packet past the NAT (requests on the router's
-/// server side, replies on its client side) has a wrong outer checksum.
-/// Delivery still works here only because the receiving sfunnel strips the
-/// funnel header before anyone verifies it.
+/// Run 2 with NAT on the router: the NAT sees funneled packets that are
+/// still CHECKSUM_PARTIAL where they are funneled in place, so funneled
+/// packets must leave their sender with complete checksums
+/// (bpf/csum_state.h), or the NAT leaves a wrong outer checksum.
 #[test]
-#[ignore = "known bug: NAT of a CHECKSUM_PARTIAL funneled packet leaves a wrong outer L4 checksum (see doc comment)"]
 fn matrix_endpoint_offloads_on_nat() {
     if !root("matrix_endpoint_offloads_on_nat") {
         return;
     }
-    run_matrix("endpoints default offloads, router veths tx/tso/gso off, router DNAT+MASQUERADE", RUN2_NAT, false);
-}
-
-/// Run 2 with NAT, with the one known deviation tolerated and counted:
-/// frames past the NAT may differ from the spec in the outer L4 checksum
-/// and nowhere else.  Everything else is checked as strictly as in the
-/// other runs: delivery, inner bytes, frames before the NAT, server nstat.
-#[test]
-fn matrix_endpoint_offloads_on_nat_known_outer_csum_bug() {
-    if !root("matrix_endpoint_offloads_on_nat_known_outer_csum_bug") {
-        return;
-    }
     run_matrix(
-        "endpoints default offloads, router veths tx/tso/gso off, router DNAT+MASQUERADE (NAT outer-csum bug tolerated)",
-        RUN2_NAT,
-        true,
+        "endpoints default offloads, router veths tx/tso/gso off, router DNAT+MASQUERADE",
+        TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false },
     );
 }
 
@@ -1741,7 +1703,7 @@ fn snat_two_clients_port_rules_fail_funneled_delivers() {
         return;
     }
     let mut t =
-        Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false });
+        Topo::new(TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false });
     t.add_second_client();
     let clients = vec![t.client.clone(), t.client2.clone()];
     let egress = format!("{CLIENT_EGRESS}\n{CLIENT_EGRESS_PROBES}");
@@ -1843,7 +1805,7 @@ fn stale_conntrack_rewrites_funnel_port_funneled_delivers() {
     if !root("stale_conntrack_rewrites_funnel_port_funneled_delivers") {
         return;
     }
-    let t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: true, router_offloads_off: false, ipv6: false });
+    let t = Topo::new(TopoOpts { nat: true, endpoints_offloads_off: false, router_offloads_off: true, ipv6: false });
     let (r, s) = (ip_str(ROUTER_S_IP), ip_str(SERVER_IP));
     nsh(
         &t.router,

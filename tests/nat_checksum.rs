@@ -246,8 +246,21 @@ impl Lab {
                 nsh(
                     &l.n,
                     &[
-                        tables, "-t", "nat", "-A", "PREROUTING", "-d", fam.svc, "-p", p, "--dport", &fd, "-j", "DNAT",
-                        "--to-destination", server,
+                        tables,
+                        "-t",
+                        "nat",
+                        "-A",
+                        "PREROUTING",
+                        "-d",
+                        fam.svc,
+                        "-p",
+                        p,
+                        "--dport",
+                        &fd,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        server,
                     ],
                 );
                 let to = if fam.v6 {
@@ -258,8 +271,21 @@ impl Lab {
                 nsh(
                     &l.n,
                     &[
-                        tables, "-t", "nat", "-A", "POSTROUTING", "-o", &l.nv_if, "-p", p, "--sport", &fs, "-j",
-                        "SNAT", "--to-source", &to,
+                        tables,
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-o",
+                        &l.nv_if,
+                        "-p",
+                        p,
+                        "--sport",
+                        &fs,
+                        "-j",
+                        "SNAT",
+                        "--to-source",
+                        &to,
                     ],
                 );
             }
@@ -438,11 +464,8 @@ fn scenario(l: &Lab, label: &str, m: Match, at_router: bool) -> (String, Vec<Str
     // Funnel on the client's egress, or on the NAT's ingress from the
     // client (a node funneling what its pods send); the replies are
     // unfunneled at the same place on the way back.
-    let (fns, fif, fdir_in, fdir_out) = if at_router {
-        (&l.n, &l.nc_if, "ingress", "egress")
-    } else {
-        (&l.c, &l.c_if, "egress", "ingress")
-    };
+    let (fns, fif, fdir_in, fdir_out) =
+        if at_router { (&l.n, &l.nc_if, "ingress", "egress") } else { (&l.c, &l.c_if, "egress", "ingress") };
     l.load(fns, fif, fdir_in, &funnel_rules());
     l.load(fns, fif, fdir_out, &client_ingress(m));
     l.load(&l.s, &l.s_if, "ingress", &server_ingress(m));
@@ -535,4 +558,76 @@ fn funneled_through_nat_with_sender_offloads_off() {
             ("offloads off, funnel at the client, funneled + auto", Match::Funneled, false),
         ],
     );
+}
+
+/// Packets through the helper's far end (rx), as the kernel counts them.
+fn helper_rx(ns: &str, dev: &str) -> u64 {
+    let out = nsh(ns, &["ip", "-s", "-j", "link", "show", "dev", dev]).stdout;
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j is JSON");
+    v[0]["stats64"]["rx"]["packets"].as_u64().expect("rx packets")
+}
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    let r = nix::sys::utsname::uname().expect("uname").release().to_string_lossy().into_owned();
+    let mut it = r.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Which UDP datagrams take the detour to be funneled: those whose
+/// checksum the kernel owes (sent with the veth's default offloads), on
+/// every kernel; those with a complete checksum (offloads off) only where
+/// the datapath cannot tell the two apart (before Linux 6.2, no
+/// bpf_cast_to_kern_ctx), and the load's log says which.  Either way every
+/// datagram arrives.
+#[test]
+fn owed_checksums_take_the_detour_and_only_they_where_the_kernel_tells() {
+    use common::topology::{helper_pair, ifindex, sfunnel, Topo, TopoOpts};
+    if !common::require_root("owed_checksums_take_the_detour_and_only_they_where_the_kernel_tells") {
+        return;
+    }
+    let t = Topo::new(TopoOpts { router_offloads_off: true, ..Default::default() });
+    let load = |ns: &str, iface: &str, dir: &str, rules: &str| {
+        sfunnel(
+            &[],
+            &[("SFUNNEL_RULESET", rules), ("IFACES", iface), ("DIRECTION", dir), ("NETNS", ns), ("DEBUG", "1")],
+        )
+        .expect_ok()
+    };
+    let log = load(&t.client, &t.c_if, "egress", "udp dport 4739 actions funnel udp sport 542 dport 81").stderr;
+    load(&t.server, &t.s_if, "ingress", "udp sport 542 dport 81 actions unfunnel udp");
+    let line = log.lines().find(|l| l.contains("event=checksum_state")).unwrap_or_else(|| panic!("{log}"));
+    let known = line.contains("known=true");
+    let version = kernel_version();
+    let (_, seg_if) = helper_pair(ifindex(&t.client, &t.c_if), "egress");
+
+    let server = in_ns(&t.server, || UdpSocket::bind("0.0.0.0:4739").expect("bind"));
+    server.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let client = in_ns(&t.client, || UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    let to: SocketAddr = "10.201.3.2:4739".parse().unwrap();
+    let round = |what: &str| -> (u64, usize) {
+        let before = helper_rx(&t.client, &seg_if);
+        for k in 0..20 {
+            client.send_to(&pattern(k, 300), to).expect("send");
+        }
+        let mut got = 0;
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while got < 20 && Instant::now() < deadline {
+            if server.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+        }
+        let through = helper_rx(&t.client, &seg_if) - before;
+        eprintln!("{what}: {through} of 20 datagrams through the detour, {got} arrived");
+        (through, got)
+    };
+    let owed = round("default offloads (checksum owed)");
+    nsh(&t.client, &["ethtool", "-K", &t.c_if, "tx", "off"]);
+    let complete = round("tx checksumming off (checksum complete)");
+    eprintln!("kernel {version:?}: {line}");
+    drop(t);
+    assert_eq!(known, version >= (6, 2), "the datapath reads ip_summed exactly on 6.2 and later");
+    assert_eq!(owed, (20, 20), "owed checksums: through the detour, and delivered");
+    assert_eq!(complete, (if known { 0 } else { 20 }, 20), "complete checksums: in place where the kernel tells");
 }
