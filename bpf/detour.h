@@ -61,7 +61,7 @@ static __always_inline const struct sfunnel_detour *detour_get(void)
 {
 	__u32 zero = 0;
 
-	return bpf_map_lookup_elem(&detour, &zero);
+	return bpf_map_lookup_elem(&sf_detour, &zero);
 }
 
 /* Whether the packet is a segment coming back from the detour, funneled. */

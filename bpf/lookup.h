@@ -75,12 +75,12 @@ static __always_inline int addr_class(struct __sk_buff *skb, const struct sfunne
 static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *p, struct rule_match *out)
 {
 	__u32 zero = 0;
-	__u32 *active_gen = bpf_map_lookup_elem(&active, &zero);
+	__u32 *active_gen = bpf_map_lookup_elem(&sf_active, &zero);
 	if (!active_gen)
 		return -1;
 	__u32 gen = *active_gen & 1;
 
-	struct sfunnel_params *prm = bpf_map_lookup_elem(&params, &gen);
+	struct sfunnel_params *prm = bpf_map_lookup_elem(&sf_params, &gen);
 	if (!prm)
 		return -1;
 	__u32 slot = (p->family * 2 + (p->proto == IPPROTO_UDP)) & (SLOTS - 1);
@@ -88,9 +88,9 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	__u64 shapes = prm->shapes >> shift;
 
 	__u32 idx = gen * PORT_SPACE + p->sport;
-	struct sfunnel_port_class *sp = bpf_map_lookup_elem(&ports, &idx);
+	struct sfunnel_port_class *sp = bpf_map_lookup_elem(&sf_ports, &idx);
 	idx = gen * PORT_SPACE + p->dport;
-	struct sfunnel_port_class *dp = bpf_map_lookup_elem(&ports, &idx);
+	struct sfunnel_port_class *dp = bpf_map_lookup_elem(&sf_ports, &idx);
 	if (!sp || !dp)
 		return -1;
 	shapes &= (sp->sport_shapes >> shift) & (dp->dport_shapes >> shift) & 0xffff;
@@ -100,7 +100,7 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 	__u32 sa = 0, da = 0;
 	__u64 s;
 	if (shapes & (SHAPESET_WITH_SADDR | SHAPESET_WITH_DADDR) & 0xffff) {
-		void *trie = bpf_map_lookup_elem(&addr_maps, &gen);
+		void *trie = bpf_map_lookup_elem(&sf_addr_maps, &gen);
 		if (!trie)
 			return -1;
 		if (shapes & SHAPESET_WITH_SADDR & 0xffff) {
@@ -118,7 +118,7 @@ static __always_inline int lookup_rule(struct __sk_buff *skb, const struct pkt *
 			return -1;
 	}
 
-	void *rules = bpf_map_lookup_elem(&rule_maps, &gen);
+	void *rules = bpf_map_lookup_elem(&sf_rule_maps, &gen);
 	if (!rules)
 		return -1;
 
@@ -158,7 +158,7 @@ static __always_inline struct sfunnel_counter *rule_counter(const struct rule_ma
 {
 	/* A key on the stack: 6.1 takes no other memory for one. */
 	__u32 gen = m->gen;
-	void *counters = bpf_map_lookup_elem(&counter_maps, &gen);
+	void *counters = bpf_map_lookup_elem(&sf_counter_maps, &gen);
 	if (!counters)
 		return NULL;
 	/* Only this CPU writes its block, with bottom halves off: no atomics. */
@@ -184,7 +184,7 @@ static __always_inline void count_over_mtu(const struct rule_match *m)
 
 static __always_inline void count_stat(__u32 reason)
 {
-	__u64 *v = bpf_map_lookup_elem(&stats, &reason);
+	__u64 *v = bpf_map_lookup_elem(&sf_stats, &reason);
 	if (v)
 		(*v)++;
 }

@@ -16,7 +16,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u32);
-} active SEC(".maps");
+} sf_active SEC(".maps");
 
 /* Per generation: which shapes its rules use. */
 struct {
@@ -24,7 +24,7 @@ struct {
 	__uint(max_entries, GENERATIONS);
 	__type(key, __u32);
 	__type(value, struct sfunnel_params);
-} params SEC(".maps");
+} sf_params SEC(".maps");
 
 /*
  * Per generation and port: the port's class and the shapes it allows.
@@ -37,7 +37,7 @@ struct {
 	__uint(max_entries, GENERATIONS * PORT_SPACE);
 	__type(key, __u32);
 	__type(value, struct sfunnel_port_class);
-} ports SEC(".maps");
+} sf_ports SEC(".maps");
 
 /*
  * The per-generation tables below are inner maps, sized by user space for
@@ -63,7 +63,7 @@ struct {
 	__uint(max_entries, GENERATIONS);
 	__type(key, __u32);
 	__array(values, struct addr_trie);
-} addr_maps SEC(".maps");
+} sf_addr_maps SEC(".maps");
 
 struct rule_table {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -77,7 +77,7 @@ struct {
 	__uint(max_entries, GENERATIONS);
 	__type(key, __u32);
 	__array(values, struct rule_table);
-} rule_maps SEC(".maps");
+} sf_rule_maps SEC(".maps");
 
 /*
  * Per-CPU counters as a plain array with one block per CPU (see
@@ -99,7 +99,7 @@ struct {
 	__uint(max_entries, GENERATIONS);
 	__type(key, __u32);
 	__array(values, struct counter_table);
-} counter_maps SEC(".maps");
+} sf_counter_maps SEC(".maps");
 
 /*
  * The ruleset's canonical text, per generation, for `status`: user space
@@ -118,7 +118,7 @@ struct {
 	__uint(max_entries, GENERATIONS);
 	__type(key, __u32);
 	__array(values, struct text_table);
-} text_maps SEC(".maps");
+} sf_text_maps SEC(".maps");
 
 /* Per-CPU counts of packets the datapath left alone, by reason. */
 struct {
@@ -126,7 +126,7 @@ struct {
 	__uint(max_entries, SFUNNEL_STAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
-} stats SEC(".maps");
+} sf_stats SEC(".maps");
 
 /*
  * Per-CPU scratch space for mtu.h (the FIB lookup's parameters, then the
@@ -139,7 +139,7 @@ struct {
 	__uint(max_entries, 1);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, SCRATCH_SIZE);
-} scratch SEC(".maps");
+} sf_scratch SEC(".maps");
 
 /* The segmentation detour (detour.h); written by the loader. */
 struct {
@@ -147,7 +147,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct sfunnel_detour);
-} detour SEC(".maps");
+} sf_detour SEC(".maps");
 
 /* Loader bookkeeping; the datapath never reads it. */
 struct {
@@ -155,7 +155,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct sfunnel_meta);
-} meta SEC(".maps");
+} sf_meta SEC(".maps");
 
 /*
  * BTF workaround: the inner maps' key and value types appear in no map

@@ -60,7 +60,7 @@ static __always_inline __u32 route_mtu_if_over(struct __sk_buff *skb, const stru
 {
 	__u32 zero = 0;
 	/* In the scratch map: on the stack it takes 64 of the 512 bytes. */
-	struct bpf_fib_lookup *f = bpf_map_lookup_elem(&scratch, &zero);
+	struct bpf_fib_lookup *f = bpf_map_lookup_elem(&sf_scratch, &zero);
 	_Static_assert(sizeof(*f) <= SCRATCH_SIZE, "the lookup must fit the scratch map");
 
 	if (!f)
@@ -147,17 +147,18 @@ static __always_inline void swap_macs(struct ethhdr *eth)
 /*
  * Makes the packet the `len` bytes of `reply` (from the Ethernet header
  * on) and returns the redirect verdict that delivers it to the sender: on
- * egress the sender is this host or behind it, so the reply enters this
- * device as if received; on ingress it leaves through the device the
- * packet came in on.
+ * egress the sender is this host or behind it, so the reply enters the
+ * attachment's device as if received; on ingress it leaves through the
+ * device the packet came in on.  That device is `dev`, or for 0 the one
+ * this program runs on.
  */
-static __always_inline int send_reply(struct __sk_buff *skb, void *reply, __u32 len, __u32 flags)
+static __always_inline int send_reply(struct __sk_buff *skb, void *reply, __u32 len, __u32 flags, __u32 dev)
 {
 	if (bpf_skb_change_tail(skb, len, 0))
 		return -1;
 	if (bpf_skb_store_bytes(skb, 0, reply, len, BPF_F_RECOMPUTE_CSUM | BPF_F_INVALIDATE_HASH))
 		return -1;
-	return bpf_redirect(skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
+	return bpf_redirect(dev ? dev : skb->ifindex, flags & SFUNNEL_PARAMS_EGRESS ? BPF_F_INGRESS : 0);
 }
 
 /* ICMPv6 "packet too big" (RFC 4443 §3.2). */
@@ -183,10 +184,11 @@ struct too_big6 {
  * fragment).  Its quote is the IPv6 header and the first 8 bytes of L4,
  * which is what the sender's stack needs to find the socket.
  */
-static __always_inline int reply_too_big6(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags)
+static __always_inline int reply_too_big6(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags,
+					  __u32 dev)
 {
 	__u32 zero = 0;
-	struct too_big6 *r = bpf_map_lookup_elem(&scratch, &zero);
+	struct too_big6 *r = bpf_map_lookup_elem(&sf_scratch, &zero);
 	_Static_assert(sizeof(*r) <= SCRATCH_SIZE, "the reply must fit the scratch map");
 
 	if (!r)
@@ -215,24 +217,31 @@ static __always_inline int reply_too_big6(struct __sk_buff *skb, const struct pk
 	if (body < 0)
 		return -1;
 	r->icmp.checksum = ~csum_fold(sum + (__u32)body);
-	return send_reply(skb, &r->eth, sizeof(r->eth) + sizeof(r->ip6) + sizeof(r->icmp) + sizeof(r->quote), flags);
+	return send_reply(skb, &r->eth, sizeof(r->eth) + sizeof(r->ip6) + sizeof(r->icmp) + sizeof(r->quote), flags,
+			  dev);
 }
 
 /*
  * Turns the packet into an ICMP "fragmentation needed" (next-hop MTU
  * `mtu`) to its sender and returns the redirect verdict that delivers it
- * (send_reply).  Returns -1 if the packet does not ask for it (DF clear)
- * or a helper failed; the caller drops it either way.
+ * (send_reply, through `dev`).  Returns -1 if the packet does not ask for
+ * it (DF clear) or a helper failed; the caller drops it either way.
+ *
+ * The reply is built in the packet's own buffer, so that buffer must not
+ * owe a checksum (csum_state.h): the kernel would complete it at its old
+ * place, inside the reply.  The main program sends such a packet through
+ * the detour, which completes it, and replies from there.
  */
-static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags)
+static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct pkt *p, __u32 mtu, __u32 flags,
+					     __u32 dev)
 {
 	__u32 zero = 0;
-	struct frag_needed *r = bpf_map_lookup_elem(&scratch, &zero);
+	struct frag_needed *r = bpf_map_lookup_elem(&sf_scratch, &zero);
 	__u32 qlen = p->ihl_len + 8;
 
 	_Static_assert(sizeof(*r) <= SCRATCH_SIZE, "the reply must fit the scratch map");
 	if (p->family == SFUNNEL_FAMILY_IPV6)
-		return reply_too_big6(skb, p, mtu, flags);
+		return reply_too_big6(skb, p, mtu, flags, dev);
 	if (!r)
 		return -1;
 	/* Verifier workaround: clang may test one copy of qlen and pass
@@ -272,7 +281,7 @@ static __always_inline int reply_frag_needed(struct __sk_buff *skb, const struct
 	/* qlen is a multiple of 4 (ihl_len is), as bpf_csum_diff wants. */
 	r->icmp.checksum = ~csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r->icmp, sizeof(r->icmp) + qlen, 0));
 
-	return send_reply(skb, &r->eth, sizeof(r->eth) + sizeof(r->ip) + sizeof(r->icmp) + qlen, flags);
+	return send_reply(skb, &r->eth, sizeof(r->eth) + sizeof(r->ip) + sizeof(r->icmp) + qlen, flags, dev);
 }
 
 #endif /* SFUNNEL_MTU_H */

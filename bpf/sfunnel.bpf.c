@@ -72,13 +72,26 @@ __noinline int sfunnel_act(struct __sk_buff *skb, struct pkt *p, struct rule_mat
 		__u32 mtu = funnel_exceeds_mtu(skb, p, hlen, m->flags);
 
 		if (mtu) {
-			count_over_mtu(m);
 			if (m->flags & SFUNNEL_PARAMS_OVER_MTU_PASS) {
+				count_over_mtu(m);
 				count_stat(SFUNNEL_STAT_OVER_MTU);
 				return TC_ACT_UNSPEC;
 			}
+			/* The reply is made in this buffer: one that owes a checksum
+			 * has it completed in the detour first (mtu.h), and the
+			 * detour replies (and counts it). */
+			if (csum_owed(skb)) {
+				rc = detour_send(skb, p, hlen, m->flags);
+				if (rc == DETOUR_SENT)
+					return TC_ACT_REDIRECT;
+				if (rc == DETOUR_BROKEN) {
+					count_stat(SFUNNEL_STAT_ERROR);
+					return TC_ACT_SHOT;
+				}
+			}
+			count_over_mtu(m);
 			/* Tell the sender the size that fits once funneled. */
-			rc = mtu > hlen ? reply_frag_needed(skb, p, mtu - hlen, m->flags) : -1;
+			rc = mtu > hlen ? reply_frag_needed(skb, p, mtu - hlen, m->flags, 0) : -1;
 			return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : TC_ACT_SHOT;
 		}
 		/* GSO packets, all of TCP so that a flow keeps its order, and
@@ -147,8 +160,9 @@ int sfunnel(struct __sk_buff *skb)
 
 /*
  * Funnels one segment in the detour (below) by the rule `m`: 0 to send it
- * on, funneled or left as it was; -1 to drop it.  A global function, for
- * the reason sfunnel_act is one.
+ * on, funneled or left as it was; -1 to drop it; TC_ACT_REDIRECT when it
+ * became a reply to its sender.  A global function, for the reason
+ * sfunnel_act is one.
  */
 __noinline int sfunnel_detour_funnel(struct __sk_buff *skb, struct pkt *p, struct rule_match *m, __u32 dev,
 				     __u32 egress)
@@ -165,11 +179,21 @@ __noinline int sfunnel_detour_funnel(struct __sk_buff *skb, struct pkt *p, struc
 		count_stat(SFUNNEL_STAT_ERROR);
 		return -1;
 	}
-	/* Segments were cut to fit; one that does not (UDP GSO, or the MTU
-	 * changed on the way) is dropped as the guard drops, without a reply. */
-	if (exceeds_mtu(skb, p, hlen, egress, dev)) {
+	/* Segments were cut to fit.  One that does not (a UDP GSO datagram,
+	 * the MTU changed on the way, or a packet the main program sent here
+	 * for the guard to reply from a buffer with its checksum complete) is
+	 * handled as the guard handles it there (mtu.h). */
+	__u32 mtu = exceeds_mtu(skb, p, hlen, egress, dev);
+
+	if (mtu) {
 		count_over_mtu(m);
-		return -1;
+		if (m->flags & SFUNNEL_PARAMS_OVER_MTU_PASS) {
+			count_stat(SFUNNEL_STAT_OVER_MTU);
+			return 0;
+		}
+		int rc = mtu > hlen ? reply_frag_needed(skb, p, mtu - hlen, m->flags, dev) : -1;
+
+		return rc == TC_ACT_REDIRECT ? TC_ACT_REDIRECT : -1;
 	}
 	int rc = funnel(skb, p, proto, sport, dport);
 
@@ -205,7 +229,11 @@ int sfunnel_detour(struct __sk_buff *skb)
 	 * matches now goes on unchanged. */
 	if (lookup_rule(skb, &p, &m) || m.rule.action != SFUNNEL_ACT_FUNNEL)
 		return detour_return(skb, d);
-	if (sfunnel_detour_funnel(skb, &p, &m, d->dev_ifindex, !(d->flags & SFUNNEL_DETOUR_INGRESS)))
+	int rc = sfunnel_detour_funnel(skb, &p, &m, d->dev_ifindex, !(d->flags & SFUNNEL_DETOUR_INGRESS));
+
+	if (rc == TC_ACT_REDIRECT)
+		return TC_ACT_REDIRECT;
+	if (rc)
 		return TC_ACT_SHOT;
 	return detour_return(skb, d);
 }

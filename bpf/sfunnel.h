@@ -30,8 +30,8 @@
  *    index of the first rule that produced it, and the smallest index over the
  *    probed shapes is the answer.
  *
- * Two generations of everything exist; `active` names the one in use.  A
- * rerun fills the other one and flips `active` with a single 4-byte write.
+ * Two generations of everything exist; `sf_active` names the one in use.  A
+ * rerun fills the other one and flips `sf_active` with a single 4-byte write.
  */
 #ifndef SFUNNEL_H
 #define SFUNNEL_H
@@ -106,7 +106,7 @@ enum sfunnel_addr_field {
 	SFUNNEL_FIELD_DADDR6 = 3,
 };
 
-/* `params[gen]`: what a generation's ruleset needs to be walked. */
+/* `sf_params[gen]`: what a generation's ruleset needs to be walked. */
 struct sfunnel_params {
 	__u64 shapes;         /* shape set of every rule in the ruleset */
 	__u32 nrules;
@@ -123,7 +123,7 @@ struct sfunnel_params {
 	__u64 root_shapes[4];
 };
 
-/* `ports[gen * PORT_SPACE + port]`, port in host order. */
+/* `sf_ports[gen * PORT_SPACE + port]`, port in host order. */
 struct sfunnel_port_class {
 	__u16 sport_class;
 	__u16 dport_class;
@@ -205,21 +205,22 @@ enum sfunnel_attach_mode {
 };
 
 /*
- * `meta[0]`: what the loader recorded about this attachment.  The datapath
- * never reads it; a rerun checks it before reusing the pins.
+ * `sf_meta[0]`: what the loader recorded about this attachment, so that a
+ * later sfunnel (a rerun, status, gc) can tell what a program it finds on
+ * a hook, or by its id, is for.  The datapath never reads it.
  */
 struct sfunnel_meta {
-	__u32 abi_version; /* SFUNNEL_ABI_VERSION of the loader that pinned it */
+	__u32 abi_version;  /* SFUNNEL_ABI_VERSION of the loader that made it */
 	__u32 ifindex;
-	__u32 mode;        /* enum sfunnel_attach_mode */
-	__u32 egress;      /* 0: ingress, 1: egress */
-	__u32 tc_handle;   /* clsact only */
-	__u32 tc_prio;     /* clsact only */
-	__u64 netns_ino;   /* inode of the network namespace */
+	__u32 mode;         /* enum sfunnel_attach_mode */
+	__u32 egress;       /* 0: ingress, 1: egress */
+	__u64 netns_cookie; /* the network namespace; the kernel never reuses it */
+	__u64 netns_ino;    /* its inode, to find it by (reused once it is gone) */
+	char ifname[16];    /* the interface's name at load */
 };
 
 /*
- * `detour[0]`: the segmentation detour of an attachment that funnels
+ * `sf_detour[0]`: the segmentation detour of an attachment that funnels
  * (detour.h).
  * All zero: no detour, GSO packets are funneled as they are.
  */

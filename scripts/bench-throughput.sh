@@ -20,7 +20,11 @@
 # (segments back out of the interface), and DETOUR_CPUS=sender (segments
 # funneled by the CPU that sent them).  Each run also samples the CPU time
 # the machine spent (/proc/stat): the last column is CPU time per bit
-# against plain's in the same round.  A last round runs unpaced UDP again
+# against plain's in the same round.  Unpaced UDP is also measured with
+# the client's tx checksumming off, funneled in place, against plain UDP
+# sent the same way: the datagrams of the default rows have their checksum
+# still owed, and take the detour (README, "Checksums through NAT").  A
+# last round runs unpaced UDP again
 # with kernel.bpf_stats_enabled on (restored after), and prints the time
 # sfunnel's programs took per packet at each end, and their share of the
 # run: what funneling a datagram costs on the CPU that carries it.
@@ -205,12 +209,17 @@ printf 'CPU/bit: CPU time the machine spent per bit received, against plain in t
 
 # Each round runs plain and the funneled flows back to back, so that a
 # noisy neighbour hits both; the ratio is taken per round.
-declare -a P TT TU TTX TUX TTS TUS UP UT UU P6 TT6 TU6 UP6 UT6 UU6
+declare -a P TT TU TTX TUX TTS TUS UP UT UU UPC UTC UUC P6 TT6 TU6 UP6 UT6 UU6
 for ((r = 0; r < ROUNDS; r++)); do
   P+=("$(tcp_run 5301)"); TT+=("$(tcp_run 5201)"); TU+=("$(tcp_run 5202)")
   client_load transmit all; TTX+=("$(tcp_run 5201)"); TUX+=("$(tcp_run 5202)")
   client_load auto sender; TTS+=("$(tcp_run 5201)"); TUS+=("$(tcp_run 5202)"); client_load auto all
   UP+=("$(udp_run 5303 0)"); UT+=("$(udp_run 5203 0)"); UU+=("$(udp_run 5204 0)")
+  # The sender's checksums complete (tx off): funneled in place, not in
+  # the detour (README, "Checksums through NAT").
+  ip netns exec $C ethtool -K sfbt0 tx off >/dev/null
+  UPC+=("$(udp_run 5303 0)"); UTC+=("$(udp_run 5203 0)"); UUC+=("$(udp_run 5204 0)")
+  ip netns exec $C ethtool -K sfbt0 tx on >/dev/null
   P6+=("$(tcp_run 5301 $SIP6)"); TT6+=("$(tcp_run 5201 $SIP6)"); TU6+=("$(tcp_run 5202 $SIP6)")
   UP6+=("$(udp_run 5303 0 $SIP6)"); UT6+=("$(udp_run 5203 0 $SIP6)"); UU6+=("$(udp_run 5204 0 $SIP6)")
 done
@@ -219,16 +228,28 @@ read -r pu _ pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 _ tul < <(udp_run 52
 # at the sender, ns/packet at the receiver, share of the run (%)".
 prog_stats() { bpftool prog show id "$1" -j | python3 -c 'import json,sys; p = json.load(sys.stdin); print(p.get("run_time_ns", 0), p.get("run_cnt", 0))'; }
 SEND_PROG=$(status_field sfbt0 egress prog_id) RECV_PROG=$(status_field sfbt3 ingress prog_id)
+# The detour's programs (the client's funnels what it sends; the server's
+# only its TCP replies, which this run has none of).
+DETOUR_PROGS=$(bpftool prog show name sfunnel_detour -j | python3 -c 'import json,sys; print(" ".join(str(p["id"]) for p in json.load(sys.stdin)))')
+detour_stats() { local t=0 n=0 a b; for id in $DETOUR_PROGS; do read -r a b < <(prog_stats "$id"); t=$((t + a)) n=$((n + b)); done; echo "$t $n"; }
+# "Gbit/s, ns per packet at the sender's egress, in the sender's detour
+# (per packet sent; - when none went through it), at the receiver, and
+# the three as a share of the run".
 timed_udp_run() {
-  local s0 sn0 s1 sn1 r0 rn0 r1 rn1 g
-  read -r s0 sn0 < <(prog_stats "$SEND_PROG"); read -r r0 rn0 < <(prog_stats "$RECV_PROG")
+  local s0 sn0 s1 sn1 r0 rn0 r1 rn1 d0 dn0 d1 dn1 g
+  read -r s0 sn0 < <(prog_stats "$SEND_PROG"); read -r r0 rn0 < <(prog_stats "$RECV_PROG"); read -r d0 dn0 < <(detour_stats)
   read -r g _ < <(udp_run "$1" 0)
-  read -r s1 sn1 < <(prog_stats "$SEND_PROG"); read -r r1 rn1 < <(prog_stats "$RECV_PROG")
-  awk -v g="$g" -v s="$((s1 - s0))" -v sn="$((sn1 - sn0))" -v r="$((r1 - r0))" -v rn="$((rn1 - rn0))" -v t="$T" \
-    'BEGIN {printf "%.2f %s %s %.1f\n", g, sn ? sprintf("%.0f", s / sn) : "-", rn ? sprintf("%.0f", r / rn) : "-", 100 * (s + r) / (t * 1e9)}'
+  read -r s1 sn1 < <(prog_stats "$SEND_PROG"); read -r r1 rn1 < <(prog_stats "$RECV_PROG"); read -r d1 dn1 < <(detour_stats)
+  awk -v g="$g" -v s="$((s1 - s0))" -v sn="$((sn1 - sn0))" -v r="$((r1 - r0))" -v rn="$((rn1 - rn0))" \
+    -v d="$((d1 - d0))" -v dn="$((dn1 - dn0))" -v t="$T" \
+    'BEGIN {printf "%.2f %s %s %s %.1f\n", g, sn ? sprintf("%.0f", s / sn) : "-", dn ? sprintf("%.0f", d / sn) : "-",
+            rn ? sprintf("%.0f", r / rn) : "-", 100 * (s + d + r) / (t * 1e9)}'
 }
 sysctl -qw kernel.bpf_stats_enabled=1
 SP=$(timed_udp_run 5303) ST=$(timed_udp_run 5203) SU=$(timed_udp_run 5204)
+ip netns exec $C ethtool -K sfbt0 tx off >/dev/null
+SPC=$(timed_udp_run 5303) STC=$(timed_udp_run 5203) SUC=$(timed_udp_run 5204)
+ip netns exec $C ethtool -K sfbt0 tx on >/dev/null
 sysctl -qw kernel.bpf_stats_enabled="$STATS_WAS"
 rr_plain=$(rr_run 5305)
 rr_fun=$(rr_run 5205)
@@ -269,6 +290,9 @@ row "  (TCP over UDP)" TUS P "-"
 row "plain UDP, 1400 B, unpaced" UP "" "$(loss UP)%"
 row "UDP over TCP (funneled)" UT UP "$(loss UT)%"
 row "UDP over UDP (funneled)" UU UP "$(loss UU)%"
+row "plain UDP, sender tx off" UPC "" "$(loss UPC)%"
+row "UDP over TCP, in place (tx off)" UTC UPC "$(loss UTC)%"
+row "UDP over UDP, in place (tx off)" UUC UPC "$(loss UUC)%"
 row "IPv6: plain TCP" P6 "" "-"
 row "IPv6: TCP over TCP (funneled)" TT6 P6 "-"
 row "IPv6: TCP over UDP (funneled)" TU6 P6 "-"
@@ -282,12 +306,13 @@ printf '%-34s %6s %29s\n' "request/response, plain (per s)" "$rr_plain" "100%"
 printf '%-34s %6s %29s\n' "request/response, funneled both ways" "$rr_fun" "$(awk -v a="$rr_fun" -v b="$rr_plain" 'BEGIN {printf "%.0f%%", 100 * a / b}')"
 echo
 printf 'time in sfunnel'"'"'s programs, unpaced UDP over IPv4, one more run each (kernel.bpf_stats_enabled;\n'
-printf 'the counting adds to each figure): ns per packet at the sender (egress) and the receiver (ingress),\n'
-printf 'and both as a share of the run: here one CPU carries the whole flow (sender, router, receiver)\n'
-printf '%-34s %6s %12s %12s %10s\n' "flow" "Gbit/s" "sender ns" "receiver ns" "of a CPU"
-for x in "plain UDP (no rule matches)|$SP" "UDP over TCP (funneled)|$ST" "UDP over UDP (funneled)|$SU"; do
-  read -r g sn rn share <<<"${x#*|}"
-  printf '%-34s %6.2f %12s %12s %9s%%\n' "${x%%|*}" "$g" "$sn" "$rn" "$share"
+printf 'the counting adds to each figure): ns per packet at the sender (egress), in its detour, and at the\n'
+printf 'receiver (ingress), and the three as a share of the run: here one CPU carries the whole flow\n'
+printf '%-34s %6s %10s %10s %12s %10s\n' "flow" "Gbit/s" "sender ns" "detour ns" "receiver ns" "of a CPU"
+for x in "plain UDP (no rule matches)|$SP" "UDP over TCP (funneled)|$ST" "UDP over UDP (funneled)|$SU" \
+  "plain UDP, sender tx off|$SPC" "UDP over TCP, in place (tx off)|$STC" "UDP over UDP, in place (tx off)|$SUC"; do
+  read -r g sn dn rn share <<<"${x#*|}"
+  printf '%-34s %6.2f %10s %10s %12s %9s%%\n' "${x%%|*}" "$g" "$sn" "$dn" "$rn" "$share"
 done
 echo
 echo "bulk TCP over TCP: $(bulk_run 5211)"

@@ -17,9 +17,11 @@ fn effective() -> u64 {
         .unwrap_or(0)
 }
 
-/// What loading, attaching and pinning need.  `netns`: also entering a
-/// namespace.
-pub fn require_for_load(netns: bool) -> Result<()> {
+/// What loading, attaching, unloading, `status` and `gc` need: BPF
+/// programs loaded and attached (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN), and
+/// sfunnel's programs found by their ids and namespaces entered
+/// (CAP_SYS_ADMIN).
+pub fn require_for_load() -> Result<()> {
     let eff = effective();
     let has = |c: u32| eff & (1u64 << c) != 0;
     let mut missing = Vec::new();
@@ -33,8 +35,8 @@ pub fn require_for_load(netns: bool) -> Result<()> {
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
-    if netns && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_SYS_ADMIN (to enter the network namespace)");
+    if !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_SYS_ADMIN (to find sfunnel's programs by id, and to enter network namespaces)");
     }
     if !missing.is_empty() {
         bail!(

@@ -39,8 +39,9 @@ pub enum Command {
     Unload(UnloadArgs),
     /// Show every attachment sfunnel manages, with per-rule counters.
     Status(StatusArgs),
-    /// Remove the pins of attachments whose network namespace or interface
-    /// no longer exists (pods that are gone, say).
+    /// Remove what sfunnel keeps for attachments the kernel shows dead (a
+    /// TCX link whose interface is gone, with a pod's namespace, say).
+    /// Every load and unload does the same first.
     Gc(GcArgs),
     /// Build throwaway namespaces, funnel UDP and TCP through them, show
     /// what happened, and remove everything.  Needs root.
@@ -85,6 +86,25 @@ pub struct TargetArgs {
     /// event on stderr).  $DEBUG takes 1/0, true/false, yes/no, on/off.
     #[arg(short, long, env = "DEBUG", value_parser = clap::builder::BoolishValueParser::new())]
     pub verbose: bool,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+}
+
+/// How long to wait for another sfunnel on the node.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// Seconds to wait for the lock that every sfunnel on the node shares
+    /// (another load, unload or gc holds it), before giving up with an
+    /// error that names who holds it.
+    #[arg(long, env = "SFUNNEL_LOCK_TIMEOUT", value_name = "SECONDS", default_value_t = 30.0)]
+    pub lock_timeout: f64,
+}
+
+impl LockArgs {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.lock_timeout.max(0.0))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +167,9 @@ pub struct GcArgs {
     /// Only say what would be removed.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Debug, Args)]

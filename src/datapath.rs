@@ -72,14 +72,29 @@ pod! {
     sfunnel_rule_key = 16,
     sfunnel_rule_val = 12,
     sfunnel_counter = 32,
-    sfunnel_meta = 32,
+    sfunnel_meta = 48,
     sfunnel_detour = 16,
 }
 
-/// The names under which an attachment's maps are pinned, in the order
-/// `RulesetMaps` holds them.
-pub const MAP_PINS: [&str; 10] =
-    ["active", "params", "ports", "addr_maps", "rule_maps", "counter_maps", "text_maps", "stats", "meta", "detour"];
+/// The datapath's program names, as the kernel (and `bpftool prog`) shows
+/// them: the function names in bpf/sfunnel.bpf.c.
+pub const PROG_NAME: &str = "sfunnel";
+pub const DETOUR_PROG_NAME: &str = "sfunnel_detour";
+
+/// The maps `RulesetMaps` holds, by the names the kernel gives them (the
+/// variables of bpf/maps.h), in its field order.
+pub const MAP_NAMES: [&str; 10] = [
+    "sf_active",
+    "sf_params",
+    "sf_ports",
+    "sf_addr_maps",
+    "sf_rule_maps",
+    "sf_counter_maps",
+    "sf_text_maps",
+    "sf_stats",
+    "sf_meta",
+    "sf_detour",
+];
 
 /// A loaded (not attached, not pinned) instance of the program and maps.
 pub struct Loaded {
@@ -124,7 +139,69 @@ impl Loaded {
             "loading the BPF program (the kernel refused it: it needs CAP_BPF, CAP_PERFMON and \
              CAP_NET_ADMIN, and a kernel with BTF, 5.17 or newer; `sfunnel load -v` shows the verifier's log)",
         )?;
-        Ok(Loaded { skel, detour })
+        let loaded = Loaded { skel, detour };
+        loaded.bind_all_maps()?;
+        Ok(loaded)
+    }
+
+    /// Binds every map of `MAP_NAMES` to the loaded programs, also those
+    /// no instruction uses (`sf_meta`, `sf_text_maps`): a program then holds
+    /// all of them, and the kernel lists them as its maps, which is how a
+    /// later sfunnel finds them from the program alone (`RulesetMaps::from_prog`).
+    fn bind_all_maps(&self) -> Result<()> {
+        let m = &self.skel.maps;
+        let mut progs = vec![&self.skel.progs.sfunnel];
+        if self.detour {
+            progs.push(&self.skel.progs.sfunnel_detour);
+        }
+        for prog in progs {
+            if !prog.autoload() {
+                continue;
+            }
+            for map in [&m.sf_meta, &m.sf_text_maps] {
+                // SAFETY: both fds are valid for the call; no options.
+                let rc = unsafe {
+                    libbpf_sys::bpf_prog_bind_map(prog.as_fd().as_raw_fd(), map.as_fd().as_raw_fd(), std::ptr::null())
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::from_raw_os_error(-rc))
+                        .context("binding a map to the program (BPF_PROG_BIND_MAP, Linux 5.10)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads only the detour's program, for the maps of an attachment that
+    /// is already live (`maps`, found through its program): a rerun that
+    /// makes the helper pair again hooks it there.  The main program and
+    /// fresh maps are not made.
+    pub fn detour_for(maps: &RulesetMaps, tcx: bool) -> Result<Loaded> {
+        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = SfunnelSkelBuilder::default().open(storage).context("opening the embedded BPF object")?;
+        if tcx {
+            open.progs.sfunnel_detour.set_attach_type(libbpf_rs::ProgramAttachType::TcxIngress);
+        }
+        open.progs.sfunnel.set_autoload(false);
+        let m = &mut open.maps;
+        for (map, live) in [
+            (&mut m.sf_active, &maps.active),
+            (&mut m.sf_params, &maps.params),
+            (&mut m.sf_ports, &maps.ports),
+            (&mut m.sf_addr_maps, &maps.addr_maps),
+            (&mut m.sf_rule_maps, &maps.rule_maps),
+            (&mut m.sf_counter_maps, &maps.counter_maps),
+            (&mut m.sf_text_maps, &maps.text_maps),
+            (&mut m.sf_stats, &maps.stats),
+            (&mut m.sf_meta, &maps.meta),
+            (&mut m.sf_detour, &maps.detour),
+        ] {
+            map.reuse_fd(live.as_fd()).context("reusing a live map for the detour's program")?;
+        }
+        let skel = open.load().context("loading the segmentation detour's program for a live attachment")?;
+        let loaded = Loaded { skel, detour: true };
+        loaded.bind_all_maps()?;
+        Ok(loaded)
     }
 
     /// Handles on this instance's maps.
@@ -132,47 +209,17 @@ impl Loaded {
         let m = &self.skel.maps;
         let h = |map: &libbpf_rs::Map<'_>| MapHandle::try_from(map).context("duplicating a map fd");
         Ok(RulesetMaps {
-            active: h(&m.active)?,
-            params: h(&m.params)?,
-            ports: h(&m.ports)?,
-            addr_maps: h(&m.addr_maps)?,
-            rule_maps: h(&m.rule_maps)?,
-            counter_maps: h(&m.counter_maps)?,
-            text_maps: h(&m.text_maps)?,
-            stats: h(&m.stats)?,
-            meta: h(&m.meta)?,
-            detour: h(&m.detour)?,
+            active: h(&m.sf_active)?,
+            params: h(&m.sf_params)?,
+            ports: h(&m.sf_ports)?,
+            addr_maps: h(&m.sf_addr_maps)?,
+            rule_maps: h(&m.sf_rule_maps)?,
+            counter_maps: h(&m.sf_counter_maps)?,
+            text_maps: h(&m.sf_text_maps)?,
+            stats: h(&m.sf_stats)?,
+            meta: h(&m.sf_meta)?,
+            detour: h(&m.sf_detour)?,
         })
-    }
-
-    /// Pins the program as `dir/prog`, the detour's (if loaded) as
-    /// `dir/detour_prog`, and the maps under their `MAP_PINS` names.  On failure, what was
-    /// pinned is unpinned again.
-    pub fn pin(&mut self, dir: &std::path::Path) -> Result<()> {
-        let mut done: Vec<std::path::PathBuf> = Vec::new();
-        let result = (|| -> Result<()> {
-            let prog = dir.join("prog");
-            self.skel.progs.sfunnel.pin(&prog).with_context(|| format!("pinning {}", prog.display()))?;
-            done.push(prog);
-            if self.detour {
-                let detour = dir.join("detour_prog");
-                self.skel.progs.sfunnel_detour.pin(&detour).with_context(|| format!("pinning {}", detour.display()))?;
-                done.push(detour);
-            }
-            let maps = self.maps()?;
-            for (name, mut map) in MAP_PINS.iter().zip(maps.all_mut()) {
-                let path = dir.join(name);
-                map.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-                done.push(path);
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            for p in done {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-        result
     }
 
     pub fn program(&self) -> &libbpf_rs::ProgramMut<'static> {
@@ -379,40 +426,96 @@ fn write_ports(ports: &MapHandle, gen: u32, classes: &[sfunnel_port_class]) -> R
     })
 }
 
+/// A ruleset staged in the inactive generation of an attachment's maps.
+#[derive(Debug, Clone, Copy)]
+pub struct Staged {
+    pub old: u32,
+    pub new: u32,
+}
+
+impl Staged {
+    /// Makes the staged generation the active one: one aligned 4-byte
+    /// write, so a packet sees either the old ruleset or the new one,
+    /// whole.
+    pub fn flip(&self, maps: &RulesetMaps) -> Result<()> {
+        maps.active.update(&u32_key(0), &u32_key(self.new), MapFlags::ANY).context("activating the new ruleset")
+    }
+
+    /// Makes the old generation active again (a load over several targets
+    /// that failed on a later one); it is whole until [`Staged::release`].
+    pub fn unflip(&self, maps: &RulesetMaps) -> Result<()> {
+        maps.active.update(&u32_key(0), &u32_key(self.old), MapFlags::ANY).context("activating the old ruleset again")
+    }
+
+    /// Drops the old generation's tables.  The kernel waits for running
+    /// programs first (synchronize_rcu on map-in-map updates), so no
+    /// packet still walking them loses them.
+    pub fn release(&self, maps: &RulesetMaps) -> Result<()> {
+        let old = self.old;
+        concurrently(&[&maps.addr_maps, &maps.rule_maps, &maps.counter_maps, &maps.text_maps], |outer| {
+            // An empty slot (the first load) needs no delete, and a delete
+            // costs a grace period even when there is nothing to delete.
+            if outer.lookup(&u32_key(old), MapFlags::ANY)?.is_none() {
+                return Ok(());
+            }
+            match outer.delete(&u32_key(old)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).context("releasing the previous ruleset's tables"),
+            }
+        })?;
+        crate::log::event!("installed", generation = format!("{}->{}", self.old, self.new));
+        Ok(())
+    }
+}
+
 impl RulesetMaps {
-    /// Opens the maps pinned in `dir` under their `MAP_PINS` names.
-    pub fn from_pins(dir: &std::path::Path) -> Result<RulesetMaps> {
-        let open = |name: &str| {
-            let p = dir.join(name);
-            MapHandle::from_pinned_path(&p).with_context(|| format!("opening the pinned map {}", p.display()))
+    /// The maps of the program `prog` (one of sfunnel's, of this layout),
+    /// found by their names among the maps the kernel says it uses.
+    pub fn from_prog(prog: std::os::fd::BorrowedFd<'_>) -> Result<RulesetMaps> {
+        let info = crate::objects::prog_info(prog)?;
+        let mut found: [Option<MapHandle>; 10] = Default::default();
+        for id in info.map_ids {
+            let map = MapHandle::from_map_id(id).with_context(|| format!("opening BPF map {id}"))?;
+            let name = crate::objects::map_name(map.as_fd())?;
+            if let Some(i) = MAP_NAMES.iter().position(|n| *n == name) {
+                found[i] = Some(map);
+            }
+        }
+        let mut it = found.into_iter().zip(MAP_NAMES);
+        let mut next = || {
+            let (m, name) = it.next().expect("ten maps");
+            m.with_context(|| format!("program {} has no map {name}: it is not of this sfunnel's layout", info.id))
         };
         Ok(RulesetMaps {
-            active: open("active")?,
-            params: open("params")?,
-            ports: open("ports")?,
-            addr_maps: open("addr_maps")?,
-            rule_maps: open("rule_maps")?,
-            counter_maps: open("counter_maps")?,
-            text_maps: open("text_maps")?,
-            stats: open("stats")?,
-            meta: open("meta")?,
-            detour: open("detour")?,
+            active: next()?,
+            params: next()?,
+            ports: next()?,
+            addr_maps: next()?,
+            rule_maps: next()?,
+            counter_maps: next()?,
+            text_maps: next()?,
+            stats: next()?,
+            meta: next()?,
+            detour: next()?,
         })
     }
 
-    fn all_mut(self) -> [MapHandle; 10] {
-        [
-            self.active,
-            self.params,
-            self.ports,
-            self.addr_maps,
-            self.rule_maps,
-            self.counter_maps,
-            self.text_maps,
-            self.stats,
-            self.meta,
-            self.detour,
-        ]
+    /// Another set of handles on the same maps.
+    pub fn try_clone(&self) -> Result<RulesetMaps> {
+        let h = |m: &MapHandle| MapHandle::try_from(m).context("duplicating a map fd");
+        Ok(RulesetMaps {
+            active: h(&self.active)?,
+            params: h(&self.params)?,
+            ports: h(&self.ports)?,
+            addr_maps: h(&self.addr_maps)?,
+            rule_maps: h(&self.rule_maps)?,
+            counter_maps: h(&self.counter_maps)?,
+            text_maps: h(&self.text_maps)?,
+            stats: h(&self.stats)?,
+            meta: h(&self.meta)?,
+            detour: h(&self.detour)?,
+        })
     }
 
     pub fn read_meta(&self) -> Result<sfunnel_meta> {
@@ -442,14 +545,18 @@ impl RulesetMaps {
         Ok(u32::from_ne_bytes(v[..4].try_into()?) & 1)
     }
 
-    /// Installs `c` as the new ruleset.
-    ///
-    /// The inactive generation is filled completely, then made active by
-    /// one 4-byte write; a packet sees either the old ruleset or the new one,
-    /// whole.  Removing the old generation's inner maps waits for running
-    /// programs (the kernel's synchronize_rcu on map-in-map updates), so no
-    /// packet still walking them loses them.  Counters start at zero.
+    /// Installs `c` as the new ruleset: [`RulesetMaps::stage`], then
+    /// [`Staged::flip`], then [`Staged::release`].  Counters start at zero.
     pub fn install(&self, c: &Compiled, settings: Settings) -> Result<()> {
+        let staged = self.stage(c, settings)?;
+        staged.flip(self)?;
+        staged.release(self)
+    }
+
+    /// Fills the inactive generation with `c`, completely, without making
+    /// it active: no packet sees any of it until [`Staged::flip`].  What a
+    /// previous stage left in that generation is replaced.
+    pub fn stage(&self, c: &Compiled, settings: Settings) -> Result<Staged> {
         let started = std::time::Instant::now();
         let old = self.active_gen()?;
         let new = old ^ 1;
@@ -491,8 +598,6 @@ impl RulesetMaps {
         write_ports(&self.ports, new, &c.ports)?;
         let params = sfunnel_params { flags: c.params.flags | settings.flags(), ..c.params };
         self.params.update(&u32_key(new), params.as_bytes(), MapFlags::ANY)?;
-        // Each map-in-map update waits for a grace period (synchronize_rcu);
-        // made concurrently, the waits overlap instead of adding up.
         // The canonical text, for `status`, in RULESET_TEXT_CHUNK pieces.
         let chunk = RULESET_TEXT_CHUNK as usize;
         let pieces: Vec<&[u8]> = c.canonical.as_bytes().chunks(chunk).collect();
@@ -504,6 +609,8 @@ impl RulesetMaps {
             text.update(&u32_key(i as u32), &v, MapFlags::ANY).context("writing the ruleset text")?;
         }
 
+        // Each map-in-map update waits for a grace period (synchronize_rcu);
+        // made concurrently, the waits overlap instead of adding up.
         let slots = [
             (&self.addr_maps, &addrs),
             (&self.rule_maps, &rules),
@@ -516,25 +623,9 @@ impl RulesetMaps {
                 .update(&u32_key(new), &fd.to_ne_bytes(), MapFlags::ANY)
                 .context("placing a ruleset table in its generation slot")
         })?;
-
-        // The switch: one aligned 4-byte write.
-        self.active.update(&u32_key(0), &u32_key(new), MapFlags::ANY).context("activating the new ruleset")?;
-
-        concurrently(&[&self.addr_maps, &self.rule_maps, &self.counter_maps, &self.text_maps], |outer| {
-            // An empty slot (the first load) needs no delete, and a delete
-            // costs a grace period even when there is nothing to delete.
-            if outer.lookup(&u32_key(old), MapFlags::ANY)?.is_none() {
-                return Ok(());
-            }
-            match outer.delete(&u32_key(old)) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e).context("releasing the previous ruleset's tables"),
-            }
-        })?;
         crate::log::event!(
-            "installed",
-            generation = format!("{old}->{new}"),
+            "staged",
+            generation = new,
             rules = c.params.nrules,
             rule_entries = c.rules.len(),
             prefixes = c.addrs.len(),
@@ -542,7 +633,7 @@ impl RulesetMaps {
             over_mtu = settings.over_mtu.as_str(),
             ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3)
         );
-        Ok(())
+        Ok(Staged { old, new })
     }
 
     /// The active generation's ruleset, in canonical form.

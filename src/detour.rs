@@ -13,10 +13,12 @@
 //!                       to the interface
 //! ```
 //!
-//! `load` makes the pair (a rerun keeps the one it made before), `unload` and
-//! `gc` delete it; a namespace takes its pair with it when it goes.  Both
-//! ends have no addresses, IPv6 off and the largest MTU, so they carry
-//! nothing but detoured packets, of any size the interface sends.
+//! `load` makes the pair (a rerun keeps the one it made before), `unload`
+//! deletes it, and a load in the namespace deletes a pair whose interface
+//! is gone ([`remove_orphans`]); a namespace takes its pairs with it when
+//! it goes.  Both ends have no addresses, IPv6 off and the largest MTU, so
+//! they carry nothing but detoured packets, of any size the interface
+//! sends, and the alias [`ALIAS`], so that `ip link` says what they are.
 //!
 //! rtnetlink is spoken directly (a few fixed messages), so the static
 //! binary needs no `ip` command on the host.
@@ -38,6 +40,59 @@ pub fn names(ifindex: u32, d: Direction) -> (String, String) {
         Direction::Ingress => 'i',
     };
     (format!("sf{d}g{ifindex}"), format!("sf{d}s{ifindex}"))
+}
+
+/// Both ends' alias (`ip link` shows it), by which sfunnel knows its own
+/// helpers (and leaves them out of "every interface").
+pub const ALIAS: &str = "sfunnel segmentation detour";
+
+/// The direction and the served interface's index that a helper's name
+/// says, if `name` is named as [`names`] names helpers.
+pub fn parse_name(name: &str) -> Option<(Direction, u32)> {
+    let rest = name.strip_prefix("sf")?;
+    let d = match rest.as_bytes().first()? {
+        b'e' => Direction::Egress,
+        b'i' => Direction::Ingress,
+        _ => return None,
+    };
+    let num = rest[1..].strip_prefix('g').or_else(|| rest[1..].strip_prefix('s'))?;
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((d, num.parse().ok()?))
+}
+
+/// Whether the interface `index` called `name` is one of sfunnel's
+/// helpers: named as helpers are, and a veth that carries [`ALIAS`] (or,
+/// made by an earlier build, no alias at all).
+pub fn is_helper(name: &str, index: u32) -> bool {
+    parse_name(name).is_some()
+        && Netlink::open()
+            .and_then(|nl| Ok(nl.link(index)?))
+            .is_ok_and(|l| l.kind.as_deref() == Some("veth") && l.alias.as_deref().is_none_or(|a| a == ALIAS))
+}
+
+/// Deletes this namespace's helper pairs whose interface is gone (its
+/// index names no interface that is not a helper).  Such a pair holds its
+/// detour program, and through it the attachment's maps, for nothing.
+/// Returns the pairs deleted.
+pub fn remove_orphans() -> Result<Vec<String>> {
+    let all = nix::net::if_::if_nameindex().context("listing the namespace's interfaces")?;
+    let links: Vec<(String, u32)> = all.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect();
+    let served: Vec<u32> = links.iter().filter(|(n, i)| !is_helper(n, *i)).map(|(_, i)| *i).collect();
+    let mut removed = Vec::new();
+    for (name, index) in &links {
+        let Some((d, dev)) = parse_name(name) else { continue };
+        if served.contains(&dev) || !is_helper(name, *index) {
+            continue;
+        }
+        if remove(dev, d)? {
+            let (o, i) = names(dev, d);
+            event!("helper_orphan_removed", pair = format!("{o}/{i}"), why = "its interface is gone");
+            removed.push(format!("{o}/{i}"));
+        }
+    }
+    Ok(removed)
 }
 
 /// The pair's interface indexes: (out, in).
@@ -79,6 +134,8 @@ pub fn create(ifindex: u32, d: Direction) -> Result<Pair> {
         }
         let p = find(ifindex, d).with_context(|| format!("the new helper pair {o}/{i} is not there"))?;
         complete_checksums(p.out, &o)?;
+        nl.set_alias(p.out, ALIAS)?;
+        nl.set_alias(p.inn, ALIAS)?;
         nl.set_up(p.out)?;
         nl.set_up(p.inn)?;
         Ok(p)
@@ -274,6 +331,8 @@ struct Link {
     kind: Option<String>,
     /// IFLA_QDISC: the root qdisc's kind ("noqueue" when there is none).
     qdisc: Option<String>,
+    /// IFLA_IFALIAS.
+    alias: Option<String>,
 }
 
 /// A string attribute's value, without its NUL.
@@ -369,6 +428,7 @@ impl Netlink {
                         }
                         IFLA_LINK_NETNSID => link.peer_netns = true,
                         IFLA_QDISC => link.qdisc = Some(attr_str(val)),
+                        libc::IFLA_IFALIAS => link.alias = Some(attr_str(val)),
                         IFLA_LINKINFO => {
                             link.kind = attrs(val).find(|&(t, _)| t == IFLA_INFO_KIND).map(|(_, v)| attr_str(v))
                         }
@@ -450,6 +510,13 @@ impl Netlink {
         self.request(libc::RTM_NEWLINK, 0, &b).with_context(|| format!("setting helper interface {index} up"))
     }
 
+    fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let mut b = Vec::new();
+        ifinfomsg(&mut b, index, 0, 0);
+        attr(&mut b, libc::IFLA_IFALIAS, alias.as_bytes());
+        self.request(libc::RTM_NEWLINK, 0, &b).with_context(|| format!("naming helper interface {index}"))
+    }
+
     fn delete(&self, index: u32) -> io::Result<()> {
         let mut b = Vec::new();
         ifinfomsg(&mut b, index, 0, 0);
@@ -459,6 +526,18 @@ impl Netlink {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn helper_names_parse_back() {
+        use crate::attach::Direction::{Egress, Ingress};
+        for (d, i) in [(Egress, 7u32), (Ingress, 4294967295)] {
+            let (o, n) = super::names(i, d);
+            assert_eq!((super::parse_name(&o), super::parse_name(&n)), (Some((d, i)), Some((d, i))));
+        }
+        for not in ["sfeg", "sfexg1", "sfeg1x", "sfxg1", "eth0", "sfes-1", "sfeg99999999999"] {
+            assert_eq!(super::parse_name(not), None, "{not}");
+        }
+    }
+
     #[test]
     fn helper_names_fit_ifnamsiz_for_any_index() {
         use crate::attach::Direction::{Egress, Ingress};

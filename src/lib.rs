@@ -9,6 +9,7 @@ pub mod detour;
 pub mod loader;
 pub mod log;
 pub mod netns;
+pub mod objects;
 pub mod pins;
 pub mod ruleset;
 pub mod spread;

@@ -1,22 +1,45 @@
-//! Load, update and unload one attachment (netns × interface × direction).
-//! The caller has entered the namespace and holds the pin lock.
+//! Loads, updates and unloads attachments (a network namespace × an
+//! interface × a direction), all of them or none.
+//!
+//! An attachment is what its hook holds: a clsact filter or a TCX link
+//! holds the program, and the program holds its maps (src/pins.rs).  A
+//! load over several targets runs in three phases, each step of which
+//! registers its own undo:
+//!
+//! - **prepare**, nothing that traffic sees: the new program and its maps
+//!   loaded and filled, or the new ruleset staged in the inactive
+//!   generation of the live maps; a helper pair made where one is needed.
+//!   Dropped, it all goes again.
+//! - **commit**, one atomic switch per target: a generation flip, a TCX
+//!   link made or given its new program, a clsact filter put in its slot
+//!   or swapped there.  If a later target fails, the targets committed so
+//!   far switch back, and the load fails having changed nothing.
+//! - **release**, once every target is live: the old generation's
+//!   tables, the old program, an earlier layout's pins.
+//!
+//! A process that dies at any step leaves each target as it was or as the
+//! load makes it.  What prepare made dies with its descriptors, but for a
+//! helper pair, which the next load in that namespace removes or reuses;
+//! each commit is a single switch; a TCX link made but not yet pinned goes
+//! with the process.  SFUNNEL_FAULT=<step> (one of [`FAULT_STEPS`]) ends
+//! the process at that step, as a crash would, for the tests.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
-use libbpf_rs::Program;
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use crate::attach::{self, clsact, tcx, AttachChoice, Direction, Mode};
 use crate::datapath::consts::{SFUNNEL_ABI_VERSION, SFUNNEL_MODE_CLSACT, SFUNNEL_MODE_TCX};
 use crate::datapath::consts::{SFUNNEL_ACT_FUNNEL, SFUNNEL_DETOUR_INGRESS, SFUNNEL_DETOUR_PEER};
 use crate::datapath::types::{sfunnel_detour, sfunnel_meta};
-use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings};
-use crate::detour::DetourReturn;
+use crate::datapath::{Loaded, OverMtu, RulesetMaps, Settings, Staged, DETOUR_PROG_NAME, PROG_NAME};
+use crate::detour::{DetourReturn, Pair};
 use crate::log::event;
-use crate::pins::Target;
+use crate::netns;
+use crate::objects;
+use crate::pins::{Legacy, LinkKey, Tree};
 use crate::ruleset::Compiled;
 use crate::spread::DetourCpus;
 
@@ -34,6 +57,25 @@ pub struct LoadOptions {
     pub detour_cpus: DetourCpus,
 }
 
+/// One attachment's place: a network namespace, an interface, a direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub netns: netns::Id,
+    pub iface: String,
+    pub ifindex: u32,
+    pub direction: Direction,
+}
+
+impl Target {
+    fn key(&self, detour: bool) -> LinkKey {
+        LinkKey { netns_cookie: self.netns.cookie, ifindex: self.ifindex, direction: self.direction, detour }
+    }
+
+    fn legacy(&self) -> Legacy {
+        Legacy { netns_ino: self.netns.ino, iface: self.iface.clone(), direction: self.direction }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
     pub iface: String,
@@ -44,8 +86,21 @@ pub struct LoadReport {
     pub what: String,
 }
 
+/// The steps at which SFUNNEL_FAULT ends a load, in order: every target
+/// prepared; a new detour program hooked (its target's main program not
+/// yet); a main program hooked (a new TCX link not yet pinned); the first
+/// target committed; everything released.
+pub const FAULT_STEPS: [&str; 5] = ["prepared", "detour-hooked", "attached", "committed", "released"];
+
+fn fault(step: &str) {
+    if std::env::var("SFUNNEL_FAULT").is_ok_and(|s| s == step) {
+        eprintln!("sfunnel: SFUNNEL_FAULT={step}: ending the process here");
+        std::process::abort();
+    }
+}
+
 /// The interface's index, waiting for it to appear (the original
-/// container's N_ATTEMPTS and RETRY_DELAY).
+/// container's N_ATTEMPTS and RETRY_DELAY), with a warning at each wait.
 pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32> {
     let attempts = attempts.max(1);
     for i in 1..=attempts {
@@ -60,6 +115,9 @@ pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32
                 })
             }
             Err(_) => {
+                eprintln!(
+                    "warning: interface {iface} not found (attempt {i} of {attempts}); trying again in {delay:?}"
+                );
                 event!("wait_iface", iface = iface, attempt = i, attempts = attempts, retry_in = format!("{delay:?}"));
                 std::thread::sleep(delay);
             }
@@ -68,125 +126,200 @@ pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32
     unreachable!("the loop returns on its last attempt")
 }
 
-fn mode_of(meta: &sfunnel_meta) -> Option<Mode> {
-    match meta.mode {
-        SFUNNEL_MODE_TCX => Some(Mode::Tcx),
-        SFUNNEL_MODE_CLSACT => Some(Mode::Clsact),
-        _ => None,
+// ---------------------------------------------------------------------------
+// Undo
+// ---------------------------------------------------------------------------
+
+type UndoFn<'a> = Box<dyn FnOnce() -> Result<()> + 'a>;
+
+/// What the steps so far made, undone in reverse order when dropped,
+/// unless disarmed.  An undo that fails is reported, never dropped.
+struct Undo<'a>(Vec<(String, UndoFn<'a>)>);
+
+impl<'a> Undo<'a> {
+    fn new() -> Undo<'a> {
+        Undo(Vec::new())
+    }
+
+    fn push(&mut self, what: impl Into<String>, f: impl FnOnce() -> Result<()> + 'a) {
+        self.0.push((what.into(), Box::new(f)));
+    }
+
+    fn disarm(&mut self) {
+        self.0.clear();
     }
 }
 
-fn pinned_prog(dir: &Path) -> Result<(OwnedFd, u32)> {
-    let fd = Program::fd_from_pinned_path(dir.join("prog")).context("opening the pinned program")?;
-    let id = Program::id_from_fd(fd.as_fd())?;
-    Ok((fd, id))
-}
-
-/// Whether the pinned program is still hooked where the meta says.
-fn still_attached(meta: &sfunnel_meta, ifindex: u32, d: Direction, prog: &OwnedFd, prog_id: u32) -> bool {
-    meta.ifindex == ifindex
-        && match mode_of(meta) {
-            Some(Mode::Tcx) => tcx::attached_ids(ifindex, d).contains(&prog_id),
-            Some(Mode::Clsact) => clsact::query(prog.as_fd(), ifindex, d) == Some(prog_id),
-            None => false,
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        while let Some((what, f)) = self.0.pop() {
+            match f() {
+                Ok(()) => event!("undone", what = what),
+                Err(e) => {
+                    eprintln!("warning: could not undo {what}: {e:#}");
+                    event!("undo_failed", what = what, error = format!("{e:#}"));
+                }
+            }
         }
+    }
 }
 
-/// Why the pins of `t` cannot be reused for `compiled`; None when they can.
-fn reuse_problem(t: &Target, ifindex: u32, compiled: &Compiled) -> Option<String> {
-    let dir = t.dir();
-    let meta = match RulesetMaps::from_pins(&dir).and_then(|m| m.read_meta()) {
-        Ok(m) => m,
-        Err(e) => return Some(format!("incomplete pins: {e:#}")),
+fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    fd.try_clone_to_owned().context("duplicating a descriptor")
+}
+
+// ---------------------------------------------------------------------------
+// What a hook holds
+// ---------------------------------------------------------------------------
+
+/// What a program is, to sfunnel.
+enum Identity {
+    /// sfunnel's, of this layout.
+    Current,
+    /// sfunnel's, of another layout (an earlier or later build).
+    OtherLayout(String),
+    /// Not sfunnel's (its name).
+    NotOurs(String),
+}
+
+fn identify(prog: BorrowedFd<'_>) -> Result<Identity> {
+    let info = objects::prog_info(prog)?;
+    if info.name != PROG_NAME {
+        return Ok(Identity::NotOurs(info.name));
+    }
+    match RulesetMaps::from_prog(prog).and_then(|m| m.read_meta()) {
+        Ok(meta) if meta.abi_version == SFUNNEL_ABI_VERSION => Ok(Identity::Current),
+        Ok(meta) => Ok(Identity::OtherLayout(format!("made by a build of layout {}", meta.abi_version))),
+        Err(_) => Ok(Identity::OtherLayout("made by an earlier build".into())),
+    }
+}
+
+/// sfunnel's attachment found on a target's hook.
+struct Existing {
+    mode: Mode,
+    prog: OwnedFd,
+    prog_id: u32,
+    /// TCX: the link holding the program.
+    link: Option<OwnedFd>,
+    /// Whether that link is pinned where this build keeps it.
+    link_pinned: bool,
+    /// Why it is replaced rather than updated in place.
+    replace: Option<String>,
+    /// Pins of the earlier layout for this target.
+    legacy: bool,
+}
+
+enum OnHook {
+    Nothing,
+    Ours(Box<Existing>),
+    /// Someone else's program in sfunnel's clsact slot.
+    Foreign(u32, String),
+}
+
+fn existing(mode: Mode, prog: OwnedFd, link: Option<OwnedFd>, link_pinned: bool, legacy: bool) -> Result<OnHook> {
+    let prog_id = objects::prog_info(prog.as_fd())?.id;
+    let replace = match identify(prog.as_fd())? {
+        Identity::Current if legacy => Some("kept in an earlier build's pin layout".to_string()),
+        Identity::Current => None,
+        Identity::OtherLayout(why) => Some(why),
+        Identity::NotOurs(name) => return Ok(OnHook::Foreign(prog_id, name)),
     };
-    if meta.abi_version != SFUNNEL_ABI_VERSION {
-        return Some(format!("pinned by an incompatible version (layout {})", meta.abi_version));
-    }
-    let Ok((fd, id)) = pinned_prog(&dir) else { return Some("the pinned program is missing".into()) };
-    if !still_attached(&meta, ifindex, t.direction, &fd, id) {
-        return Some("no longer attached (was the interface re-created?)".into());
-    }
-    if wants_detour(compiled) && !dir.join("detour_prog").exists() {
-        return Some("the ruleset now funnels, which needs the segmentation detour's program".into());
-    }
-    None
+    Ok(OnHook::Ours(Box::new(Existing { mode, prog, prog_id, link, link_pinned, replace, legacy })))
 }
 
-/// Whether an attachment needs the segmentation detour for `compiled`:
-/// some funnel rule (GSO packets: sent on egress, GRO-merged on ingress).
+/// What the target's hook holds now.
+fn inspect(tree: &Tree, t: &Target) -> Result<OnHook> {
+    // TCX: the link this build pins.
+    if let Some(link) = tree.open_link(&t.key(false))? {
+        let info = objects::link_info(link.as_fd())?;
+        if info.ifindex == t.ifindex {
+            let prog = objects::prog_by_id(info.prog_id)?;
+            return existing(Mode::Tcx, prog, Some(link), true, false);
+        }
+        // Hooked on nothing (or on an interface that had this index before):
+        // the pin is stale.
+        tree.unpin_link(&t.key(false))?;
+        tree.unpin_link(&t.key(true))?;
+    }
+    // An earlier layout's pins of this target, if its program is on the hook.
+    let legacy = t.legacy();
+    let has_legacy = tree.legacy().contains(&legacy);
+    if has_legacy {
+        let (link, _) = tree.legacy_links(&legacy);
+        if let Some(link) = link {
+            let info = objects::link_info(link.as_fd())?;
+            if info.ifindex == t.ifindex {
+                let prog = objects::prog_by_id(info.prog_id)?;
+                return existing(Mode::Tcx, prog, Some(link), false, true);
+            }
+        }
+    }
+    // clsact: sfunnel's filter slot.
+    if let Some(id) = clsact::query(t.ifindex, t.direction) {
+        let prog = objects::prog_by_id(id)?;
+        return existing(Mode::Clsact, prog, None, false, has_legacy);
+    }
+    if has_legacy {
+        // Its program is on no hook of this interface in this namespace:
+        // what it pinned holds memory for nothing.
+        tree.remove_legacy(&legacy)?;
+        event!("swept", pins = format!("{legacy:?}"), why = "its program is on no hook");
+    }
+    Ok(OnHook::Nothing)
+}
+
+/// Whether an attachment whose ruleset is `compiled` needs the
+/// segmentation detour: some funnel rule (GSO packets: sent on egress,
+/// GRO-merged on ingress; and packets whose checksum is owed).
 fn wants_detour(compiled: &Compiled) -> bool {
     compiled.rules.iter().any(|(_, v)| v.action as u32 == SFUNNEL_ACT_FUNNEL)
 }
 
-/// Hooks the detour program `prog` on the far end of the helper pair of
-/// the interface `ifindex`, and points the datapath (`maps`) at the pair.
-/// The pair is made afresh, unless `reuse` and it is whole: a replacing
-/// load hooks its program beside (TCX) or in place of (clsact) the old
-/// one, whose datapath keeps using the pair until it is unhooked.  Its
-/// segments are steered to `opts.detour_cpus` first.  Returns
-/// the TCX link (the caller pins it as `detour_link`) and whether the pair
-/// was made here.  On failure a pair made here is gone again, and its hook
-/// with it.
-fn hook_detour(
-    maps: &RulesetMaps,
-    prog: BorrowedFd<'_>,
-    ifindex: u32,
-    direction: Direction,
-    mode: Mode,
-    reuse: bool,
-    opts: &LoadOptions,
-) -> Result<(Option<OwnedFd>, bool)> {
-    let (pair, made) = match crate::detour::find(ifindex, direction).filter(|_| reuse) {
-        Some(p) => (p, false),
-        None => (crate::detour::create(ifindex, direction)?, true),
+/// The program on the far end of `pair` (the detour's hook), if any.
+fn detour_prog_on(pair: Pair, mode: Mode) -> Option<OwnedFd> {
+    let id = match mode {
+        Mode::Tcx => tcx::attached_ids(pair.inn, Direction::Ingress).into_iter().find(|id| {
+            objects::prog_by_id(*id)
+                .is_ok_and(|p| objects::prog_info(p.as_fd()).is_ok_and(|i| i.name == DETOUR_PROG_NAME))
+        })?,
+        Mode::Clsact => clsact::query(pair.inn, Direction::Ingress)?,
     };
-    let (out_name, _) = crate::detour::names(ifindex, direction);
-    let hooked = crate::detour::complete_checksums(pair.out, &out_name)
-        .and_then(|()| spread_detour(pair.inn, ifindex, direction, &opts.detour_cpus))
-        .and_then(|()| match mode {
-            Mode::Tcx => tcx::attach_ingress_fd(prog, pair.inn).map(Some),
-            Mode::Clsact => {
-                let old = clsact::query(prog, pair.inn, Direction::Ingress).filter(|_| !made);
-                clsact::attach(prog, pair.inn, Direction::Ingress, old).map(|()| None)
-            }
-        })
-        .and_then(|link| {
-            let d = sfunnel_detour {
-                dev_ifindex: ifindex,
-                out_ifindex: pair.out,
-                in_ifindex: pair.inn,
-                flags: detour_flags(ifindex, direction, opts.detour_return),
-            };
-            maps.write_detour(&d).map(|()| (link, d.flags))
-        });
-    match hooked {
-        Ok((link, flags)) => {
-            event!(
-                "detour",
-                ifindex = ifindex,
-                out_ifindex = pair.out,
-                in_ifindex = pair.inn,
-                mode = mode,
-                back = crate::detour::Back::of(flags).as_str()
-            );
-            Ok((link, made))
-        }
-        Err(e) => {
-            if made {
-                let _ = crate::detour::remove(ifindex, direction);
-            }
-            Err(e).context("setting up the segmentation detour")
-        }
+    objects::prog_by_id(id).ok()
+}
+
+/// Whether the detour of the live attachment with `maps` is whole: its
+/// record names the interface's pair, and the program on the pair's far
+/// end is the one that shares these maps.
+fn detour_intact(maps: &RulesetMaps, t: &Target, mode: Mode) -> Option<Pair> {
+    let d = maps.read_detour().ok()?;
+    let pair = crate::detour::find(t.ifindex, t.direction)?;
+    if d.dev_ifindex != t.ifindex || d.out_ifindex != pair.out || d.in_ifindex != pair.inn {
+        return None;
+    }
+    let ours = objects::map_id(maps.detour.as_fd()).ok()?;
+    let hooked = detour_prog_on(pair, mode)?;
+    objects::prog_info(hooked.as_fd()).ok()?.map_ids.contains(&ours).then_some(pair)
+}
+
+/// How segments go back from the detour (bpf/detour.h): into the
+/// interface's receive path for an ingress attachment; on egress straight
+/// into its peer's where `back` and `detour::peer_return` allow, else out
+/// of it.
+fn detour_flags(t: &Target, back: DetourReturn) -> u32 {
+    match t.direction {
+        Direction::Ingress => SFUNNEL_DETOUR_INGRESS,
+        Direction::Egress if back == DetourReturn::Auto && crate::detour::peer_return(t.ifindex) => SFUNNEL_DETOUR_PEER,
+        Direction::Egress => 0,
     }
 }
 
-/// Steers the segments that come in on the pair's far end (`inn`) to
-/// `cpus` (spread.rs).  The default, `all`, only speeds things up: where it
-/// cannot be set, the load goes on with a warning.  A choice given
-/// explicitly that cannot be set fails the load.
-fn spread_detour(inn: u32, ifindex: u32, direction: Direction, cpus: &DetourCpus) -> Result<()> {
-    let (_, name) = crate::detour::names(ifindex, direction);
-    match crate::spread::set(&name, inn, cpus) {
+/// Steers the segments that come in on the pair's far end to
+/// `opts.detour_cpus` (spread.rs).  The default, `all`, only speeds things
+/// up: where it cannot be set, the load goes on with a warning.  A choice
+/// given explicitly that cannot be set fails the load.
+fn spread_detour(pair: Pair, t: &Target, cpus: &DetourCpus) -> Result<()> {
+    let (_, name) = crate::detour::names(t.ifindex, t.direction);
+    match crate::spread::set(&name, pair.inn, cpus) {
         Ok(set) => {
             event!("detour_cpus", helper = name, cpus = if set.is_empty() { "sender".into() } else { set });
             Ok(())
@@ -199,144 +332,175 @@ fn spread_detour(inn: u32, ifindex: u32, direction: Direction, cpus: &DetourCpus
     }
 }
 
-/// How segments go back from the detour (bpf/detour.h): into the
-/// interface's receive path for an ingress attachment; on egress straight
-/// into its peer's where `back` and `detour::peer_return` allow, else out
-/// of it.
-fn detour_flags(ifindex: u32, direction: Direction, back: DetourReturn) -> u32 {
-    match direction {
-        Direction::Ingress => SFUNNEL_DETOUR_INGRESS,
-        Direction::Egress if back == DetourReturn::Auto && crate::detour::peer_return(ifindex) => SFUNNEL_DETOUR_PEER,
-        Direction::Egress => 0,
+/// Readies the pair of a detour that is kept: the checksums its out end
+/// completes, and the CPUs that funnel its segments.
+fn ready_pair(pair: Pair, t: &Target, opts: &LoadOptions) -> Result<()> {
+    let (out, _) = crate::detour::names(t.ifindex, t.direction);
+    crate::detour::complete_checksums(pair.out, &out)?;
+    spread_detour(pair, t, &opts.detour_cpus)
+}
+
+/// Makes the pair of `t` afresh (whatever holds its names goes first),
+/// registering its removal.
+fn make_pair(t: &Target, opts: &LoadOptions, undo: &mut Undo<'_>) -> Result<Pair> {
+    let pair = crate::detour::create(t.ifindex, t.direction)?;
+    let (ifindex, direction) = (t.ifindex, t.direction);
+    undo.push("the helper pair", move || crate::detour::remove(ifindex, direction).map(|_| ()));
+    spread_detour(pair, t, &opts.detour_cpus)?;
+    Ok(pair)
+}
+
+fn record(pair: Pair, t: &Target, opts: &LoadOptions) -> sfunnel_detour {
+    sfunnel_detour {
+        dev_ifindex: t.ifindex,
+        out_ifindex: pair.out,
+        in_ifindex: pair.inn,
+        flags: detour_flags(t, opts.detour_return),
     }
 }
 
-/// A rerun keeps the pair (its record `d`), and sets the way back afresh:
-/// the interface's queue may have changed since.  Only the record's flags
-/// word changes, and the datapath reads it once per segment.
-fn refresh_detour_flags(
-    maps: &RulesetMaps,
-    mut d: sfunnel_detour,
-    ifindex: u32,
-    direction: Direction,
-    back: DetourReturn,
-) -> Result<()> {
-    let flags = detour_flags(ifindex, direction, back);
-    if d.flags != flags {
-        d.flags = flags;
-        maps.write_detour(&d)?;
-        event!(
-            "detour",
-            ifindex = ifindex,
-            out_ifindex = d.out_ifindex,
-            in_ifindex = d.in_ifindex,
-            back = crate::detour::Back::of(flags).as_str()
-        );
-    }
-    Ok(())
+// ---------------------------------------------------------------------------
+// Prepare
+// ---------------------------------------------------------------------------
+
+/// What a prepared target will switch at commit.
+enum Change {
+    /// Nothing was on the hook: hook the new program (and its detour's).
+    Attach,
+    /// sfunnel's of this layout: flip to the staged generation, and set
+    /// the detour's way back.
+    InPlace { staged: Staged, detour_flags: Option<u32> },
+    /// sfunnel's of another layout: swap in the new program (and its
+    /// detour's), then let the old one go.
+    Replace { why: String },
 }
 
-/// Whether the datapath's detour record still names the attachment's pair.
-fn detour_intact(maps: &RulesetMaps, ifindex: u32, direction: Direction) -> bool {
-    match (maps.read_detour(), crate::detour::find(ifindex, direction)) {
-        (Ok(d), Some(p)) => d.dev_ifindex == ifindex && d.out_ifindex == p.out && d.in_ifindex == p.inn,
-        _ => false,
-    }
+/// The detour program a commit hooks on the pair's far end, in place of
+/// `old` if one is there.
+struct DetourHook {
+    pair: Pair,
+    prog: OwnedFd,
+    old: Option<OwnedFd>,
+    /// TCX: the link on the pair that runs `old`.
+    old_link: Option<OwnedFd>,
 }
 
-/// Loads or updates the ruleset on one target.
-pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadReport> {
-    let ifindex = wait_for_iface(&t.iface, opts.attempts, opts.retry_delay)?;
-    let dir = t.dir();
-    let settings = Settings { egress: t.direction == Direction::Egress, over_mtu: opts.over_mtu };
-    let mut replaced = None;
-    if dir.exists() {
-        match reuse_problem(t, ifindex, compiled) {
-            None => {
-                let maps = RulesetMaps::from_pins(&dir)?;
-                let meta = maps.read_meta()?;
-                // The detour first: the new funnel rules may send GSO
-                // packets to it as soon as they are in.
-                let detour = wants_detour(compiled);
-                let rehook = detour && !detour_intact(&maps, ifindex, t.direction);
-                // A pair kept: its record, read once for its far end now
-                // and for the way back once the ruleset is in.
-                let mut kept = None;
-                if rehook {
-                    let prog = Program::fd_from_pinned_path(dir.join("detour_prog"))
-                        .context("opening the pinned detour program")?;
-                    let (link, _) = hook_detour(
-                        &maps,
-                        prog.as_fd(),
-                        ifindex,
-                        t.direction,
-                        mode_of(&meta).unwrap_or(Mode::Tcx),
-                        false,
-                        opts,
-                    )?;
-                    if let Some(link) = link {
-                        if let Err(e) = tcx::pin_link(link.as_fd(), &dir.join("detour_link")) {
-                            let _ = crate::detour::remove(ifindex, t.direction);
-                            return Err(e);
-                        }
-                    }
-                } else if detour {
-                    let d = maps.read_detour()?;
-                    let (out_name, _) = crate::detour::names(ifindex, t.direction);
-                    crate::detour::complete_checksums(d.out_ifindex, &out_name)?;
-                    spread_detour(d.in_ifindex, ifindex, t.direction, &opts.detour_cpus)?;
-                    kept = Some(d);
-                }
-                maps.install(compiled, settings).context("updating the pinned ruleset")?;
-                // Once the ruleset is in: a failed install changes nothing.
-                // (hook_detour set it just now on a pair it hooked again.)
-                if let Some(d) = kept {
-                    refresh_detour_flags(&maps, d, ifindex, t.direction, opts.detour_return)?;
-                }
-                let report = LoadReport {
-                    iface: t.iface.clone(),
-                    direction: t.direction,
-                    mode: mode_of(&meta).unwrap_or(Mode::Tcx),
-                    prog_id: pinned_prog(&dir)?.1,
-                    what: "updated in place".into(),
-                };
-                event!(
-                    "updated",
-                    iface = t.iface,
-                    direction = t.direction,
-                    prog_id = report.prog_id,
-                    generation = maps.active_gen()?,
-                    pins = dir.display()
-                );
-                return Ok(report);
-            }
-            Some(why) => {
-                event!("replace", iface = t.iface, direction = t.direction, why = why, pins = dir.display());
-                replaced = Some(why);
-            }
-        }
-    }
-    // What the old pins still hold on the hook, if anything: the new
-    // program goes on first, then the old one comes off, so no packet
-    // passes unfunneled in between.
-    let old_prog = replaced.as_ref().and_then(|_| pinned_prog(&dir).ok()).map(|(_, id)| id);
+struct Prepared<'a> {
+    t: Target,
+    mode: Mode,
+    change: Change,
+    existing: Option<Box<Existing>>,
+    /// The new program and its maps (Attach, Replace).
+    loaded: Option<Loaded>,
+    /// The new program's maps, or the live ones (InPlace).
+    maps: RulesetMaps,
+    prog_id: u32,
+    /// Attach, Replace: the detour program to hook, where the new ruleset
+    /// funnels.
+    detour: Option<DetourHook>,
+    /// Undoes what prepare made.
+    undo: Undo<'a>,
+}
 
-    let (mode, why) = attach::choose(opts.attach, ifindex)?;
-    event!("attach_mode", iface = t.iface, direction = t.direction, ifindex = ifindex, mode = mode, why = why);
-    let started = std::time::Instant::now();
-    let detour = wants_detour(compiled);
-    let mut loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)), detour)?;
-    let maps = loaded.maps()?;
-    maps.write_meta(&sfunnel_meta {
+fn meta_for(t: &Target, mode: Mode) -> sfunnel_meta {
+    let mut ifname = [0 as std::os::raw::c_char; 16];
+    for (d, s) in ifname.iter_mut().zip(t.iface.bytes().take(15)) {
+        *d = s as std::os::raw::c_char;
+    }
+    sfunnel_meta {
         abi_version: SFUNNEL_ABI_VERSION,
-        ifindex,
+        ifindex: t.ifindex,
         mode: if mode == Mode::Tcx { SFUNNEL_MODE_TCX } else { SFUNNEL_MODE_CLSACT },
         egress: u32::from(t.direction == Direction::Egress),
-        tc_handle: if mode == Mode::Clsact { clsact::HANDLE } else { 0 },
-        tc_prio: if mode == Mode::Clsact { clsact::PRIORITY } else { 0 },
-        netns_ino: t.netns_ino,
-    })?;
-    let prog_id = Program::id_from_fd(loaded.program().as_fd())?;
+        netns_cookie: t.netns.cookie,
+        netns_ino: t.netns.ino,
+        ifname,
+    }
+}
+
+fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<Prepared<'a>> {
+    let settings = Settings { egress: t.direction == Direction::Egress, over_mtu: opts.over_mtu };
+    let detour = wants_detour(compiled);
+    let mut undo = Undo::new();
+    let found = match inspect(tree, t)? {
+        OnHook::Foreign(id, name) => bail!(
+            "a tc {d} filter at handle {h:#x} priority {p:#x} on {i} holds program {id} ({name}), which is not \
+             sfunnel's: remove it (`tc filter del dev {i} {d} handle {h:#x} prio {p:#x} bpf`) and run again",
+            d = t.direction,
+            h = clsact::HANDLE,
+            p = clsact::PRIORITY,
+            i = t.iface
+        ),
+        OnHook::Nothing => None,
+        OnHook::Ours(e) => Some(e),
+    };
+
+    // In place: the ruleset staged in the live maps' other generation.
+    if let Some(e) = found.as_ref().filter(|e| e.replace.is_none()) {
+        let maps = RulesetMaps::from_prog(e.prog.as_fd())?;
+        let mut flags = None;
+        if detour {
+            match detour_intact(&maps, t, e.mode) {
+                Some(pair) => {
+                    ready_pair(pair, t, opts)?;
+                    let want = detour_flags(t, opts.detour_return);
+                    flags = (maps.read_detour()?.flags != want).then_some(want);
+                }
+                None => repair_detour(tree, t, e.mode, &maps, opts, &mut undo)?,
+            }
+        }
+        let staged = maps.stage(compiled, settings).context("staging the new ruleset")?;
+        let (mode, prog_id) = (e.mode, e.prog_id);
+        return Ok(Prepared {
+            t: t.clone(),
+            mode,
+            change: Change::InPlace { staged, detour_flags: flags },
+            existing: found,
+            loaded: None,
+            maps,
+            prog_id,
+            detour: None,
+            undo,
+        });
+    }
+
+    // A new program: on an empty hook, or in place of one of another layout,
+    // on the same kind of hook.
+    let mode = match &found {
+        Some(e) => {
+            let asked = match opts.attach {
+                AttachChoice::Auto => e.mode,
+                AttachChoice::Tcx => Mode::Tcx,
+                AttachChoice::Clsact => Mode::Clsact,
+            };
+            if asked != e.mode {
+                bail!(
+                    "{i} {d} is attached with {m}; to move it to {asked}, unload it first (`sfunnel unload -i {i} -d \
+                     {d}`), then load with --attach {asked}",
+                    i = t.iface,
+                    d = t.direction,
+                    m = e.mode
+                );
+            }
+            e.mode
+        }
+        None => {
+            let (mode, why) = attach::choose(opts.attach, t.ifindex)?;
+            event!(
+                "attach_mode",
+                iface = t.iface,
+                direction = t.direction,
+                ifindex = t.ifindex,
+                mode = mode,
+                why = why
+            );
+            mode
+        }
+    };
+    let started = std::time::Instant::now();
+    let loaded = Loaded::load_for((mode == Mode::Tcx).then(|| tcx::attach_type(t.direction)), detour)?;
+    let maps = loaded.maps()?;
+    let prog_id = objects::prog_info(loaded.program().as_fd())?.id;
     event!("prog_loaded", prog_id = prog_id, verified_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3));
     if detour && crate::log::verbose() {
         let known = crate::datapath::reads_checksum_state();
@@ -350,198 +514,416 @@ pub fn load(t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<LoadR
             }
         );
     }
-    // The detour is in place before any funnel rule can send GSO packets
-    // to it.  Its TCX link is pinned with the other pins, below.
-    let detour_prog = loaded.detour_program().map(|p| p.as_fd());
-    let (detour_link, made_pair) = match detour_prog {
-        Some(prog) => hook_detour(&maps, prog, ifindex, t.direction, mode, replaced.is_some(), opts)?,
-        None => (None, false),
-    };
-    // Undoes the detour when the load fails from here on: a pair made here
-    // goes (and our hook with it); a reused one keeps serving the old
-    // program, and our TCX link goes when its fd is dropped.
-    let detour_prog_id = detour_prog.and_then(|p| Program::id_from_fd(p).ok());
-    let undo_detour = || {
-        if made_pair {
-            let _ = crate::detour::remove(ifindex, t.direction);
-        } else if detour && mode == Mode::Clsact {
-            // Our filter took the old one's slot: put the old one back.
-            if let (Ok(old), Some(pair)) =
-                (Program::fd_from_pinned_path(dir.join("detour_prog")), crate::detour::find(ifindex, t.direction))
-            {
-                let _ = clsact::attach(old.as_fd(), pair.inn, Direction::Ingress, detour_prog_id);
-            }
-        }
-    };
-    // On a fresh hook the rules go in while the program is being hooked
-    // in: both wait for a grace period, and overlapped the waits do not add
-    // up.  That is safe because the program sees no ruleset (generation 0,
-    // empty) until `install` flips to the complete new one: until then it
-    // passes every packet, as if it were not there yet.  When it replaces
-    // an old program, the rules go in first, so that no packet meets an
-    // empty ruleset.
-    // clsact: our slot may hold the old program, which the attach then
-    // replaces atomically.  TCX: the new link goes after the old one.
-    if replaced.is_some() {
-        maps.install(compiled, settings)?;
-    }
-    let (installed, attached) = std::thread::scope(|s| {
-        let install = s.spawn(|| if replaced.is_none() { maps.install(compiled, settings) } else { Ok(()) });
-        let attached = match mode {
-            Mode::Tcx => tcx::attach(loaded.program(), ifindex).map(Some),
-            Mode::Clsact => clsact::attach(loaded.program().as_fd(), ifindex, t.direction, old_prog).map(|()| None),
-        };
-        let installed = install.join().unwrap_or_else(|_| Err(anyhow!("the ruleset install thread panicked")));
-        (installed, attached)
-    });
-    let mut link = match attached {
-        Ok(l) => l,
-        Err(e) => {
-            undo_detour();
-            return Err(e);
-        }
-    };
-    if let Err(e) = installed {
-        if mode == Mode::Clsact && old_prog.is_none() {
-            let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
-        }
-        undo_detour();
-        return Err(e);
-    }
-    if replaced.is_some() {
-        // The new program is live: take the old one off and its pins away.
-        if let Err(e) = unload_old(t, prog_id) {
-            if mode == Mode::Clsact {
-                let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
-            }
-            undo_detour();
-            return Err(e).context("removing the old pins");
-        }
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Pin; if that fails, undo the attach so nothing is left half-done.
-    let pinned = loaded
-        .pin(&dir)
-        .and_then(|()| match link.as_mut() {
-            Some(l) => l.pin(dir.join("link")).context("pinning the TCX link"),
-            None => Ok(()),
-        })
-        .and_then(|()| match &detour_link {
-            Some(l) => tcx::pin_link(l.as_fd(), &dir.join("detour_link")),
-            None => Ok(()),
+    maps.write_meta(&meta_for(t, mode))?;
+    // Nothing runs these maps yet: the ruleset goes in whole.
+    maps.install(compiled, settings).context("filling the new program's maps")?;
+    let mut hook = None;
+    if detour {
+        let prog = dup(loaded.detour_program().context("the detour's program")?.as_fd())?;
+        // The old attachment's pair is kept where whole: its detour program
+        // is swapped at commit, as the main one is.
+        let kept = found.as_ref().and_then(|e| {
+            let pair = crate::detour::find(t.ifindex, t.direction)?;
+            let old = detour_prog_on(pair, e.mode)?;
+            Some((pair, old))
         });
-    if let Err(e) = pinned {
-        if mode == Mode::Clsact {
-            let _ = clsact::detach(loaded.program().as_fd(), ifindex, t.direction);
-        }
-        drop(link);
-        undo_detour();
-        let _ = t.remove_pins();
-        return Err(e);
+        let (pair, old, old_link) = match kept {
+            Some((pair, old)) => {
+                ready_pair(pair, t, opts)?;
+                let link = match mode {
+                    Mode::Tcx => tree
+                        .open_link(&t.key(true))?
+                        .or_else(|| found.as_ref().filter(|e| e.legacy).and_then(|_| tree.legacy_links(&t.legacy()).1)),
+                    Mode::Clsact => None,
+                };
+                (pair, Some(old), link)
+            }
+            None => (make_pair(t, opts, &mut undo)?, None, None),
+        };
+        maps.write_detour(&record(pair, t, opts))?;
+        event!("detour", ifindex = t.ifindex, out_ifindex = pair.out, in_ifindex = pair.inn, mode = mode);
+        hook = Some(DetourHook { pair, prog, old, old_link });
     }
-    let what = match replaced {
-        Some(why) => format!("replaced ({why})"),
-        None => "attached".into(),
+    let change = match &found {
+        Some(e) => Change::Replace { why: e.replace.clone().unwrap_or_default() },
+        None => Change::Attach,
+    };
+    if let Some(e) = &found {
+        event!(
+            "replace",
+            iface = t.iface,
+            direction = t.direction,
+            old_prog = e.prog_id,
+            why = e.replace.as_deref().unwrap_or("")
+        );
+    }
+    Ok(Prepared {
+        t: t.clone(),
+        mode,
+        change,
+        existing: found,
+        loaded: Some(loaded),
+        maps,
+        prog_id,
+        detour: hook,
+        undo,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Commit
+// ---------------------------------------------------------------------------
+
+/// Makes the helper pair of a live attachment of this layout again (it was
+/// deleted, or the ruleset did not funnel until now), with a detour program
+/// for its maps, and points its record at the pair.  This repairs what
+/// is live (a pair that is gone drops what is sent to it), so it is done
+/// at once; dropping `undo` takes it back.
+fn repair_detour<'a>(
+    tree: &'a Tree,
+    t: &Target,
+    mode: Mode,
+    maps: &RulesetMaps,
+    opts: &LoadOptions,
+    undo: &mut Undo<'a>,
+) -> Result<()> {
+    let pair = make_pair(t, opts, undo)?;
+    let loaded = Loaded::detour_for(maps, mode == Mode::Tcx)?;
+    let prog = dup(loaded.detour_program().context("the detour's program")?.as_fd())?;
+    let mut hook = DetourHook { pair, prog, old: None, old_link: None };
+    hook_detour(tree, t, mode, &mut hook, undo)?;
+    let old = maps.read_detour()?;
+    maps.write_detour(&record(pair, t, opts))?;
+    let m = maps.try_clone()?;
+    undo.push("the detour record", move || m.write_detour(&old));
+    event!("detour", ifindex = t.ifindex, out_ifindex = pair.out, in_ifindex = pair.inn, mode = mode, why = "repaired");
+    Ok(())
+}
+
+/// Hooks `h.prog` on the pair's far end, in place of `h.old` if there.
+fn hook_detour<'a>(tree: &'a Tree, t: &Target, mode: Mode, h: &mut DetourHook, undo: &mut Undo<'a>) -> Result<()> {
+    match (mode, &h.old) {
+        (Mode::Tcx, Some(old)) => {
+            let link = h.old_link.as_ref().context("the detour's TCX link is not pinned: load again")?;
+            tcx::update(link.as_fd(), h.prog.as_fd(), old.as_fd())?;
+            let (link, new, old) = (dup(link.as_fd())?, dup(h.prog.as_fd())?, dup(old.as_fd())?);
+            undo.push("the detour program's swap", move || tcx::update(link.as_fd(), old.as_fd(), new.as_fd()));
+            if tree.open_link(&t.key(true))?.is_none() {
+                tree.pin_link(&t.key(true), h.old_link.as_ref().expect("checked").as_fd())?;
+            }
+        }
+        (Mode::Tcx, None) => {
+            let link = tcx::attach(h.prog.as_fd(), h.pair.inn, Direction::Ingress)?;
+            tree.pin_link(&t.key(true), link.as_fd())?;
+            let key = t.key(true);
+            undo.push("the detour's TCX link", move || {
+                tcx::detach(link.as_fd())?;
+                tree.unpin_link(&key)
+            });
+        }
+        (Mode::Clsact, old) => {
+            let old_id = old.as_ref().map(|o| objects::prog_info(o.as_fd())).transpose()?.map(|i| i.id);
+            clsact::attach(h.prog.as_fd(), h.pair.inn, Direction::Ingress, old_id)?;
+            let new_id = objects::prog_info(h.prog.as_fd())?.id;
+            let inn = h.pair.inn;
+            match old.as_ref().map(|o| dup(o.as_fd())).transpose()? {
+                Some(old) => undo.push("the detour program's swap", move || {
+                    clsact::attach(old.as_fd(), inn, Direction::Ingress, Some(new_id))
+                }),
+                None => undo.push("the detour's filter", move || clsact::detach(inn, Direction::Ingress)),
+            }
+        }
+    }
+    event!("detour_hooked", iface = t.iface, direction = t.direction, helper = h.pair.inn, mode = mode);
+    Ok(())
+}
+
+/// A committed target: live, and switched back when `undo` drops.
+struct Committed<'a> {
+    p: Prepared<'a>,
+    undo: Undo<'a>,
+}
+
+/// `SFUNNEL_FAIL_COMMIT=<n>`: the switch of the n-th target (from 0)
+/// fails, for the tests of switching back.
+fn failing_commit(i: usize) -> Result<()> {
+    if std::env::var("SFUNNEL_FAIL_COMMIT").ok().and_then(|v| v.parse().ok()) == Some(i) {
+        bail!("SFUNNEL_FAIL_COMMIT={i}: this switch fails, as asked");
+    }
+    Ok(())
+}
+
+fn commit<'a>(tree: &'a Tree, mut p: Prepared<'a>, i: usize) -> Result<Committed<'a>> {
+    failing_commit(i)?;
+    let mut undo = Undo::new();
+    let t = p.t.clone();
+    match &p.change {
+        Change::InPlace { staged, detour_flags } => {
+            if let Some(flags) = *detour_flags {
+                let mut d = p.maps.read_detour()?;
+                let old = d;
+                d.flags = flags;
+                p.maps.write_detour(&d)?;
+                let m = p.maps.try_clone()?;
+                undo.push("the detour's way back", move || m.write_detour(&old));
+                event!("detour", ifindex = t.ifindex, back = crate::detour::Back::of(flags).as_str());
+            }
+            staged.flip(&p.maps)?;
+            let (staged, m) = (*staged, p.maps.try_clone()?);
+            undo.push("the ruleset's generation", move || staged.unflip(&m));
+        }
+        Change::Attach | Change::Replace { .. } => {
+            if let Some(h) = p.detour.as_mut() {
+                hook_detour(tree, &t, p.mode, h, &mut undo)?;
+                fault("detour-hooked");
+            }
+            let loaded = p.loaded.as_ref().expect("a new program");
+            let prog = loaded.program().as_fd();
+            match (p.mode, p.existing.as_deref()) {
+                (Mode::Tcx, Some(e)) => {
+                    let link = e.link.as_ref().context("the old TCX link")?;
+                    tcx::update(link.as_fd(), prog, e.prog.as_fd())?;
+                    let (link2, new, oldp) = (dup(link.as_fd())?, dup(prog)?, dup(e.prog.as_fd())?);
+                    undo.push("the program's swap", move || tcx::update(link2.as_fd(), oldp.as_fd(), new.as_fd()));
+                    fault("attached");
+                    if !e.link_pinned {
+                        tree.pin_link(&t.key(false), link.as_fd())?;
+                        let key = t.key(false);
+                        undo.push("the link's new pin", move || tree.unpin_link(&key));
+                    }
+                }
+                (Mode::Tcx, None) => {
+                    let link = tcx::attach(prog, t.ifindex, t.direction)?;
+                    fault("attached");
+                    tree.pin_link(&t.key(false), link.as_fd())?;
+                    let key = t.key(false);
+                    undo.push("the TCX link", move || {
+                        tcx::detach(link.as_fd())?;
+                        tree.unpin_link(&key)
+                    });
+                }
+                (Mode::Clsact, old) => {
+                    clsact::attach(prog, t.ifindex, t.direction, old.map(|e| e.prog_id))?;
+                    fault("attached");
+                    let (ifindex, d, new_id) = (t.ifindex, t.direction, p.prog_id);
+                    match old.map(|e| dup(e.prog.as_fd())).transpose()? {
+                        Some(o) => {
+                            undo.push("the program's swap", move || clsact::attach(o.as_fd(), ifindex, d, Some(new_id)))
+                        }
+                        None => undo.push("the clsact filter", move || clsact::detach(ifindex, d)),
+                    }
+                }
+            }
+        }
+    }
+    // Made by prepare, now part of what is live: kept unless this commit
+    // is switched back.
+    p.undo.disarm();
+    Ok(Committed { p, undo })
+}
+
+// ---------------------------------------------------------------------------
+// Release
+// ---------------------------------------------------------------------------
+
+/// Lets the old state go: problems are reported, the new one stays live.
+fn release(tree: &Tree, c: Committed<'_>) -> LoadReport {
+    let Committed { p, mut undo } = c;
+    undo.disarm();
+    let t = &p.t;
+    let warn = |what: &str, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("warning: {} {}: {what}: {e:#}", t.iface, t.direction);
+        }
+    };
+    let what = match &p.change {
+        Change::InPlace { staged, .. } => {
+            warn("releasing the previous ruleset", staged.release(&p.maps));
+            "updated in place".to_string()
+        }
+        Change::Attach => "attached".to_string(),
+        Change::Replace { why } => {
+            if let Some(e) = &p.existing {
+                if e.legacy {
+                    warn("removing an earlier build's pins", tree.remove_legacy(&t.legacy()));
+                }
+            }
+            if p.detour.is_none() {
+                // The new ruleset does not funnel: the old pair goes.
+                warn("removing the helper pair", remove_detour(tree, t));
+            }
+            format!("replaced ({why})")
+        }
     };
     event!(
-        "attached",
+        match p.change {
+            Change::InPlace { .. } => "updated",
+            _ => "attached",
+        },
         iface = t.iface,
         direction = t.direction,
-        mode = mode,
-        prog_id = prog_id,
-        what = what,
-        pins = dir.display()
+        mode = p.mode,
+        prog_id = p.prog_id,
+        what = what
     );
-    Ok(LoadReport { iface: t.iface.clone(), direction: t.direction, mode, prog_id, what })
+    LoadReport { iface: t.iface.clone(), direction: t.direction, mode: p.mode, prog_id: p.prog_id, what }
 }
 
-/// Detaches and removes everything sfunnel made for `t`.  Missing pieces
-/// (an interface that is gone, a pin already removed) are not errors.
-pub fn unload(t: &Target) -> Result<()> {
-    release(t, None)
+// ---------------------------------------------------------------------------
+// Load, all or nothing
+// ---------------------------------------------------------------------------
+
+/// Where one target of a failed load stands.
+#[derive(Debug)]
+pub enum Outcome {
+    /// As it was before the load.
+    Unchanged,
+    /// As it was, after its change was switched back.
+    RolledBack,
+    /// This target's step failed (with why); it is as it was.
+    Failed(String),
 }
 
-/// Removes old pins that the new program (`new_id`) replaces: the old TCX
-/// link is detached; an old clsact filter was already replaced in place.
-fn unload_old(t: &Target, new_id: u32) -> Result<()> {
-    release(t, Some(new_id))
+/// A load that changed nothing: what each target's state is, and why.
+#[derive(Debug)]
+pub struct LoadFailure {
+    pub targets: Vec<(Target, Outcome)>,
+    pub error: anyhow::Error,
 }
 
-/// Detaches what the pins of `t` hold on the hook and removes the pins.
-/// A clsact slot is cleared only while it holds the pinned program itself,
-/// never someone else's filter, and never `keep` (a program that replaced
-/// ours in place).
-fn release(t: &Target, keep: Option<u32>) -> Result<()> {
-    let dir = t.dir();
-    let ifindex = nix::net::if_::if_nametoindex(t.iface.as_str()).ok();
-    // The helper pair, and with it the detour's hook; but not the pair a
-    // replacing load has just made for the same interface.
-    if let Ok(d) = RulesetMaps::from_pins(&dir).and_then(|m| m.read_detour()) {
-        if d.dev_ifindex != 0 && (keep.is_none() || Some(d.dev_ifindex) != ifindex) {
-            crate::detour::remove(d.dev_ifindex, t.direction)?;
+impl std::fmt::Display for LoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}; nothing was changed:", self.error)?;
+        for (t, o) in &self.targets {
+            let s = match o {
+                Outcome::Unchanged => "unchanged".to_string(),
+                Outcome::RolledBack => "unchanged (switched back)".to_string(),
+                Outcome::Failed(e) => format!("unchanged, failed here: {e}"),
+            };
+            write!(f, "\n  {} {}: {s}", t.iface, t.direction)?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads `compiled` onto every target, or onto none: each target ends on
+/// the new ruleset, or all of them as they were.
+pub fn load_all(
+    tree: &Tree,
+    targets: &[Target],
+    compiled: &Compiled,
+    opts: &LoadOptions,
+) -> std::result::Result<Vec<LoadReport>, LoadFailure> {
+    let fail = |i: usize, e: anyhow::Error, done: Outcome| LoadFailure {
+        targets: targets
+            .iter()
+            .enumerate()
+            .map(|(j, t)| {
+                let o = match j.cmp(&i) {
+                    std::cmp::Ordering::Less => match done {
+                        Outcome::RolledBack => Outcome::RolledBack,
+                        _ => Outcome::Unchanged,
+                    },
+                    std::cmp::Ordering::Equal => Outcome::Failed(format!("{e:#}")),
+                    std::cmp::Ordering::Greater => Outcome::Unchanged,
+                };
+                (t.clone(), o)
+            })
+            .collect(),
+        error: anyhow!("loading onto {} {} failed", targets[i].iface, targets[i].direction),
+    };
+    let mut prepared = Vec::with_capacity(targets.len());
+    for (i, t) in targets.iter().enumerate() {
+        match prepare(tree, t, compiled, opts).with_context(|| format!("preparing {} {}", t.iface, t.direction)) {
+            Ok(p) => prepared.push(p),
+            // Dropping `prepared` undoes every target prepared so far.
+            Err(e) => return Err(fail(i, e, Outcome::Unchanged)),
         }
     }
-    let link = dir.join("link");
-    if link.exists() {
-        tcx::detach_pinned(&link)?;
-        event!("detached", iface = t.iface, direction = t.direction, mode = Mode::Tcx, link = link.display());
+    fault("prepared");
+    let mut committed: Vec<Committed<'_>> = Vec::with_capacity(targets.len());
+    let mut rest = prepared.into_iter();
+    let mut i = 0;
+    while let Some(p) = rest.next() {
+        match commit(tree, p, i).with_context(|| format!("switching {} {}", targets[i].iface, targets[i].direction)) {
+            Ok(c) => committed.push(c),
+            Err(e) => {
+                // Switch back in reverse order, then drop what is prepared.
+                while let Some(c) = committed.pop() {
+                    drop(c);
+                }
+                drop(rest);
+                return Err(fail(i, e, Outcome::RolledBack));
+            }
+        }
+        if i == 0 {
+            fault("committed");
+        }
+        i += 1;
     }
-    if let (Ok((fd, ours)), Some(ifindex)) = (pinned_prog(&dir), ifindex) {
-        if Some(ours) != keep && clsact::query(fd.as_fd(), ifindex, t.direction) == Some(ours) {
-            clsact::detach(fd.as_fd(), ifindex, t.direction)?;
-            event!("detached", iface = t.iface, direction = t.direction, mode = Mode::Clsact, prog_id = ours);
+    let reports = committed.into_iter().map(|c| release(tree, c)).collect();
+    fault("released");
+    Ok(reports)
+}
+
+// ---------------------------------------------------------------------------
+// Unload
+// ---------------------------------------------------------------------------
+
+/// Takes sfunnel's program off the target's hook, first, so no packet is
+/// sent to a detour that is going.
+fn detach_existing(tree: &Tree, t: &Target, e: &Existing) -> Result<()> {
+    match e.mode {
+        Mode::Tcx => {
+            if let Some(link) = &e.link {
+                tcx::detach(link.as_fd())?;
+            }
+            tree.unpin_link(&t.key(false))?;
+        }
+        Mode::Clsact => {
+            // Only while the slot still holds the program found there.
+            if clsact::query(t.ifindex, t.direction) == Some(e.prog_id) {
+                clsact::detach(t.ifindex, t.direction)?;
+            }
         }
     }
-    t.remove_pins()?;
-    event!("unpinned", iface = t.iface, direction = t.direction, pins = dir.display());
+    event!("detached", iface = t.iface, direction = t.direction, mode = e.mode, prog_id = e.prog_id);
     Ok(())
 }
 
-/// Why the pins of a target are stale, and the namespace they were for if
-/// it is still there (found once: finding it may walk every process).
-pub struct Stale {
-    pub why: String,
-    netns: Option<std::path::PathBuf>,
-}
-
-/// Why the pins of `t` are stale, if they are: its network namespace is
-/// gone, or its interface is gone or was re-created (which took our hook
-/// with it).
-pub fn stale(t: &Target) -> Option<Stale> {
-    let Some(ns) = crate::netns::find(t.netns_ino) else {
-        return Some(Stale { why: "its network namespace is gone".into(), netns: None });
-    };
-    let meta = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_meta()).ok();
-    let iface = t.iface.clone();
-    let path = ns.to_string_lossy().into_owned();
-    let ifindex = crate::netns::run_in(&path, move || Ok(nix::net::if_::if_nametoindex(iface.as_str()).ok()));
-    let why = match (ifindex, meta) {
-        (Err(e), _) => format!("its network namespace cannot be entered ({e:#})"),
-        (Ok(None), _) => format!("interface {} is gone", t.iface),
-        (_, None) => "its pins are incomplete".into(),
-        (Ok(Some(i)), Some(m)) if i != m.ifindex => format!("interface {} was re-created", t.iface),
-        _ => return None,
-    };
-    Some(Stale { why, netns: Some(ns) })
-}
-
-/// Removes the pins of a stale target.  Its hook went with its device or
-/// namespace; a TCX link that outlived them is detached first.
-pub fn remove_stale(t: &Target, s: &Stale) -> Result<()> {
-    // A namespace that is still there keeps the helper pair of an interface
-    // that is gone: delete it there.
-    let detour = RulesetMaps::from_pins(&t.dir()).and_then(|m| m.read_detour()).map(|d| d.dev_ifindex).unwrap_or(0);
-    if let (true, Some(ns)) = (detour != 0, &s.netns) {
-        let ns = ns.to_string_lossy().into_owned();
-        let direction = t.direction;
-        crate::netns::run_in(&ns, move || crate::detour::remove(detour, direction))?;
+/// Removes the target's helper pair (its hook goes with it) and the pin
+/// of the detour's link.
+fn remove_detour(tree: &Tree, t: &Target) -> Result<()> {
+    if let Some(link) = tree.open_link(&t.key(true))? {
+        tcx::detach(link.as_fd())?;
     }
-    let link = t.dir().join("link");
-    if link.exists() {
-        tcx::detach_pinned(&link)?;
-        event!("detached", netns = t.netns_ino, iface = t.iface, direction = t.direction, link = link.display());
-    }
-    t.remove_pins()?;
-    event!("unpinned", netns = t.netns_ino, iface = t.iface, direction = t.direction, pins = t.dir().display());
+    tree.unpin_link(&t.key(true))?;
+    crate::detour::remove(t.ifindex, t.direction)?;
     Ok(())
+}
+
+/// Detaches and removes everything sfunnel made for `t`: the program
+/// first, then its detour.  Returns whether there was anything.  Someone
+/// else's filter in sfunnel's slot is left alone.
+pub fn unload(tree: &Tree, t: &Target) -> Result<bool> {
+    let had = match inspect(tree, t)? {
+        OnHook::Ours(e) => {
+            detach_existing(tree, t, &e)?;
+            if e.legacy {
+                tree.remove_legacy(&t.legacy())?;
+            }
+            true
+        }
+        OnHook::Foreign(id, name) => {
+            eprintln!(
+                "warning: {} {}: the filter in sfunnel's slot holds program {id} ({name}), not sfunnel's: left alone",
+                t.iface, t.direction
+            );
+            false
+        }
+        OnHook::Nothing => false,
+    };
+    let pair = crate::detour::find(t.ifindex, t.direction).is_some();
+    remove_detour(tree, t)?;
+    Ok(had || pair)
 }

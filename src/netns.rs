@@ -5,6 +5,7 @@
 //! the pins live.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,56 @@ pub fn enter(name: &str) -> Result<()> {
 pub fn current_inode() -> Result<u64> {
     let meta = std::fs::metadata("/proc/thread-self/ns/net").context("reading /proc/thread-self/ns/net")?;
     Ok(meta.ino())
+}
+
+/// SO_NETNS_COOKIE of asm-generic/socket.h (x86_64 and arm64 alike).
+const SO_NETNS_COOKIE: i32 = 71;
+
+/// A network namespace as sfunnel keys what it keeps for it: by its
+/// cookie, which the kernel never reuses, and its inode, by which it can
+/// be found (inodes are reused once a namespace is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id {
+    pub cookie: u64,
+    pub ino: u64,
+}
+
+/// The calling thread's network namespace.
+pub fn current() -> Result<Id> {
+    Ok(Id { cookie: current_cookie()?, ino: current_inode()? })
+}
+
+/// The cookie of the calling thread's network namespace: a socket made
+/// here belongs to it (SO_NETNS_COOKIE, Linux 5.14).
+pub fn current_cookie() -> Result<u64> {
+    // SAFETY: plain socket(2); the fd is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a socket to read the namespace's cookie");
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of `len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14 or newer)");
+    }
+    Ok(cookie)
+}
+
+/// Whether `path` opens the namespace `id`: its inode first (cheap), then
+/// its cookie, read from a thread inside it.
+pub fn is(path: &Path, id: Id) -> bool {
+    if !std::fs::metadata(path).is_ok_and(|m| m.ino() == id.ino) {
+        return false;
+    }
+    let p = path.to_string_lossy().into_owned();
+    run_in(&p, current_cookie).is_ok_and(|c| c == id.cookie)
 }
 
 /// A path that opens the network namespace with inode `ino`, if anything

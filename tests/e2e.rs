@@ -41,8 +41,8 @@ use common::capture::{complete_inner_csum, l4_of, Capture, Frame};
 use common::packet::{be16, check_funneled, diff, expected_funnel, expected_unfunnel, l4_header_len, Ip, Proto};
 use common::topology::{
     attachment, echo_until_eof, env_load, env_unload, helper_pair, hook_prog_ids, ifindex, in_ns, ip_str, nsh, nstat,
-    pattern, printed_prog_id, prog_name, rule_packets, run, sa, sfunnel, sfunnel_cmd, sh, spawn, tcx_prog_ids, Topo,
-    TopoOpts, CLIENT2_IP, CLIENT_IP, PIN_ROOT, ROUTER_S_IP, SERVER_IP,
+    pattern, printed_prog_id, prog_name, rule_packets, run, sa, sfunnel, sfunnel_cmd, spawn, tcx_prog_ids, Topo,
+    TopoOpts, CLIENT2_IP, CLIENT_IP, ROUTER_S_IP, SERVER_IP,
 };
 
 // ---------------------------------------------------------------------------
@@ -1221,9 +1221,10 @@ fn racing_loaders_leave_one_whole_ruleset() {
     }
 }
 
-/// (b) A pinned layout from an incompatible version (meta.abi_version
-/// overwritten with 0 via bpftool) is detected on rerun and replaced: new
-/// program, exactly one on the hook, the old one gone, traffic funneled.
+/// (b) An attachment of another layout (sf_meta's abi_version set to 0,
+/// as a build of another layout would have left it) is detected on rerun
+/// and replaced: new program, exactly one on the hook, the old one gone,
+/// traffic funneled.
 #[test]
 fn incompatible_pins_are_replaced() {
     if !root("incompatible_pins_are_replaced") {
@@ -1232,28 +1233,9 @@ fn incompatible_pins_are_replaced() {
     let t = simple_topo();
     let p1 = load_ok(&t.client, &t.c_if, "egress", RULES_A);
     udp_exchange_ok(&t, 5, 1, &UDP_OVER_TCP);
-    let meta = t.pin_dir(&t.client, &t.c_if, "egress").join("meta");
-    let meta = meta.to_str().unwrap();
-    let lookup = || -> serde_json::Value {
-        let o = sh(&["bpftool", "-j", "map", "lookup", "pinned", meta, "key", "0", "0", "0", "0"]);
-        serde_json::from_str(&o.stdout).expect("bpftool JSON")
-    };
-    let v = lookup();
-    let mut value: Vec<String> = v["value"]
-        .as_array()
-        .expect("value bytes")
-        .iter()
-        .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap().to_string())
-        .collect();
-    assert_eq!(value.len(), 32, "sfunnel_meta is 32 bytes");
-    let abi_before = v["formatted"]["value"]["abi_version"].clone();
-    for b in &mut value[..4] {
-        *b = "0".into();
-    }
-    let mut args = vec!["bpftool", "map", "update", "pinned", meta, "key", "0", "0", "0", "0", "value"];
-    args.extend(value.iter().map(String::as_str));
-    sh(&args);
-    let abi_after = lookup()["formatted"]["value"]["abi_version"].clone();
+    let abi_before = attachment(t.ino(&t.client), &t.c_if, "egress").map(|a| a["error"].is_null());
+    common::topology::set_layout(&t.client, &t.c_if, "egress", 0);
+    let abi_after = attachment(t.ino(&t.client), &t.c_if, "egress").map(|a| a["error"].clone());
     // The segmentation detour's hook (RULES_A funnels on egress).
     let (_, seg_if) = helper_pair(ifindex(&t.client, &t.c_if), "egress");
     let detour_before = hook_prog_ids(&t.client, &seg_if, false);
@@ -1271,18 +1253,21 @@ fn incompatible_pins_are_replaced() {
     eprintln!("detour hook on {seg_if}: {detour_before:?} → {detour_after:?} ({detour_name:?})");
     let a = attachment(t.ino(&t.client), &t.c_if, "egress").expect("status entry");
     eprintln!(
-        "\n=== incompatible pins ===\nabi_version {abi_before} → {abi_after} (bpftool map update)\n\
+        "\n=== incompatible pins ===\nstatus readable before: {abi_before:?}; after the layout was set to 0: {abi_after:?}\n\
          rerun: exit {}; stdout: {}stderr: {}\nprogram {p1} → {p2:?}; hook {hook:?}; old program still loaded: \
          {old_alive}; status: prog_id {} error {}",
         out.code, out.stdout, out.stderr, a["prog_id"], a["error"]
     );
     let traffic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| udp_exchange_ok(&t, 5, 2, &UDP_OVER_TCP)));
     t.teardown();
-    assert_eq!(abi_after, serde_json::json!(0), "the overwrite took");
+    assert!(
+        abi_after.as_ref().and_then(|e| e.as_str()).is_some_and(|e| e.contains("layout 0")),
+        "status says the layout: {abi_after:?}"
+    );
     assert!(out.ok(), "the rerun must succeed");
     assert!(
-        out.stdout.contains("replaced") && out.stdout.contains("incompatible"),
-        "the rerun must say it replaced incompatible pins: {}",
+        out.stdout.contains("replaced") && out.stdout.contains("layout 0"),
+        "the rerun must say it replaced another layout's attachment: {}",
         out.stdout
     );
     let p2 = p2.expect("new program id");
@@ -1329,7 +1314,7 @@ fn unprivileged_load_names_missing_capabilities() {
     let verb = nobody(&["load", RULES_A, "-i", &iface, "-d", "egress", "--netns", &ns], &[]);
     let env = nobody(&[], &[("SFUNNEL_RULESET", RULES_A), ("IFACES", &iface), ("DIRECTION", "egress"), ("NETNS", &ns)]);
     let check = nobody(&["check", RULES_A], &[]);
-    let pins = std::path::Path::new(PIN_ROOT).join(format!("netns-{}", t.ino(&ns)));
+    let pins = t.pin_dir(&ns);
     let hook = hook_prog_ids(&ns, &iface, true);
     eprintln!(
         "\n=== unprivileged (uid 65534, no capabilities) ===\nload: exit {}, stderr: {}container env: exit {}, \
@@ -1421,7 +1406,11 @@ fn clsact_mode_carries_traffic_and_unload_leaves_others_alone() {
     // Without sfunnel the datagrams cross plainly and are still delivered
     // (the server's foreign filter passes them).
     let (sent, got, points) = udp_exchange(&t, 5, 2, &UDP_OVER_TCP);
-    let pins_left = t.pin_dir(&c, &ci, "egress").exists() || t.pin_dir(&s, &si, "ingress").exists();
+    // clsact pins nothing; and no program of ours may be left either.
+    let pins_left = t.pin_dir(&c).exists()
+        || t.pin_dir(&s).exists()
+        || attachment(t.ino(&c), &ci, "egress").is_some()
+        || attachment(t.ino(&s), &si, "ingress").is_some();
     eprintln!(
         "\n=== clsact ===\nload: {}{}status mode: {mode:?}; TCX hook: {tcx:?}\nclient egress filters while loaded:\n{}\
          unload: {}{}after unload:\n{}\nplain traffic after unload: {}/{} delivered, {} unfunneled on the router",

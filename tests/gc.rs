@@ -1,120 +1,106 @@
-//! `sfunnel gc` (root): pins whose network namespace or interface is gone
-//! are removed, live ones are kept.  Real namespaces and veths, loaded by
-//! the binary; every name is unique to this run and removed even on
-//! failure.
+//! What an attachment holds once its namespace or interface is gone (root;
+//! real namespaces and veths, loaded by the binary).  A clsact filter goes
+//! with its interface and the kernel frees the program and its maps at
+//! once; a pinned TCX link stays, hooked on nothing, until `gc` (or any
+//! load or unload) removes its pin.  Live attachments are never touched.
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sfunnel");
+use common::topology::{prog_name, sfunnel, sh, status_json, unique_stems, Namespaces, BIN};
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("the command runs");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
-/// Namespaces of this test; deleted on drop, with whatever pins are left.
-struct Namespaces(Vec<(String, u64)>);
-
-impl Namespaces {
-    /// A namespace holding a veth pair `<tag>a`/`<tag>b`, up.
-    fn add(&mut self, tag: &str) -> (String, u64) {
-        let ns = format!("sfgc{}{tag}", std::process::id());
-        ip(&["netns", "add", &ns]);
-        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/var/run/netns/{ns}")).unwrap());
-        self.0.push((ns.clone(), ino));
-        ip(&["-n", &ns, "link", "add", &format!("sfgc{tag}a"), "type", "veth", "peer", "name", &format!("sfgc{tag}b")]);
-        ip(&["-n", &ns, "link", "set", &format!("sfgc{tag}a"), "up"]);
-        (ns, ino)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for (ns, ino) in &self.0 {
-            let _ = Command::new(BIN).args(["unload", "--netns", ns, "-d", "both"]).output();
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            let _ = std::fs::remove_dir_all(pin_dir(*ino));
-        }
-    }
-}
-
-fn pin_dir(ino: u64) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/sfunnel").join(format!("netns-{ino}"))
-}
-
-/// Our part of the pin tree, one path per line.
-fn listing(inos: &[u64]) -> Vec<String> {
-    let mut out = Vec::new();
-    for ino in inos {
-        let mut stack = vec![pin_dir(*ino)];
-        while let Some(p) = stack.pop() {
-            if let Ok(rd) = std::fs::read_dir(&p) {
-                out.push(format!("{}/", p.display()));
-                stack.extend(rd.flatten().map(|e| e.path()));
-            } else if p.exists() {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
+/// The program id of the attachment on `iface` `direction` in `ns`.
+fn prog_of(ns: &str, iface: &str, direction: &str) -> Option<u32> {
+    let path = format!("/var/run/netns/{ns}");
+    status_json()
+        .as_array()?
+        .iter()
+        .find(|a| a["netns"] == path.as_str() && a["iface"] == iface && a["direction"] == direction)
+        .and_then(|a| a["prog_id"].as_u64())
+        .map(|i| i as u32)
 }
 
 #[test]
-fn gc_removes_pins_of_gone_namespaces_and_interfaces_only() {
-    if !common::require_root("gc_removes_pins_of_gone_namespaces_and_interfaces_only") {
+fn dead_attachments_are_freed_and_live_ones_kept() {
+    if !common::require_root("dead_attachments_are_freed_and_live_ones_kept") {
         return;
     }
-    let mut nss = Namespaces(Vec::new());
-    let (gone_ns, gone) = nss.add("g");
-    let (live_ns, live) = nss.add("l");
-    let (ifdel_ns, ifdel) = nss.add("i");
-    for (ns, tag) in [(&gone_ns, "g"), (&live_ns, "l"), (&ifdel_ns, "i")] {
-        run(Command::new(BIN)
-            .args(["load", "udp dport 4739 actions accept", "--netns", ns, "-d", "both", "-i"])
-            .arg(format!("sfgc{tag}a")));
+    let (stem, ifs) = unique_stems();
+    let mut nss = Namespaces::default();
+    let mut gone_nss = Namespaces::default();
+    let ns = |tag: &str| format!("{stem}{tag}");
+    let ifc = |tag: &str, end: &str| format!("{ifs}{tag}{end}");
+    for tag in ["g", "l", "i"] {
+        if tag == "g" { &mut gone_nss } else { &mut nss }.add(&ns(tag));
+        sh(&["ip", "-n", &ns(tag), "link", "add", &ifc(tag, "a"), "type", "veth", "peer", "name", &ifc(tag, "b")]);
+        sh(&["ip", "-n", &ns(tag), "link", "set", &ifc(tag, "a"), "up"]);
+        sfunnel(
+            &["load", "udp dport 4739 actions accept", "--netns", &ns(tag), "-d", "both", "-i", &ifc(tag, "a")],
+            &[],
+        )
+        .expect_ok();
     }
-    let inos = [gone, live, ifdel];
-    let before = listing(&inos);
+    let progs = |tag: &str| -> Vec<u32> {
+        ["ingress", "egress"].iter().filter_map(|d| prog_of(&ns(tag), &ifc(tag, "a"), d)).collect()
+    };
+    let (gone, live, ifdel) = (progs("g"), progs("l"), progs("i"));
+    assert_eq!((gone.len(), live.len(), ifdel.len()), (2, 2, 2), "each target loaded");
+    let tcx = common::topology::kernel_has_tcx();
 
-    // The namespace goes away with its pins left behind, as when a pod dies;
-    // in another namespace only the interface goes.
-    ip(&["netns", "del", &gone_ns]);
-    ip(&["-n", &ifdel_ns, "link", "del", "sfgcia"]);
-    let gc = run(Command::new(BIN).arg("gc"));
-    let after = listing(&inos);
-    let gc_out = String::from_utf8_lossy(&gc.stdout);
+    // The namespace goes away with no unload, as when a pod dies; in
+    // another namespace only the interface goes.
+    std::mem::forget(gone_nss);
+    sh(&["ip", "netns", "del", &ns("g")]);
+    sh(&["ip", "-n", &ns("i"), "link", "del", &ifc("i", "a")]);
+    // The kernel frees a program once nothing holds it; that takes a grace
+    // period or two.
+    let alive = |ids: &[u32]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let n = ids.iter().filter(|id| prog_name(**id).is_some()).count();
+            if n == 0 || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let states: Vec<String> = status_json()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["prog_id"].as_u64().is_some_and(|i| gone.contains(&(i as u32)) || ifdel.contains(&(i as u32))))
+        .map(|a| format!("{} {}: {}", a["iface"], a["direction"], a["state"]))
+        .collect();
+    // TCX links hold their programs until gc: nothing to wait for there.
+    let count = |ids: &[u32]| if tcx { ids.iter().filter(|id| prog_name(**id).is_some()).count() } else { alive(ids) };
+    let before_gc = (count(&gone), count(&ifdel));
+    let gc = Command::new(BIN).arg("gc").output().expect("gc runs");
+    let gc_out = String::from_utf8_lossy(&gc.stdout).into_owned();
+    let after_gc = (alive(&gone), alive(&ifdel), alive(&live));
     eprintln!(
-        "\n=== gc ===\nbefore ({} paths):\n  {}\ngc said:\n  {}\nafter ({} paths):\n  {}",
-        before.len(),
-        before.join("\n  "),
-        gc_out.trim().replace('\n', "\n  "),
-        after.len(),
-        after.join("\n  ")
+        "\n=== gc ({}) ===\nprograms: gone namespace {gone:?}, live {live:?}, deleted interface {ifdel:?}\n\
+         status of the dead ones before gc: {states:?}\nstill loaded before gc (gone, interface deleted): \
+         {before_gc:?}\ngc said:\n  {}\nstill loaded after gc (gone, interface deleted, live): {after_gc:?}",
+        if tcx { "TCX" } else { "clsact" },
+        gc_out.trim().replace('\n', "\n  ")
     );
-
-    let ours = |ino: u64| format!("{}/", pin_dir(ino).display());
-    for ino in inos {
-        assert!(before.contains(&ours(ino)), "netns {ino} had pins before gc");
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    if tcx {
+        // Pinned links hold them until gc, which says why it removed each.
+        assert_eq!(before_gc, (2, 2), "TCX links keep their programs until gc");
+        assert!(states.iter().all(|s| s.contains("dead")), "status calls them dead: {states:?}");
+        assert_eq!(gc_out.matches("its interface is gone").count(), 4, "{gc_out}");
+    } else {
+        // The filters went with the interfaces, and with them everything.
+        assert_eq!(before_gc, (0, 0), "clsact programs are freed with their interface");
+        assert!(gc_out.contains("removed 0 pin(s)"), "{gc_out}");
     }
-    assert!(!after.iter().any(|p| p.starts_with(&ours(gone))), "pins of the deleted namespace remain: {after:?}");
-    assert!(!after.iter().any(|p| p.starts_with(&ours(ifdel))), "pins of the deleted interface remain: {after:?}");
-    let live_before: Vec<_> = before.iter().filter(|p| p.starts_with(&ours(live))).collect();
-    let live_after: Vec<_> = after.iter().filter(|p| p.starts_with(&ours(live))).collect();
-    assert_eq!(live_before, live_after, "the live namespace's pins are untouched");
-    assert!(gc_out.contains("its network namespace is gone"), "{gc_out}");
-    assert!(gc_out.contains("interface sfgcia is gone"), "{gc_out}");
+    assert_eq!(after_gc, (0, 0, 2), "dead ones freed, live ones kept");
 
     // The live attachment still works after gc: a rerun updates it in place.
     let rerun =
-        run(Command::new(BIN).args(["load", "udp dport 4739 actions drop", "--netns", &live_ns, "-i", "sfgcla"]));
-    assert!(String::from_utf8_lossy(&rerun.stdout).contains("updated in place"));
+        sfunnel(&["load", "udp dport 4739 actions drop", "--netns", &ns("l"), "-i", &ifc("l", "a")], &[]).expect_ok();
+    assert!(rerun.stdout.contains("updated in place"), "{}", rerun.stdout);
+    drop(nss);
 }

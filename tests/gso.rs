@@ -153,24 +153,25 @@ fn bulk_tcp_over_tcp_and_udp_arrives_exactly_through_the_detour() {
     assert!(!link_exists(&t.client, &gso_if), "unload removed the helper pair");
 
     // An egress ruleset that funnels nothing makes no pair (and does not
-    // load the detour's program); funnel rules added later replace the
-    // attachment with one that has both.
+    // load the detour's program); funnel rules added later make both for
+    // the attachment, which is updated in place.
     env_load(&t.client, &t.c_if, "egress", "tcp dport 9 actions accept").expect_ok();
     assert!(!link_exists(&t.client, &gso_if), "no funnel rule, no helper pair");
     let grown = env_load(&t.client, &t.c_if, "egress", CLIENT_RULES).expect_ok();
     eprintln!("adding funnel rules: {}", grown.stdout.trim());
-    assert!(grown.stdout.contains("replaced"), "{}", grown.stdout);
-    assert!(link_exists(&t.client, &gso_if), "the replacing load made the pair");
+    assert!(grown.stdout.contains("updated in place"), "{}", grown.stdout);
+    assert!(link_exists(&t.client, &gso_if), "the load made the pair");
     let (n, wrong) = bulk(&t, 5201, 1 << 20);
     assert_eq!((n, wrong), (1 << 20, None), "funneled through the new detour");
 
-    // gc removes the pair of an interface that went away.
+    // The next sfunnel in the namespace (here an unload of every
+    // interface) removes the pair of an interface that went away.
     assert!(link_exists(&t.client, &gso_if));
     common::topology::nsh(&t.client, &["ip", "link", "del", &t.c_if]);
-    assert!(link_exists(&t.client, &gso_if), "the pair outlives the interface until gc");
-    let gc = sfunnel(&["gc"], &[]).expect_ok();
-    eprintln!("gc: {}", gc.stdout);
-    assert!(!link_exists(&t.client, &gso_if) && !link_exists(&t.client, &seg_if), "gc removed the pair");
+    assert!(link_exists(&t.client, &gso_if), "the pair outlives the interface until sfunnel runs there");
+    let unload = sfunnel(&["unload", "--netns", &t.client, "-d", "both"], &[]).expect_ok();
+    eprintln!("unload: {}", unload.stdout);
+    assert!(!link_exists(&t.client, &gso_if) && !link_exists(&t.client, &seg_if), "the orphan pair is gone");
     t.teardown();
 }
 

@@ -61,18 +61,31 @@ fn debug_logs_one_structured_line_per_event() {
     };
 
     // First load, DEBUG=1: the ruleset, the attach path, the program, the
-    // install and the attach, all naming the same program and pins.
+    // install and the attach, all naming the same program.
     let first = sfunnel(&[], &env(Some("1"))).expect_ok();
     let prog = printed_prog_id(&first.stdout, &iface, "egress").expect("program id printed").to_string();
     let ev = events(&first.stderr);
     eprintln!("DEBUG=1 load:\n{}", first.stderr);
     let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
     // An egress ruleset that funnels makes its helper pair (the GSO detour),
-    // whose segments go to every online CPU by default.
-    assert_eq!(
-        names,
-        ["ruleset", "attach_mode", "prog_loaded", "helper_created", "detour_cpus", "detour", "installed", "attached"]
-    );
+    // whose segments go to every online CPU by default; the detour's
+    // program is hooked before the attachment's own.
+    let order = [
+        "ruleset",
+        "attach_mode",
+        "prog_loaded",
+        "checksum_state",
+        "installed",
+        "helper_created",
+        "detour_cpus",
+        "detour",
+        "detour_hooked",
+        "attached",
+    ];
+    let mut at = names.iter();
+    for want in order {
+        assert!(at.any(|n| *n == want), "{want} in the order {order:?}: {names:?}");
+    }
     let dev = find(&ev, "attach_mode")["ifindex"].clone();
     assert_eq!(find(&ev, "detour")["ifindex"], dev);
     let (gso_if, seg_if) = common::topology::helper_pair(dev.parse().expect("ifindex"), "egress");
@@ -88,12 +101,18 @@ fn debug_logs_one_structured_line_per_event() {
     assert_eq!(find(&ev, "ruleset")["rules"], "1");
     assert_eq!(find(&ev, "attach_mode")["iface"], iface);
     assert_eq!(find(&ev, "prog_loaded")["prog_id"], prog);
-    assert_eq!(find(&ev, "installed")["egress"], "true");
-    assert_eq!(find(&ev, "installed")["over_mtu"], "drop");
+    assert_eq!(find(&ev, "staged")["egress"], "true");
+    assert_eq!(find(&ev, "staged")["over_mtu"], "drop");
     let attached = find(&ev, "attached");
     assert_eq!((attached["prog_id"].as_str(), attached["direction"].as_str()), (prog.as_str(), "egress"));
-    let pins = attached["pins"].clone();
-    assert!(std::path::Path::new(&pins).join("prog").exists(), "the logged pin directory holds the program");
+    // TCX: the links are pinned (the detour's, then the attachment's), and
+    // the pins named are there; clsact pins nothing.
+    let pinned: Vec<String> = ev.iter().filter(|(n, _)| n == "pinned").map(|(_, f)| f["pin"].clone()).collect();
+    let tcx = attached["mode"] == "tcx";
+    assert_eq!(pinned.len(), if tcx { 2 } else { 0 }, "{pinned:?}");
+    for p in &pinned {
+        assert!(std::path::Path::new(p).exists(), "{p} is pinned");
+    }
 
     // Without DEBUG (and with DEBUG=0) a rerun says nothing on stderr.
     for debug in [None, Some("0")] {
@@ -101,22 +120,26 @@ fn debug_logs_one_structured_line_per_event() {
         assert_eq!(quiet.stderr, "", "DEBUG={debug:?}: stderr must be empty");
     }
 
-    // A rerun with -v: updated in place, same program and pins.
+    // A rerun with -v: updated in place, same program.
     let rerun = sfunnel(&["load", "-v", "--netns", &ns, "-i", &iface, "-d", "egress", RULES], &[]).expect_ok();
     let ev = events(&rerun.stderr);
     let updated = find(&ev, "updated");
-    assert_eq!((updated["prog_id"].as_str(), updated["pins"].as_str()), (prog.as_str(), pins.as_str()));
+    assert_eq!(updated["prog_id"].as_str(), prog.as_str());
     assert!(find(&ev, "installed").contains_key("generation"));
 
-    // CLEAN=1 with DEBUG=1: detached and unpinned.
+    // CLEAN=1 with DEBUG=1: the program comes off its hook before its
+    // detour's pair goes, so no packet is sent to a pair that is gone.
     let clean =
         sfunnel(&[], &[("CLEAN", "1"), ("DEBUG", "1"), ("IFACES", &iface), ("NETNS", &ns), ("DIRECTION", "egress")])
             .expect_ok();
     let ev = events(&clean.stderr);
     let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["helper_removed", "detached", "unpinned"], "{}", clean.stderr);
+    let detached = names.iter().position(|n| *n == "detached").expect("detached");
+    let removed = names.iter().position(|n| *n == "helper_removed").expect("helper_removed");
+    assert!(detached < removed, "detached before the pair went: {names:?}");
     assert!(!helper_up(), "unload removed the helper pair");
-    assert_eq!(find(&ev, "unpinned")["pins"], pins);
-    assert!(!std::path::Path::new(&pins).exists());
+    for p in &pinned {
+        assert!(!std::path::Path::new(p).exists(), "{p} unpinned");
+    }
     t.teardown();
 }

@@ -351,9 +351,14 @@ fn over_mtu_pass_sends_unfunneled() {
 /// A router that funnels what it forwards, on its server-side egress or its
 /// client-side ingress: the client's oversized DF datagram is dropped there
 /// and the client gets the ICMP (routed back from egress, sent straight out
-/// from ingress), learns 1480, and what fits is delivered.
-fn funneling_router_replies(direction: &str) {
-    let t = Topo::new(TopoOpts::default());
+/// from ingress), learns 1480, and what fits is delivered.  With
+/// `router_offloads_off`, the reply leaves through an interface without
+/// transmit checksum offload, which completes any checksum its buffer
+/// still owes: the client's datagram arrives owing one (its veth keeps
+/// its offloads), so the reply must be made from a buffer whose checksum
+/// was completed first (bpf/mtu.h), or the client would find it corrupt.
+fn funneling_router_replies(direction: &str, router_offloads_off: bool) {
+    let t = Topo::new(TopoOpts { router_offloads_off, ..Default::default() });
     for (ns, dev) in [(&t.client, &t.c_if), (&t.server, &t.s_if)] {
         nsh(ns, &["ip", "link", "set", dev, "mtu", &MTU.to_string()]);
     }
@@ -379,8 +384,9 @@ fn funneling_router_replies(direction: &str) {
     let a = attachment(t.ino(&t.router), dev, direction).expect("router attachment in status");
     let r = rule(&a, 0);
     eprintln!(
-        "router {direction}: ICMP frag-needed at the client {icmps}, client path MTU {pmtu:?}, server got sizes {:?}, \
+        "router {direction} (router tx offload {}): ICMP frag-needed at the client {icmps}, client path MTU {pmtu:?}, server got sizes {:?}, \
          rule (packets, bytes, over_mtu) {r:?}",
+        if router_offloads_off { "off" } else { "on" },
         got.iter().map(Vec::len).collect::<Vec<_>>()
     );
     assert_eq!(icmps, 1, "one ICMP fragmentation-needed reached the client");
@@ -395,7 +401,8 @@ fn over_mtu_on_a_routers_egress() {
     if !common::require_root("over_mtu_on_a_routers_egress") {
         return;
     }
-    funneling_router_replies("egress");
+    funneling_router_replies("egress", false);
+    funneling_router_replies("egress", true);
 }
 
 #[test]
@@ -403,5 +410,6 @@ fn over_mtu_on_a_routers_ingress() {
     if !common::require_root("over_mtu_on_a_routers_ingress") {
         return;
     }
-    funneling_router_replies("ingress");
+    funneling_router_replies("ingress", false);
+    funneling_router_replies("ingress", true);
 }

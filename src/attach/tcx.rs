@@ -1,13 +1,11 @@
-//! TCX links (kernel 6.6+).  libbpf-rs has no wrapper, so this calls
-//! libbpf's bpf_program__attach_tcx and owns the link it returns.
+//! TCX links (kernel 6.6+).  libbpf-rs has no wrapper, so this makes,
+//! updates and detaches them with libbpf's calls and owns their fds.
 
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::Path;
-use std::ptr::NonNull;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{AsRawLibbpf, Link, ProgramAttachType};
+use libbpf_rs::ProgramAttachType;
 
 use super::Direction;
 
@@ -28,31 +26,6 @@ pub fn supported(ifindex: u32) -> bool {
     rc == 0
 }
 
-/// Links the program (loaded for the matching TCX attach type) at the end
-/// of the interface's TCX chain, after any programs already there.
-pub fn attach(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32) -> Result<Link> {
-    let opts = libbpf_sys::bpf_tcx_opts { sz: size_of::<libbpf_sys::bpf_tcx_opts>() as _, ..Default::default() };
-    // SAFETY: the program pointer comes from a loaded libbpf object that
-    // outlives this call; opts is valid and sized.
-    let ptr = unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_libbpf_object().as_ptr(), ifindex as i32, &opts) };
-    // SAFETY: libbpf_get_error reads errno-style errors from the pointer.
-    let err = unsafe { libbpf_sys::libbpf_get_error(ptr as *const _) };
-    if err != 0 || ptr.is_null() {
-        let e = std::io::Error::from_raw_os_error(if err != 0 { (-err) as i32 } else { libc::EINVAL });
-        return Err(e).context(format!("creating a TCX link on ifindex {ifindex}"));
-    }
-    // SAFETY: a non-null, error-free pointer is a link we now own.
-    Ok(unsafe { Link::from_ptr(NonNull::new_unchecked(ptr)) })
-}
-
-/// Detaches a pinned link: the link goes when its pin and our fd go.
-pub fn detach_pinned(path: &Path) -> Result<()> {
-    let link = Link::open(path).with_context(|| format!("opening the pinned link {}", path.display()))?;
-    // An explicit detach also works when someone else holds the link open.
-    let _ = link.detach();
-    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
-}
-
 /// Ids of the programs on the interface's TCX hook for `d`.
 pub fn attached_ids(ifindex: u32, d: Direction) -> Vec<u32> {
     let mut ids = [0u32; 64];
@@ -62,12 +35,8 @@ pub fn attached_ids(ifindex: u32, d: Direction) -> Vec<u32> {
         ..Default::default()
     };
     opts.__bindgen_anon_1.count = ids.len() as u32;
-    let ty = match d {
-        Direction::Ingress => libbpf_sys::BPF_TCX_INGRESS,
-        Direction::Egress => libbpf_sys::BPF_TCX_EGRESS,
-    };
     // SAFETY: prog_ids points at `count` writable u32s that outlive the call.
-    let rc = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, ty, &mut opts) };
+    let rc = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, hook(d), &mut opts) };
     if rc != 0 {
         return Vec::new();
     }
@@ -76,33 +45,56 @@ pub fn attached_ids(ifindex: u32, d: Direction) -> Vec<u32> {
     ids[..n.min(ids.len())].to_vec()
 }
 
-/// Links the program `prog` at the end of the interface's TCX ingress
-/// chain; the link lives as long as the returned fd or a pin of it.
-pub fn attach_ingress_fd(prog: BorrowedFd<'_>, ifindex: u32) -> Result<OwnedFd> {
+/// The kernel's attach type of the TCX hook for `d`.
+fn hook(d: Direction) -> libbpf_sys::bpf_attach_type {
+    match d {
+        Direction::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+        Direction::Egress => libbpf_sys::BPF_TCX_EGRESS,
+    }
+}
+
+/// Links the program `prog` (loaded for that hook's attach type) at the
+/// end of the interface's TCX chain for `d`, after any programs already
+/// there.  The link lives as long as the returned fd or a pin of it.
+pub fn attach(prog: BorrowedFd<'_>, ifindex: u32, d: Direction) -> Result<OwnedFd> {
     let opts = libbpf_sys::bpf_link_create_opts {
         sz: size_of::<libbpf_sys::bpf_link_create_opts>() as _,
         ..Default::default()
     };
     // SAFETY: prog is a valid program fd; opts is valid and sized.
-    let fd =
-        unsafe { libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, libbpf_sys::BPF_TCX_INGRESS, &opts) };
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, hook(d), &opts) };
     if fd < 0 {
         return Err(std::io::Error::from_raw_os_error(-fd))
-            .context(format!("creating a TCX link on ifindex {ifindex}"));
+            .context(format!("creating a TCX {d} link on ifindex {ifindex}"));
     }
     // SAFETY: a new link fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Pins the link `link` at `pin`, replacing a pin left there.
-pub fn pin_link(link: BorrowedFd<'_>, pin: &Path) -> Result<()> {
-    let _ = std::fs::remove_file(pin);
-    let c = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).context("a pin path with a NUL byte")?;
-    // SAFETY: link is a valid fd; c is a NUL-terminated path.
-    let rc = unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), c.as_ptr()) };
+/// Swaps the program of the link `link` from `old` to `new` in one step:
+/// its place in the chain stays, and no packet sees neither.  Fails if
+/// the link no longer runs `old`.
+pub fn update(link: BorrowedFd<'_>, new: BorrowedFd<'_>, old: BorrowedFd<'_>) -> Result<()> {
+    let opts = libbpf_sys::bpf_link_update_opts {
+        sz: size_of::<libbpf_sys::bpf_link_update_opts>() as _,
+        flags: libbpf_sys::BPF_F_REPLACE,
+        old_prog_fd: old.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: valid fds; opts is valid and sized.
+    let rc = unsafe { libbpf_sys::bpf_link_update(link.as_raw_fd(), new.as_raw_fd(), &opts) };
     if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(-rc))
-            .context(format!("pinning the TCX link at {}", pin.display()));
+        return Err(std::io::Error::from_raw_os_error(-rc)).context("swapping the program of a TCX link");
+    }
+    Ok(())
+}
+
+/// Detaches the link `link` now, whoever else holds it.
+pub fn detach(link: BorrowedFd<'_>) -> Result<()> {
+    // SAFETY: a valid link fd.
+    let rc = unsafe { libbpf_sys::bpf_link_detach(link.as_raw_fd()) };
+    if rc != 0 && rc != -libc::ENOLINK {
+        return Err(std::io::Error::from_raw_os_error(-rc)).context("detaching a TCX link");
     }
     Ok(())
 }

@@ -20,8 +20,8 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::Outcome;
 use crate::attach::{AttachChoice, Direction};
-use crate::loader::{self, LoadOptions};
-use crate::pins::{self, Lock, Target};
+use crate::loader::{self, LoadOptions, Target};
+use crate::pins::Tree;
 use crate::{caps, netns, ruleset};
 
 const CLIENT_RULES: &str = "\
@@ -37,6 +37,8 @@ const SERVER_IP: &str = "10.203.0.2";
 const CLIENT_IP6: &str = "fd00:203::1";
 const SERVER_IP6: &str = "fd00:203::2";
 const DATAGRAMS: usize = 5;
+/// How long the demo waits for another sfunnel on the machine.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 const TCP_CHUNKS: usize = 4;
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -88,9 +90,13 @@ impl Topology {
             detour_cpus: Default::default(),
         };
         let (report, target) = netns::run_in(ns, || {
-            let t = Target { netns_ino: netns::current_inode()?, iface: iface.into(), direction };
-            let _lock = Lock::acquire()?;
-            Ok((loader::load(&t, &compiled, &opts)?, t))
+            let ifindex = nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
+            let t = Target { netns: netns::current()?, iface: iface.into(), ifindex, direction };
+            let tree = Tree::open()?;
+            let _lock = tree.lock(LOCK_TIMEOUT)?;
+            let mut reports = loader::load_all(&tree, std::slice::from_ref(&t), &compiled, &opts)
+                .map_err(|f| anyhow::anyhow!("{f}"))?;
+            Ok((reports.remove(0), t))
         })?;
         self.loaded.push((ns.to_string(), target));
         Ok(report)
@@ -101,8 +107,9 @@ impl Drop for Topology {
     fn drop(&mut self) {
         for (ns, t) in self.loaded.drain(..) {
             let _ = netns::run_in(&ns, || {
-                let _lock = Lock::acquire()?;
-                loader::unload(&t)
+                let tree = Tree::open()?;
+                let _lock = tree.lock(LOCK_TIMEOUT)?;
+                loader::unload(&tree, &t)
             });
         }
         for ns in [&self.client, &self.server] {
@@ -165,8 +172,7 @@ fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result
 }
 
 pub fn run() -> Result<Outcome> {
-    caps::require_for_load(true)?;
-    pins::ensure_bpffs()?;
+    caps::require_for_load()?;
     println!(
         "sfunnel demo: client {CLIENT_IP} → server {SERVER_IP} (and {CLIENT_IP6} → {SERVER_IP6}), in throwaway namespaces\n"
     );
@@ -257,7 +263,10 @@ pub fn run() -> Result<Outcome> {
         on_80(6)
     );
     println!("per-rule counters (sfunnel status):");
-    for a in super::status::collect().iter().filter(|a| a.iface.starts_with("sfdemo")) {
+    let ours = |a: &&super::status::Attachment| {
+        a.netns.as_deref().is_some_and(|n| n.ends_with(&format!("/{client}")) || n.ends_with(&format!("/{server}")))
+    };
+    for a in super::status::collect()?.iter().filter(ours) {
         println!("  {} {} ({}):", a.iface, a.direction, a.mode.map_or("?".into(), |m| m.to_string()));
         for (i, c) in a.rules.iter().enumerate() {
             let rule = a.ruleset.get(i).map_or("", String::as_str);

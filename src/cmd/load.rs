@@ -1,40 +1,67 @@
-//! `sfunnel load` and `sfunnel unload`.
+//! `sfunnel load`, `sfunnel unload` and `sfunnel gc`.
 
 use anyhow::{bail, Context, Result};
 
 use super::Outcome;
 use crate::cli::{GcArgs, LoadArgs, TargetArgs, UnloadArgs};
-use crate::loader::{self, LoadOptions};
-use crate::pins::{self, Lock, Target};
+use crate::loader::{self, LoadOptions, Target};
+use crate::pins::{self, Tree};
 use crate::{caps, netns, ruleset};
 
-/// Enters the namespace and lists the (interface, direction) pairs.
-fn targets(args: &TargetArgs) -> Result<Vec<Target>> {
+/// The interfaces to act on: those given, or every interface in the
+/// namespace but sfunnel's own helpers (a helper carries no traffic of
+/// its own; loading onto it would give it a helper of its own).
+fn interfaces(args: &TargetArgs) -> Result<Vec<String>> {
+    let given: Vec<String> = args.ifaces.iter().filter(|i| !i.is_empty()).cloned().collect();
+    if !given.is_empty() {
+        for i in &given {
+            pins::check_iface_name(i)?;
+        }
+        return Ok(given);
+    }
+    // The namespace's own interfaces (not /sys/class/net, which shows the
+    // namespace sysfs was mounted in).
+    let all = nix::net::if_::if_nameindex().context("listing the namespace's interfaces")?;
+    Ok(all
+        .iter()
+        .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+        .filter(|(n, i)| !crate::detour::is_helper(n, *i))
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// Enters the namespace; the targets, each interface waited for
+/// (N_ATTEMPTS, RETRY_DELAY) when `wait`.
+fn targets(args: &TargetArgs, wait: Option<&LoadOptions>) -> Result<Vec<Target>> {
     if let Some(ns) = &args.netns {
         netns::enter(ns)?;
     }
-    let ino = netns::current_inode()?;
-    let ifaces = if args.ifaces.iter().any(|i| !i.is_empty()) {
-        args.ifaces.iter().filter(|i| !i.is_empty()).cloned().collect()
-    } else {
-        // The namespace's own interfaces (not /sys/class/net, which shows
-        // the namespace sysfs was mounted in).
-        nix::net::if_::if_nameindex()
-            .context("listing the namespace's interfaces")?
-            .iter()
-            .map(|i| i.name().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-    };
-    Ok(ifaces
-        .into_iter()
-        .flat_map(|iface| {
-            args.direction.directions().into_iter().map(move |direction| Target {
-                netns_ino: ino,
-                iface: iface.clone(),
-                direction,
-            })
-        })
-        .collect())
+    let id = netns::current()?;
+    let mut out = Vec::new();
+    for iface in interfaces(args)? {
+        let ifindex = match wait {
+            Some(o) => loader::wait_for_iface(&iface, o.attempts, o.retry_delay)?,
+            None => match nix::net::if_::if_nametoindex(iface.as_str()) {
+                Ok(i) => i,
+                Err(_) => {
+                    eprintln!("warning: interface {iface} not found: nothing to unload there");
+                    continue;
+                }
+            },
+        };
+        for direction in args.direction.directions() {
+            out.push(Target { netns: id, iface: iface.clone(), ifindex, direction });
+        }
+    }
+    Ok(out)
+}
+
+/// Opens and locks the tree, then frees what the kernel shows dead.
+fn open_tree(lock: &crate::cli::LockArgs) -> Result<(Tree, pins::Lock)> {
+    let tree = Tree::open()?;
+    let guard = tree.lock(lock.timeout())?;
+    tree.sweep();
+    Ok((tree, guard))
 }
 
 pub fn load(args: &LoadArgs) -> Result<Outcome> {
@@ -62,13 +89,8 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         detour_return = args.detour_return.as_str(),
         detour_cpus = args.detour_cpus
     );
-    caps::require_for_load(args.target.netns.is_some())?;
+    caps::require_for_load()?;
     crate::datapath::check_kernel()?;
-    pins::ensure_bpffs()?;
-    let targets = targets(&args.target)?;
-    if targets.is_empty() {
-        bail!("no interfaces to load onto");
-    }
     let opts = LoadOptions {
         attach: args.attach,
         attempts: args.attempts,
@@ -77,52 +99,51 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         detour_return: args.detour_return,
         detour_cpus: args.detour_cpus.clone(),
     };
-    // Wait for missing interfaces before taking the lock, which every
-    // loader on the node shares.
-    for t in &targets {
-        loader::wait_for_iface(&t.iface, opts.attempts, opts.retry_delay)
-            .with_context(|| format!("loading onto {} {}", t.iface, t.direction))?;
+    // Missing interfaces are waited for before the lock, which every
+    // sfunnel on the node shares.
+    let targets = targets(&args.target, Some(&opts))?;
+    if targets.is_empty() {
+        bail!("no interfaces to load onto");
     }
-    let _lock = Lock::acquire()?;
-    for t in &targets {
-        let r =
-            loader::load(t, &compiled, &opts).with_context(|| format!("loading onto {} {}", t.iface, t.direction))?;
-        println!(
-            "{} {}: {} with {}, program {}, {} rules, {} map entries",
-            r.iface,
-            r.direction,
-            r.what,
-            r.mode,
-            r.prog_id,
-            rs.rules.len(),
-            compiled.rules.len()
-        );
+    let (tree, _lock) = open_tree(&args.target.lock)?;
+    for pair in crate::detour::remove_orphans()? {
+        crate::log::event!("swept", pair = pair, why = "its interface is gone");
     }
-    Ok(Outcome::Ok)
+    match loader::load_all(&tree, &targets, &compiled, &opts) {
+        Ok(reports) => {
+            for r in reports {
+                println!(
+                    "{} {}: {} with {}, program {}, {} rules, {} map entries",
+                    r.iface,
+                    r.direction,
+                    r.what,
+                    r.mode,
+                    r.prog_id,
+                    rs.rules.len(),
+                    compiled.rules.len()
+                );
+            }
+            Ok(Outcome::Ok)
+        }
+        Err(f) => bail!("{f}"),
+    }
 }
 
 pub fn unload(args: &UnloadArgs) -> Result<Outcome> {
     crate::log::set_verbose(args.target.verbose);
-    caps::require_for_load(args.target.netns.is_some())?;
-    pins::ensure_bpffs()?;
-    let explicit = args.target.ifaces.iter().any(|i| !i.is_empty());
-    let mut wanted = targets(&args.target)?;
-    if !explicit {
-        // Every interface: also those that are gone but left pins here.
-        let ino = netns::current_inode()?;
-        let dirs = args.target.direction.directions();
-        for t in Target::all().into_iter().filter(|t| t.netns_ino == ino && dirs.contains(&t.direction)) {
-            if !wanted.contains(&t) {
-                wanted.push(t);
-            }
+    caps::require_for_load()?;
+    let targets = targets(&args.target, None)?;
+    let (tree, _lock) = open_tree(&args.target.lock)?;
+    let mut removed = 0;
+    for t in &targets {
+        if loader::unload(&tree, t).with_context(|| format!("unloading from {} {}", t.iface, t.direction))? {
+            println!("{} {}: unloaded", t.iface, t.direction);
+            removed += 1;
         }
     }
-    let _lock = Lock::acquire()?;
-    let mut removed = 0;
-    for t in wanted.iter().filter(|t| t.dir().exists()) {
-        loader::unload(t).with_context(|| format!("unloading from {} {}", t.iface, t.direction))?;
-        println!("{} {}: unloaded", t.iface, t.direction);
-        removed += 1;
+    if args.target.ifaces.iter().all(|i| i.is_empty()) {
+        // Every interface: pairs whose interface is gone too.
+        removed += crate::detour::remove_orphans()?.len();
     }
     if removed == 0 {
         println!("nothing of sfunnel's was loaded there");
@@ -130,26 +151,23 @@ pub fn unload(args: &UnloadArgs) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// Removes what the kernel's objects show dead, and nothing else: it never
+/// enters a namespace, so it does the same from a pod as from the host.
 pub fn gc(args: &GcArgs) -> Result<Outcome> {
-    caps::require_for_load(true)?;
-    pins::ensure_bpffs()?;
-    let _lock = Lock::acquire()?;
-    let (mut removed, mut kept) = (0, 0);
-    for t in Target::all() {
-        let Some(stale) = loader::stale(&t) else {
-            kept += 1;
-            continue;
-        };
-        let (dir, why) = (t.dir(), &stale.why);
+    caps::require_for_load()?;
+    let tree = Tree::open()?;
+    let _lock = tree.lock(args.lock.timeout())?;
+    let dead = tree.dead();
+    for (d, why) in &dead {
+        let what = tree.describe(d);
         if args.dry_run {
-            println!("would remove {}: {why}", dir.display());
+            println!("would remove {what}: {why}");
         } else {
-            loader::remove_stale(&t, &stale).with_context(|| format!("removing {}", dir.display()))?;
-            println!("removed {}: {why}", dir.display());
+            tree.remove(d).with_context(|| format!("removing {what}"))?;
+            println!("removed {what}: {why}");
         }
-        removed += 1;
     }
     let verb = if args.dry_run { "would remove" } else { "removed" };
-    println!("gc: {verb} {removed} stale attachment(s), kept {kept}");
+    println!("gc: {verb} {} pin(s) of dead attachments", dead.len());
     Ok(Outcome::Ok)
 }

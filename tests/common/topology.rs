@@ -289,6 +289,38 @@ pub fn rule_packets(a: &Value) -> Vec<u64> {
     a["rules"].as_array().map(|r| r.iter().map(|c| c["packets"].as_u64().unwrap_or(0)).collect()).unwrap_or_default()
 }
 
+/// The cookie of the namespace `ns` (what keys its pins), read from a
+/// thread inside it.
+pub fn netns_cookie(ns: &str) -> u64 {
+    in_ns(ns, || sfunnel::netns::current_cookie().expect("the namespace's cookie"))
+}
+
+/// Whether this kernel has TCX (6.6+), asked of the kernel.
+pub fn kernel_has_tcx() -> bool {
+    sfunnel::attach::tcx::supported(1)
+}
+
+/// Writes `abi` as the layout number of the attachment on `iface`
+/// `direction` in `ns`, as if an earlier (or later) build had made it:
+/// its next load must replace it.
+pub fn set_layout(ns: &str, iface: &str, direction: &str, abi: u32) {
+    use std::os::fd::AsFd as _;
+    let path = format!("{NETNS_DIR}/{ns}");
+    let a = status_json()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["netns"] == path.as_str() && a["iface"] == iface && a["direction"] == direction)
+        .cloned()
+        .unwrap_or_else(|| panic!("no attachment {ns} {iface} {direction} in status"));
+    let id = a["prog_id"].as_u64().expect("a program id") as u32;
+    let prog = sfunnel::objects::prog_by_id(id).expect("the program");
+    let maps = sfunnel::datapath::RulesetMaps::from_prog(prog.as_fd()).expect("its maps");
+    let mut meta = maps.read_meta().expect("its meta");
+    meta.abi_version = abi;
+    maps.write_meta(&meta).expect("writing its meta");
+}
+
 // ---------------------------------------------------------------------------
 // Threads inside a namespace
 // ---------------------------------------------------------------------------
@@ -457,8 +489,8 @@ pub struct Topo {
     /// Stem of the interface names.
     if_stem: String,
     pub opts: TopoOpts,
-    /// Namespaces created so far, with their inodes (keys of the pin tree).
-    created: Vec<(String, u64)>,
+    /// Namespaces created so far: (name, inode, cookie).
+    created: Vec<(String, u64, u64)>,
 }
 
 impl Topo {
@@ -522,18 +554,23 @@ impl Topo {
     fn add_ns(&mut self, name: &str) {
         sh(&["ip", "netns", "add", name]);
         let ino = std::fs::metadata(format!("{NETNS_DIR}/{name}")).expect("netns file").ino();
-        self.created.push((name.to_string(), ino));
+        self.created.push((name.to_string(), ino, netns_cookie(name)));
         sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
     }
 
-    /// The inode of one of our namespaces (what keys its pins).
+    /// The inode of one of our namespaces (`status --json`'s netns_ino).
     pub fn ino(&self, ns: &str) -> u64 {
-        self.created.iter().find(|(n, _)| n == ns).map(|(_, i)| *i).expect("one of our namespaces")
+        self.created.iter().find(|(n, ..)| n == ns).map(|(_, i, _)| *i).expect("one of our namespaces")
     }
 
-    /// The pin directory of an attachment.
-    pub fn pin_dir(&self, ns: &str, iface: &str, direction: &str) -> PathBuf {
-        PathBuf::from(PIN_ROOT).join(format!("netns-{}", self.ino(ns))).join(iface).join(direction)
+    /// The cookie of one of our namespaces (what keys its pins).
+    pub fn cookie(&self, ns: &str) -> u64 {
+        self.created.iter().find(|(n, ..)| n == ns).map(|(.., c)| *c).expect("one of our namespaces")
+    }
+
+    /// The directory of a namespace's pins (TCX links only).
+    pub fn pin_dir(&self, ns: &str) -> PathBuf {
+        PathBuf::from(PIN_ROOT).join("tcx").join(self.cookie(ns).to_string())
     }
 
     fn build(&self) {
@@ -685,9 +722,9 @@ impl Topo {
         let created = std::mem::take(&mut self.created);
         cleanup(&created);
         let list = sh(&["ip", "netns", "list"]).stdout;
-        for (ns, ino) in &created {
+        for (ns, _, cookie) in &created {
             assert!(!list.lines().any(|l| l.split_whitespace().next() == Some(ns)), "namespace {ns} still listed");
-            let d = PathBuf::from(PIN_ROOT).join(format!("netns-{ino}"));
+            let d = PathBuf::from(PIN_ROOT).join("tcx").join(cookie.to_string());
             assert!(!d.exists(), "{} still exists after cleanup", d.display());
         }
         eprintln!("cleanup: {} namespaces and their pins removed", created.len());
@@ -699,7 +736,7 @@ impl Topo {
 /// deletes them, with everything in them.
 #[derive(Default)]
 pub struct Namespaces {
-    created: Vec<(String, u64)>,
+    created: Vec<(String, u64, u64)>,
 }
 
 impl Namespaces {
@@ -707,7 +744,7 @@ impl Namespaces {
     pub fn add(&mut self, name: &str) {
         sh(&["ip", "netns", "add", name]);
         let ino = std::fs::metadata(format!("{NETNS_DIR}/{name}")).expect("netns file").ino();
-        self.created.push((name.to_string(), ino));
+        self.created.push((name.to_string(), ino, netns_cookie(name)));
         sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
     }
 }
@@ -718,11 +755,11 @@ impl Drop for Namespaces {
     }
 }
 
-/// CLEAN=1 per namespace (every interface, both directions, and pins of
-/// interfaces already gone), then removal of any pin directory left, then
-/// the namespaces.  Best effort: reports problems, never panics.
-fn cleanup(created: &[(String, u64)]) {
-    for (ns, ino) in created {
+/// CLEAN=1 per namespace (every interface, both directions), then the
+/// removal of any pin of those namespaces left, then the namespaces.
+/// Best effort: reports problems, never panics.
+fn cleanup(created: &[(String, u64, u64)]) {
+    for (ns, _, cookie) in created {
         let out = run(
             &mut sfunnel_cmd(&[], &[("CLEAN", "1"), ("DIRECTION", "both"), ("NETNS", ns)]),
             Duration::from_secs(30),
@@ -730,13 +767,13 @@ fn cleanup(created: &[(String, u64)]) {
         if !out.ok() {
             eprintln!("cleanup: CLEAN=1 NETNS={ns} failed ({}): {}", out.code, out.stderr.trim());
         }
-        let d = PathBuf::from(PIN_ROOT).join(format!("netns-{ino}"));
+        let d = PathBuf::from(PIN_ROOT).join("tcx").join(cookie.to_string());
         if d.exists() {
             eprintln!("cleanup: {} left after CLEAN=1; removing it", d.display());
             let _ = std::fs::remove_dir_all(&d);
         }
     }
-    for (ns, _) in created {
+    for (ns, ..) in created {
         let out = run(Command::new("ip").args(["netns", "del", ns]), Duration::from_secs(20));
         if !out.ok() {
             eprintln!("cleanup: ip netns del {ns}: {}", out.stderr.trim());
