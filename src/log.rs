@@ -49,10 +49,14 @@ pub fn emit(event: &str, fields: &[(&str, String)]) {
 /// without a clsact qdisc, and creating a clsact qdisc that is already there.
 pub fn route_libbpf() {
     fn print(level: libbpf_rs::PrintLevel, msg: String) {
-        let benign =
-            ["Cannot find specified filter chain", "Exclusivity flag on, cannot modify", "Parent Qdisc doesn't exists"]
-                .iter()
-                .any(|m| msg.contains(m));
+        let benign = [
+            "Cannot find specified filter chain",
+            "Exclusivity flag on, cannot modify",
+            "Parent Qdisc doesn't exists",
+            "Filter already exists",
+        ]
+        .iter()
+        .any(|m| msg.contains(m));
         let wanted = match level {
             libbpf_rs::PrintLevel::Warn => true,
             libbpf_rs::PrintLevel::Info => verbose(),

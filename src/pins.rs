@@ -424,8 +424,9 @@ impl Tree {
 
     /// What is provably dead, from the kernel's objects alone: TCX links
     /// hooked on nothing, with the detour link of the same attachment (its
-    /// program holds the same maps), and earlier-layout pins whose TCX link
-    /// is hooked on nothing; each with why.  Needs no namespace: from a
+    /// program holds the same maps); a detour link whose attachment's own
+    /// was never pinned (a load that ended halfway); and earlier-layout
+    /// pins whose TCX link is hooked on nothing; each with why.  Needs no namespace: from a
     /// pod it finds the same.
     pub fn dead(&self) -> Vec<(Dead, String)> {
         let mut out = Vec::new();
@@ -438,6 +439,12 @@ impl Tree {
                 LinkState::Dead(_) => "its interface is gone",
                 _ if key.detour && dead_main.contains(&LinkKey { detour: false, ..*key }) => {
                     "its attachment's interface is gone"
+                }
+                // A load pins the detour's link first and its program's
+                // last, under the lock: one without the other is what a
+                // load that ended halfway left.
+                _ if key.detour && !links.iter().any(|(k, _)| *k == LinkKey { detour: false, ..*key }) => {
+                    "a load that ended halfway hooked it, and never its attachment's program"
                 }
                 _ => continue,
             };

@@ -40,13 +40,17 @@ mkdir -p /mnt/tmp
 export TMPDIR=/mnt/tmp
 
 # The guest's CPU is about 18x slower (TCG): smaller random-case counts for
-# the tests that have a knob (tests/datapath.rs, tests/rules.rs; bulk size in tests/gso.rs).  Values set
+# the tests that have a knob (tests/datapath.rs, tests/rules.rs; bulk size in tests/gso.rs; pod cycles in
+# tests/lifecycle.rs).  Values set
 # on the host win (vmtest passes its environment into the guest).
 export SFUNNEL_PROP_CASES=${SFUNNEL_PROP_CASES:-4096}
 export SFUNNEL_LOOKUP_RULESETS=${SFUNNEL_LOOKUP_RULESETS:-40}
 export SFUNNEL_RANDOM_INPUTS=${SFUNNEL_RANDOM_INPUTS:-40000}
 export SFUNNEL_FUZZ_CASES=${SFUNNEL_FUZZ_CASES:-2000}
 export SFUNNEL_BULK_MIB=${SFUNNEL_BULK_MIB:-8}
+# Pods that come and go in tests/lifecycle.rs (100 on the host): every
+# kind of step each cycle, fewer cycles.
+export SFUNNEL_CHURN_CYCLES=${SFUNNEL_CHURN_CYCLES:-12}
 # A binary that runs longer than this is killed and counted as failed.
 bin_timeout=${SFUNNEL_VMTEST_BIN_TIMEOUT:-900}
 

@@ -71,15 +71,28 @@ total_passed=0
 total_failed=0
 lines=()
 crashes=()
+boot_retries=()
 t_all=$(date +%s)
 for t in $targets; do
   echo
   echo "vmtest: ===== $t ====="
   t0=$(date +%s)
-  set +e
-  VMTEST_NO_UI=1 timeout -k 30 "$TIMEOUT" vmtest -c "$VMDIR/vmtest.toml" -f "^$t\$" 2>&1 | tee "$RUN/$t.log"
-  rc=${PIPESTATUS[0]}
-  set -e
+  for attempt in 1 2; do
+    set +e
+    VMTEST_NO_UI=1 timeout -k 30 "$TIMEOUT" vmtest -c "$VMDIR/vmtest.toml" -f "^$t\$" 2>&1 | tee "$RUN/$t.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    # A guest kernel that crashed while booting under TCG (seen: an int3
+    # Oops in text patching, once in several boots) never ran a test: boot
+    # it once more, and say so.  A crash once tests run is never retried.
+    if [ "$attempt" = 1 ] && ! grep -aq '===> Running command' "$RUN/$t.log" && grep -aqE 'Oops|Kernel panic' "$RUN/$t.log"; then
+      cp "$RUN/$t.log" "$RUN/$t.boot-crash.log"
+      echo "vmtest: $t: the guest kernel crashed while booting ($(grep -aoE 'Oops: [^[]*|Kernel panic[^\r]*' "$RUN/$t.log" | head -1)); booting it again (log: vmtest/cache/run/$t.boot-crash.log)"
+      boot_retries+=("$t")
+      continue
+    fi
+    break
+  done
   secs=$(($(date +%s) - t0))
   s=$(grep -aE "^SUMMARY $t " "$RUN/$t.log" | tail -1 | tr -d '\r' || true)
   if [ -z "$s" ]; then
@@ -115,6 +128,7 @@ echo "vmtest: ===== kernel matrix ====="
 [ -z "$host_line" ] || echo "$host_line"
 printf '%s\n' "${lines[@]}"
 echo "vmtest: kernels: $(wc -w <<<"$targets"), ${all_secs} s"
+[ ${#boot_retries[@]} -eq 0 ] || echo "vmtest: booted again after a crash during boot: ${boot_retries[*]}"
 for c in "${crashes[@]}"; do
   t=${c%%:*} n=${c##* }
   echo

@@ -74,6 +74,13 @@ pub fn attach(prog: BorrowedFd<'_>, ifindex: u32, d: Direction, expect: Option<u
     let mut o = opts(Some(prog), if expect.is_some() { libbpf_sys::BPF_TC_F_REPLACE } else { 0 });
     // SAFETY: hook and opts are valid and sized; prog is a valid fd.
     let rc = unsafe { libbpf_sys::bpf_tc_attach(&h, &mut o) };
+    if rc == -libc::EEXIST {
+        // A filter no query shows a program for (classic BPF, say).
+        bail!(
+            "a tc {d} filter at handle {HANDLE:#x} priority {PRIORITY:#x} on ifindex {ifindex} is not sfunnel's: \
+             remove it (`tc filter del dev DEV {d} handle {HANDLE:#x} prio {PRIORITY:#x} bpf`) and run again"
+        );
+    }
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(-rc)).context("attaching the cls_bpf filter");
     }
