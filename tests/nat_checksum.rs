@@ -479,7 +479,7 @@ fn scenario(l: &Lab, label: &str, m: Match, at_router: bool) -> (String, Vec<Str
                 Proto::Udp => udp_flow(l, fam, *app, k),
                 Proto::Tcp => tcp_flow(l, fam, *app, k),
             };
-            report.push_str(&format!("  {fname} {combo:<13} {}\n", r.as_ref().unwrap_or_else(|e| e.as_str())));
+            report.push_str(&format!("  {fname} {combo:<13} {}\n", r.as_ref().unwrap_or_else(|e| e)));
             if let Err(e) = r {
                 problems.push(format!("{label}: {fname} {combo}: {e}"));
             }
