@@ -45,6 +45,8 @@ ip -n "$NS" link set sfstatic0 up
 echo "chroot holds: $(cd "$ROOT" && find . -maxdepth 1 -mindepth 1 | sort | tr '\n' ' ')"
 
 in_chroot() { nsenter --net="/var/run/netns/$NS" chroot "$ROOT" /sfunnel "$@"; }
+pins() { find /sys/fs/bpf/sfunnel -type f 2>/dev/null | sort; }
+pins_before=$(pins)
 check "loads and attaches inside the chroot" \
   in_chroot load -i sfstatic0 -d both 'udp dport 4739 actions funnel tcp sport 540 dport 80'
 # The detour's far ends steer their segments to the online CPUs: the mask
@@ -64,7 +66,8 @@ check "reruns in place inside the chroot" \
   in_chroot load -i sfstatic0 -d both 'udp dport 4739 actions funnel udp sport 541 dport 81'
 check "status sees both hooks" bash -c "'$BIN' status | grep -c 'sfstatic0' | grep -qx 2"
 check "unloads inside the chroot" in_chroot unload -i sfstatic0 -d both
-check "no pins left" bash -c "! find /sys/fs/bpf/sfunnel -path '*sfstatic0*' | grep -q ."
+check "nothing of it left: no status entry, no new pin" \
+  bash -c "! '$BIN' status | grep -q sfstatic0 && [ \"\$(find /sys/fs/bpf/sfunnel -type f 2>/dev/null | sort)\" = '$pins_before' ]"
 
 echo "static-binary: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
