@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod detour;
 pub mod loader;
 pub mod log;
+pub mod netlink;
 pub mod netns;
 pub mod objects;
 pub mod pins;

@@ -104,24 +104,18 @@ fn fault(step: &str) {
 pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32> {
     let attempts = attempts.max(1);
     for i in 1..=attempts {
-        match nix::net::if_::if_nametoindex(iface) {
-            Ok(idx) => return Ok(idx),
-            Err(e) if i == attempts => {
-                return Err(anyhow!(e)).with_context(|| {
-                    format!(
-                        "interface {iface} not found after {attempts} attempts {delay:?} apart: check the name \
-                         (`ip link` in the target namespace), or raise N_ATTEMPTS/RETRY_DELAY"
-                    )
-                })
-            }
-            Err(_) => {
-                eprintln!(
-                    "warning: interface {iface} not found (attempt {i} of {attempts}); trying again in {delay:?}"
-                );
-                event!("wait_iface", iface = iface, attempt = i, attempts = attempts, retry_in = format!("{delay:?}"));
-                std::thread::sleep(delay);
-            }
+        if let Some(idx) = crate::netlink::index_of(iface) {
+            return Ok(idx);
         }
+        if i == attempts {
+            bail!(
+                "interface {iface} not found after {attempts} attempts {delay:?} apart: check the name (`ip link` in \
+                 the target namespace), or raise N_ATTEMPTS/RETRY_DELAY"
+            );
+        }
+        eprintln!("warning: interface {iface} not found (attempt {i} of {attempts}); trying again in {delay:?}");
+        event!("wait_iface", iface = iface, attempt = i, attempts = attempts, retry_in = format!("{delay:?}"));
+        std::thread::sleep(delay);
     }
     unreachable!("the loop returns on its last attempt")
 }
@@ -251,6 +245,16 @@ fn inspect(tree: &Tree, t: &Target) -> Result<OnHook> {
             if info.ifindex == t.ifindex {
                 let prog = objects::prog_by_id(info.prog_id)?;
                 return existing(Mode::Tcx, prog, Some(link), false, true);
+            }
+        }
+    }
+    // TCX: a program of sfunnel's on the hook, held by a link pinned
+    // nowhere this build looks (it is then pinned where it does).
+    for id in tcx::attached_ids(t.ifindex, t.direction) {
+        let Ok(prog) = objects::prog_by_id(id) else { continue };
+        if objects::prog_info(prog.as_fd()).is_ok_and(|i| i.name == PROG_NAME) {
+            if let Some(link) = objects::link_holding(id, t.ifindex)? {
+                return existing(Mode::Tcx, prog, Some(link), false, has_legacy);
             }
         }
     }
@@ -435,9 +439,32 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptio
         OnHook::Ours(e) => Some(e),
     };
 
+    if let Some(e) = &found {
+        let asked = match opts.attach {
+            AttachChoice::Auto => e.mode,
+            AttachChoice::Tcx => Mode::Tcx,
+            AttachChoice::Clsact => Mode::Clsact,
+        };
+        if asked != e.mode {
+            bail!(
+                "{i} {d} is attached with {m}; to move it to {asked}, unload it first (`sfunnel unload -i {i} -d {d}`), \
+                 then load with --attach {asked}",
+                i = t.iface,
+                d = t.direction,
+                m = e.mode
+            );
+        }
+    }
+
     // In place: the ruleset staged in the live maps' other generation.
     if let Some(e) = found.as_ref().filter(|e| e.replace.is_none()) {
         let maps = RulesetMaps::from_prog(e.prog.as_fd())?;
+        if let (Some(link), false) = (&e.link, e.link_pinned) {
+            // Held by a link pinned nowhere this build looks: pinned here too.
+            tree.pin_link(&t.key(false), link.as_fd())?;
+            let key = t.key(false);
+            undo.push("the link's new pin", move || tree.unpin_link(&key));
+        }
         let mut flags = None;
         if detour {
             match detour_intact(&maps, t, e.mode) {
@@ -467,23 +494,7 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptio
     // A new program: on an empty hook, or in place of one of another layout,
     // on the same kind of hook.
     let mode = match &found {
-        Some(e) => {
-            let asked = match opts.attach {
-                AttachChoice::Auto => e.mode,
-                AttachChoice::Tcx => Mode::Tcx,
-                AttachChoice::Clsact => Mode::Clsact,
-            };
-            if asked != e.mode {
-                bail!(
-                    "{i} {d} is attached with {m}; to move it to {asked}, unload it first (`sfunnel unload -i {i} -d \
-                     {d}`), then load with --attach {asked}",
-                    i = t.iface,
-                    d = t.direction,
-                    m = e.mode
-                );
-            }
-            e.mode
-        }
+        Some(e) => e.mode,
         None => {
             let (mode, why) = attach::choose(opts.attach, t.ifindex)?;
             event!(
@@ -531,9 +542,10 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptio
             Some((pair, old)) => {
                 ready_pair(pair, t, opts)?;
                 let link = match mode {
-                    Mode::Tcx => tree
-                        .open_link(&t.key(true))?
-                        .or_else(|| found.as_ref().filter(|e| e.legacy).and_then(|_| tree.legacy_links(&t.legacy()).1)),
+                    Mode::Tcx => match tree.open_link(&t.key(true))? {
+                        Some(l) => Some(l),
+                        None => objects::link_holding(objects::prog_info(old.as_fd())?.id, pair.inn)?,
+                    },
                     Mode::Clsact => None,
                 };
                 (pair, Some(old), link)

@@ -62,7 +62,9 @@ pub fn current() -> Result<Id> {
 /// here belongs to it (SO_NETNS_COOKIE, Linux 5.14).
 pub fn current_cookie() -> Result<u64> {
     // SAFETY: plain socket(2); the fd is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    // A netlink socket: an AF_UNIX one's close can wait for the kernel's
+    // unix socket garbage collector (src/netlink.rs).
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("opening a socket to read the namespace's cookie");
     }

@@ -9,7 +9,7 @@
 
 use std::ffi::CStr;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result};
 
@@ -130,4 +130,31 @@ pub fn map_id(fd: BorrowedFd<'_>) -> Result<u32> {
     let rc = unsafe { libbpf_sys::bpf_map_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
     check(rc, || "reading a BPF map's info".into())?;
     Ok(info.id)
+}
+
+/// The link that holds the program `prog_id` on the interface `ifindex`
+/// (a TCX link, by what it reports), among every link on the machine: for
+/// a program of sfunnel's on a hook whose link is pinned nowhere this
+/// build looks (an earlier build, a load killed before it pinned).
+pub fn link_holding(prog_id: u32, ifindex: u32) -> Result<Option<OwnedFd>> {
+    let mut id = 0u32;
+    loop {
+        let mut next = 0u32;
+        // SAFETY: plain libbpf call with a valid out pointer.
+        let rc = unsafe { libbpf_sys::bpf_link_get_next_id(id, &mut next) };
+        if rc == -libc::ENOENT {
+            return Ok(None);
+        }
+        check(rc, || "listing BPF links (needs CAP_SYS_ADMIN)".into())?;
+        id = next;
+        // SAFETY: plain libbpf call.
+        let fd = unsafe { libbpf_sys::bpf_link_get_fd_by_id(next) };
+        if fd < 0 {
+            continue; // gone since it was listed
+        }
+        let link = own(fd);
+        if link_info(link.as_fd()).is_ok_and(|i| i.prog_id == prog_id && i.ifindex == ifindex) {
+            return Ok(Some(link));
+        }
+    }
 }

@@ -349,6 +349,14 @@ fn ipv6_over_mtu_sends_packet_too_big_and_traffic_adapts() {
     }
     if got != [fits] || (packets, over) != (1, 1) {
         failures.push("the datagram that fits was not the only one funneled and delivered".into());
+        // What is needed to tell where it went.
+        let nonzero = |ns: &str| -> String {
+            let out = common::topology::nsh(ns, &["nstat", "-az"]).stdout;
+            out.lines().filter(|l| l.split_whitespace().nth(1).is_some_and(|v| v != "0")).collect::<Vec<_>>().join("; ")
+        };
+        eprintln!("status:\n{}", common::topology::sfunnel(&["status"], &[]).stdout);
+        eprintln!("router counters: {}\nserver counters: {}", nonzero(&t.router), nonzero(&t.server));
+        eprintln!("router neighbours: {}", common::topology::nsh(&t.router, &["ip", "-6", "neigh"]).stdout);
     }
 
     // TCP with full-size segments both ways, through the detour and the

@@ -90,7 +90,7 @@ impl Topology {
             detour_cpus: Default::default(),
         };
         let (report, target) = netns::run_in(ns, || {
-            let ifindex = nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
+            let ifindex = crate::netlink::index_of(iface).with_context(|| format!("interface {iface} not found"))?;
             let t = Target { netns: netns::current()?, iface: iface.into(), ifindex, direction };
             let tree = Tree::open()?;
             let _lock = tree.lock(LOCK_TIMEOUT)?;
@@ -128,7 +128,7 @@ fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result
         ensure!(fd >= 0, "opening a packet socket: {}", std::io::Error::last_os_error());
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let ifindex = nix::net::if_::if_nametoindex(iface)?;
+        let ifindex = crate::netlink::index_of(iface).with_context(|| format!("interface {iface} not found"))?;
         // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;

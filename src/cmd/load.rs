@@ -41,9 +41,9 @@ fn targets(args: &TargetArgs, wait: Option<&LoadOptions>) -> Result<Vec<Target>>
     for iface in interfaces(args)? {
         let ifindex = match wait {
             Some(o) => loader::wait_for_iface(&iface, o.attempts, o.retry_delay)?,
-            None => match nix::net::if_::if_nametoindex(iface.as_str()) {
-                Ok(i) => i,
-                Err(_) => {
+            None => match crate::netlink::index_of(iface.as_str()) {
+                Some(i) => i,
+                None => {
                     eprintln!("warning: interface {iface} not found: nothing to unload there");
                     continue;
                 }
