@@ -13,7 +13,7 @@
 # touch the kernel and would only cost guest CPU time.
 #
 #   VMTEST_FILTER=REGEX          only the targets whose name matches
-#   VMTEST_TIMEOUT=SECONDS       per kernel, boot included (default 1200)
+#   VMTEST_TIMEOUT=SECONDS       per kernel, boot included (default 1800)
 #   SFUNNEL_PROP_CASES, SFUNNEL_RANDOM_INPUTS, SFUNNEL_FUZZ_CASES
 #                                random-case counts in the guests (guest.sh
 #                                has smaller defaults than the host's)
@@ -25,7 +25,7 @@ RUN=$VMDIR/cache/run
 export PATH=$HOME/.cargo/bin:$PATH
 HOST_ONLY=" rules "
 FILTER=${VMTEST_FILTER:-.}
-TIMEOUT=${VMTEST_TIMEOUT:-1200}
+TIMEOUT=${VMTEST_TIMEOUT:-1800}
 
 if [ ! -x "$VMDIR/cache/qemu-tcg" ] || ! command -v vmtest >/dev/null; then
   echo "vmtest/run.sh: run vmtest/setup.sh first" >&2
