@@ -5,7 +5,7 @@
 //!
 //! Targets: load + attach ≤ 50 ms median (≤ 100 ms for a funnel rule,
 //! which also makes the segmentation detour); rerun with 10,000 rules ≤
-//! 200 ms; unload ≤ 50 ms; 100,000 rules load.
+//! 200 ms; unload ≤ 50 ms (≤ 100 ms with the detour); 100,000 rules load.
 
 mod common;
 
@@ -111,7 +111,7 @@ fn main() -> Result<()> {
     row("  a funnel rule: with the GSO detour", fresh_detour, 100.0);
     row("rerun, alternating 10,000 rules / 1 rule", rerun, 200.0);
     row("unload (an unfunnel rule)", unload, 50.0);
-    row("  a funnel rule: with the GSO detour", unload_detour, 50.0);
+    row("  a funnel rule: with the GSO detour", unload_detour, 100.0);
     row("load 100,000 rules (one run, in place)", big, f64::INFINITY);
     Ok(())
 }

@@ -402,6 +402,9 @@ struct Prepared<'a> {
     /// Attach, Replace: the detour program to hook, where the new ruleset
     /// funnels.
     detour: Option<DetourHook>,
+    /// Attach: the ruleset that goes into the new maps while the program is
+    /// being hooked (commit).
+    fill: Option<(&'a Compiled, Settings)>,
     /// Undoes what prepare made.
     undo: Undo<'a>,
 }
@@ -422,7 +425,7 @@ fn meta_for(t: &Target, mode: Mode) -> sfunnel_meta {
     }
 }
 
-fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptions) -> Result<Prepared<'a>> {
+fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &'a Compiled, opts: &LoadOptions) -> Result<Prepared<'a>> {
     let settings = Settings { egress: t.direction == Direction::Egress, over_mtu: opts.over_mtu };
     let detour = wants_detour(compiled);
     let mut undo = Undo::new();
@@ -487,6 +490,7 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptio
             maps,
             prog_id,
             detour: None,
+            fill: None,
             undo,
         });
     }
@@ -526,8 +530,19 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptio
         );
     }
     maps.write_meta(&meta_for(t, mode))?;
-    // Nothing runs these maps yet: the ruleset goes in whole.
-    maps.install(compiled, settings).context("filling the new program's maps")?;
+    // In place of another program, the ruleset goes in whole now, so that
+    // no packet meets an empty one.  On an empty hook it goes in while the
+    // program is being hooked (commit): each waits for a grace period,
+    // and overlapped the waits do not add up.  That is safe because the
+    // program sees no ruleset (generation 0, empty) until the install
+    // flips to the complete new one: until then it passes every packet,
+    // as if it were not there yet.
+    let fill = if found.is_some() {
+        maps.install(compiled, settings).context("filling the new program's maps")?;
+        None
+    } else {
+        Some((compiled, settings))
+    };
     let mut hook = None;
     if detour {
         let prog = dup(loaded.detour_program().context("the detour's program")?.as_fd())?;
@@ -578,6 +593,7 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &Compiled, opts: &LoadOptio
         maps,
         prog_id,
         detour: hook,
+        fill,
         undo,
     })
 }
@@ -650,6 +666,61 @@ fn hook_detour<'a>(tree: &'a Tree, t: &Target, mode: Mode, h: &mut DetourHook, u
     Ok(())
 }
 
+/// Hooks a new program (Attach, Replace): its detour's first, then its own,
+/// each in place of the old one where there is one.
+#[allow(clippy::too_many_arguments)]
+fn hook_new<'a>(
+    tree: &'a Tree,
+    t: &Target,
+    mode: Mode,
+    detour: &mut Option<DetourHook>,
+    loaded: Option<&Loaded>,
+    existing: Option<&Existing>,
+    prog_id: u32,
+    undo: &mut Undo<'a>,
+) -> Result<()> {
+    if let Some(h) = detour.as_mut() {
+        hook_detour(tree, t, mode, h, undo)?;
+        fault("detour-hooked");
+    }
+    let loaded = loaded.context("a new program")?;
+    let prog = loaded.program().as_fd();
+    match (mode, existing) {
+        (Mode::Tcx, Some(e)) => {
+            let link = e.link.as_ref().context("the old TCX link")?;
+            tcx::update(link.as_fd(), prog, e.prog.as_fd())?;
+            let (link2, new, oldp) = (dup(link.as_fd())?, dup(prog)?, dup(e.prog.as_fd())?);
+            undo.push("the program's swap", move || tcx::update(link2.as_fd(), oldp.as_fd(), new.as_fd()));
+            fault("attached");
+            if !e.link_pinned {
+                tree.pin_link(&t.key(false), link.as_fd())?;
+                let key = t.key(false);
+                undo.push("the link's new pin", move || tree.unpin_link(&key));
+            }
+        }
+        (Mode::Tcx, None) => {
+            let link = tcx::attach(prog, t.ifindex, t.direction)?;
+            fault("attached");
+            tree.pin_link(&t.key(false), link.as_fd())?;
+            let key = t.key(false);
+            undo.push("the TCX link", move || {
+                tcx::detach(link.as_fd())?;
+                tree.unpin_link(&key)
+            });
+        }
+        (Mode::Clsact, old) => {
+            clsact::attach(prog, t.ifindex, t.direction, old.map(|e| e.prog_id))?;
+            fault("attached");
+            let (ifindex, d, new_id) = (t.ifindex, t.direction, prog_id);
+            match old.map(|e| dup(e.prog.as_fd())).transpose()? {
+                Some(o) => undo.push("the program's swap", move || clsact::attach(o.as_fd(), ifindex, d, Some(new_id))),
+                None => undo.push("the clsact filter", move || clsact::detach(ifindex, d)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A committed target: live, and switched back when `undo` drops.
 struct Committed<'a> {
     p: Prepared<'a>,
@@ -685,47 +756,26 @@ fn commit<'a>(tree: &'a Tree, mut p: Prepared<'a>, i: usize) -> Result<Committed
             undo.push("the ruleset's generation", move || staged.unflip(&m));
         }
         Change::Attach | Change::Replace { .. } => {
-            if let Some(h) = p.detour.as_mut() {
-                hook_detour(tree, &t, p.mode, h, &mut undo)?;
-                fault("detour-hooked");
-            }
-            let loaded = p.loaded.as_ref().expect("a new program");
-            let prog = loaded.program().as_fd();
-            match (p.mode, p.existing.as_deref()) {
-                (Mode::Tcx, Some(e)) => {
-                    let link = e.link.as_ref().context("the old TCX link")?;
-                    tcx::update(link.as_fd(), prog, e.prog.as_fd())?;
-                    let (link2, new, oldp) = (dup(link.as_fd())?, dup(prog)?, dup(e.prog.as_fd())?);
-                    undo.push("the program's swap", move || tcx::update(link2.as_fd(), oldp.as_fd(), new.as_fd()));
-                    fault("attached");
-                    if !e.link_pinned {
-                        tree.pin_link(&t.key(false), link.as_fd())?;
-                        let key = t.key(false);
-                        undo.push("the link's new pin", move || tree.unpin_link(&key));
-                    }
-                }
-                (Mode::Tcx, None) => {
-                    let link = tcx::attach(prog, t.ifindex, t.direction)?;
-                    fault("attached");
-                    tree.pin_link(&t.key(false), link.as_fd())?;
-                    let key = t.key(false);
-                    undo.push("the TCX link", move || {
-                        tcx::detach(link.as_fd())?;
-                        tree.unpin_link(&key)
-                    });
-                }
-                (Mode::Clsact, old) => {
-                    clsact::attach(prog, t.ifindex, t.direction, old.map(|e| e.prog_id))?;
-                    fault("attached");
-                    let (ifindex, d, new_id) = (t.ifindex, t.direction, p.prog_id);
-                    match old.map(|e| dup(e.prog.as_fd())).transpose()? {
-                        Some(o) => {
-                            undo.push("the program's swap", move || clsact::attach(o.as_fd(), ifindex, d, Some(new_id)))
-                        }
-                        None => undo.push("the clsact filter", move || clsact::detach(ifindex, d)),
-                    }
-                }
-            }
+            let (maps, fill) = (&p.maps, p.fill);
+            let hooked = std::thread::scope(|s| {
+                let filling = fill.map(|(c, settings)| s.spawn(move || maps.install(c, settings)));
+                let hooked = hook_new(
+                    tree,
+                    &t,
+                    p.mode,
+                    &mut p.detour,
+                    p.loaded.as_ref(),
+                    p.existing.as_deref(),
+                    p.prog_id,
+                    &mut undo,
+                );
+                let filled = match filling {
+                    Some(h) => h.join().unwrap_or_else(|_| Err(anyhow!("the ruleset install thread panicked"))),
+                    None => Ok(()),
+                };
+                hooked.and(filled.context("filling the new program's maps"))
+            });
+            hooked?;
         }
     }
     // Made by prepare, now part of what is live: kept unless this commit
