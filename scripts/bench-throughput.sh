@@ -136,13 +136,17 @@ tcp_run() {
 }
 # 4 MiB socket buffers: loss then comes from the path, not from a receiver
 # that was descheduled for a moment.
+# Packets dropped at a full backlog queue (any CPU's; netdev_max_backlog),
+# the second column of /proc/net/softnet_stat.
+backlog_drops() { local s=0 d; while read -r _ d _; do s=$((s + 16#$d)); done </proc/net/softnet_stat; echo $s; }
+# "Gbit/s busy-ticks lost% backlog-drops"
 udp_run() {
-  local b0 r
-  b0=$(busy)
+  local b0 d0 r
+  b0=$(busy) d0=$(backlog_drops)
   r=$(ip netns exec $C iperf3 -c "${3:-$SIP}" -p "$1" -t "$T" -u -l 1400 -b "$2" -w 4M -f m |
     awk '/receiver/ {for (i=1;i<=NF;i++) if ($i=="Mbits/sec") r=$(i-1); gsub(/[()%]/,"",$NF); l=$(NF-1); gsub(/[()%]/,"",l); print r/1000, l}')
   read -r g l <<<"$r"
-  echo "$g $(($(busy) - b0)) $l"
+  echo "$g $(($(busy) - b0)) $l $(($(backlog_drops) - d0))"
 }
 
 # Request/response: 64-byte requests, each answered before the next.
@@ -205,16 +209,18 @@ csum_errors() { ip netns exec $S nstat -az TcpInCsumErrors UdpInCsumErrors Udp6I
 printf '\nsfunnel throughput: client → router (tx/tso/gso off) → server, kernel %s\n' "$(uname -r)"
 printf '%s rounds of %s s runs, each funneled run next to a plain one; median (lowest-highest)\n' "$ROUNDS" "$T"
 printf 'segments leave the detour by: %s (DETOUR_RETURN=auto), funneled on CPUs %s (DETOUR_CPUS=all), except where the rows say\n' "$back" "$(cat /sys/devices/system/cpu/online)"
-printf 'CPU/bit: CPU time the machine spent per bit received, against plain in the same round\n\n'
+printf 'CPU/bit: CPU time the machine spent per bit received, against plain in the same round\n'
+printf 'backlog: most packets any one run dropped at a full backlog queue (/proc/net/softnet_stat, all CPUs)\n\n'
 
 # Each round runs plain and the funneled flows back to back, so that a
 # noisy neighbour hits both; the ratio is taken per round.
-declare -a P TT TU TTX TUX TTS TUS UP UT UU UPC UTC UUC P6 TT6 TU6 UP6 UT6 UU6
+declare -a P TT TU TTX TUX TTS TUS UP UT UU UTS UUS UPC UTC UUC P6 TT6 TU6 UP6 UT6 UU6
 for ((r = 0; r < ROUNDS; r++)); do
   P+=("$(tcp_run 5301)"); TT+=("$(tcp_run 5201)"); TU+=("$(tcp_run 5202)")
   client_load transmit all; TTX+=("$(tcp_run 5201)"); TUX+=("$(tcp_run 5202)")
   client_load auto sender; TTS+=("$(tcp_run 5201)"); TUS+=("$(tcp_run 5202)"); client_load auto all
   UP+=("$(udp_run 5303 0)"); UT+=("$(udp_run 5203 0)"); UU+=("$(udp_run 5204 0)")
+  client_load auto sender; UTS+=("$(udp_run 5203 0)"); UUS+=("$(udp_run 5204 0)"); client_load auto all
   # The sender's checksums complete (tx off): funneled in place, not in
   # the detour (README, "Checksums through NAT").
   ip netns exec $C ethtool -K sfbt0 tx off >/dev/null
@@ -223,7 +229,7 @@ for ((r = 0; r < ROUNDS; r++)); do
   P6+=("$(tcp_run 5301 $SIP6)"); TT6+=("$(tcp_run 5201 $SIP6)"); TU6+=("$(tcp_run 5202 $SIP6)")
   UP6+=("$(udp_run 5303 0 $SIP6)"); UT6+=("$(udp_run 5203 0 $SIP6)"); UU6+=("$(udp_run 5204 0 $SIP6)")
 done
-read -r pu _ pul < <(udp_run 5303 "$UDP_RATE"); read -r tu1 _ tul < <(udp_run 5203 "$UDP_RATE"); read -r uu1 _ uul1 < <(udp_run 5204 "$UDP_RATE")
+read -r pu _ pul _ < <(udp_run 5303 "$UDP_RATE"); read -r tu1 _ tul _ < <(udp_run 5203 "$UDP_RATE"); read -r uu1 _ uul1 _ < <(udp_run 5204 "$UDP_RATE")
 # The program time at both ends of an unpaced UDP run: "Gbit/s ns/packet
 # at the sender, ns/packet at the receiver, share of the run (%)".
 prog_stats() { bpftool prog show id "$1" -j | python3 -c 'import json,sys; p = json.load(sys.stdin); print(p.get("run_time_ns", 0), p.get("run_cnt", 0))'; }
@@ -268,8 +274,9 @@ cpu_ratios() { # CPU time per bit, funneled against plain, per round: $1, $2 as 
   done | stats
 }
 gbit() { local -n a=$1; for x in "${a[@]}"; do echo "${x%% *}"; done | stats; }
-loss() { local -n a=$1; for x in "${a[@]}"; do echo "${x##* }"; done | sort -g | tail -1; }
-row() { # label, array, plain array (or "" for the plain row), loss column
+loss() { local -n a=$1; for x in "${a[@]}"; do read -r _ _ l _ <<<"$x"; echo "$l"; done | sort -g | tail -1; }
+drops() { local -n a=$1; for x in "${a[@]}"; do read -r _ _ _ d <<<"$x"; echo "$d"; done | sort -g | tail -1; }
+row() { # label, array, plain array (or "" for the plain row), loss column, backlog drops column
   read -r m lo hi < <(gbit "$2")
   if [ -z "$3" ]; then
     rat="100%" cpu="1"
@@ -277,9 +284,9 @@ row() { # label, array, plain array (or "" for the plain row), loss column
     read -r rm rlo rhi < <(ratios "$2" "$3"); rat=$(printf '%.0f%% (%.0f-%.0f)' "$rm" "$rlo" "$rhi")
     read -r cm _ < <(cpu_ratios "$2" "$3"); cpu=$(printf '%.2f' "$cm")
   fi
-  printf '%-34s %6.2f (%.2f-%.2f) %16s %9s %8s\n' "$1" "$m" "$lo" "$hi" "$rat" "$4" "$cpu"
+  printf '%-34s %6.2f (%.2f-%.2f) %16s %9s %8s %9s\n' "$1" "$m" "$lo" "$hi" "$rat" "$4" "$cpu" "${5:--}"
 }
-printf '%-34s %20s %16s %9s %8s\n' "flow" "Gbit/s" "of plain" "max loss" "CPU/bit"
+printf '%-34s %20s %16s %9s %8s %9s\n' "flow" "Gbit/s" "of plain" "max loss" "CPU/bit" "backlog"
 row "plain TCP" P "" "-"
 row "TCP over TCP (funneled)" TT P "-"
 row "TCP over UDP (funneled)" TU P "-"
@@ -287,18 +294,20 @@ row "  the same, DETOUR_RETURN=transmit" TTX P "-"
 row "  (TCP over UDP)" TUX P "-"
 row "  the same, DETOUR_CPUS=sender" TTS P "-"
 row "  (TCP over UDP)" TUS P "-"
-row "plain UDP, 1400 B, unpaced" UP "" "$(loss UP)%"
-row "UDP over TCP (funneled)" UT UP "$(loss UT)%"
-row "UDP over UDP (funneled)" UU UP "$(loss UU)%"
-row "plain UDP, sender tx off" UPC "" "$(loss UPC)%"
-row "UDP over TCP, in place (tx off)" UTC UPC "$(loss UTC)%"
-row "UDP over UDP, in place (tx off)" UUC UPC "$(loss UUC)%"
+row "plain UDP, 1400 B, unpaced" UP "" "$(loss UP)%" "$(drops UP)"
+row "UDP over TCP (funneled)" UT UP "$(loss UT)%" "$(drops UT)"
+row "UDP over UDP (funneled)" UU UP "$(loss UU)%" "$(drops UU)"
+row "  the same, DETOUR_CPUS=sender" UTS UP "$(loss UTS)%" "$(drops UTS)"
+row "  (UDP over UDP)" UUS UP "$(loss UUS)%" "$(drops UUS)"
+row "plain UDP, sender tx off" UPC "" "$(loss UPC)%" "$(drops UPC)"
+row "UDP over TCP, in place (tx off)" UTC UPC "$(loss UTC)%" "$(drops UTC)"
+row "UDP over UDP, in place (tx off)" UUC UPC "$(loss UUC)%" "$(drops UUC)"
 row "IPv6: plain TCP" P6 "" "-"
 row "IPv6: TCP over TCP (funneled)" TT6 P6 "-"
 row "IPv6: TCP over UDP (funneled)" TU6 P6 "-"
-row "IPv6: plain UDP, 1400 B, unpaced" UP6 "" "$(loss UP6)%"
-row "IPv6: UDP over TCP (funneled)" UT6 UP6 "$(loss UT6)%"
-row "IPv6: UDP over UDP (funneled)" UU6 UP6 "$(loss UU6)%"
+row "IPv6: plain UDP, 1400 B, unpaced" UP6 "" "$(loss UP6)%" "$(drops UP6)"
+row "IPv6: UDP over TCP (funneled)" UT6 UP6 "$(loss UT6)%" "$(drops UT6)"
+row "IPv6: UDP over UDP (funneled)" UU6 UP6 "$(loss UU6)%" "$(drops UU6)"
 printf '%-34s %6.2f %29s %9s\n' "plain UDP, 1400 B at $UDP_RATE" "$pu" "100%" "$pul%"
 printf '%-34s %6.2f %29s %9s\n' "UDP over TCP (funneled)" "$tu1" "$(awk -v a="$tu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$tul%"
 printf '%-34s %6.2f %29s %9s\n' "UDP over UDP (funneled)" "$uu1" "$(awk -v a="$uu1" -v b="$pu" 'BEGIN {printf "%.0f%%", 100 * a / b}')" "$uul1%"

@@ -71,7 +71,7 @@ total_passed=0
 total_failed=0
 lines=()
 crashes=()
-boot_retries=()
+retries=()
 t_all=$(date +%s)
 for t in $targets; do
   echo
@@ -82,14 +82,25 @@ for t in $targets; do
     VMTEST_NO_UI=1 timeout -k 30 "$TIMEOUT" vmtest -c "$VMDIR/vmtest.toml" -f "^$t\$" 2>&1 | tee "$RUN/$t.log"
     rc=${PIPESTATUS[0]}
     set -e
-    # A guest kernel that crashed while booting under TCG (seen: an int3
-    # Oops in text patching, once in several boots) never ran a test: boot
-    # it once more, and say so.  A crash once tests run is never retried.
-    if [ "$attempt" = 1 ] && ! grep -aq '===> Running command' "$RUN/$t.log" && grep -aqE 'Oops|Kernel panic' "$RUN/$t.log"; then
-      cp "$RUN/$t.log" "$RUN/$t.boot-crash.log"
-      echo "vmtest: $t: the guest kernel crashed while booting ($(grep -aoE 'Oops: [^[]*|Kernel panic[^\r]*' "$RUN/$t.log" | head -1)); booting it again (log: vmtest/cache/run/$t.boot-crash.log)"
-      boot_retries+=("$t")
-      continue
+    # Kernel text patching (jump labels) under TCG has gone wrong twice in
+    # many guest runs: an int3 Oops while booting, and a CPU that stayed at
+    # a patched jump label's int3 (an RCU stall, which guest.sh turns into
+    # a panic) while tests ran.  A guest that ended so, without its
+    # summary, is run once more from the start, and the table says so;
+    # the first log is kept.  A second one fails the kernel.
+    if [ "$attempt" = 1 ] && ! grep -aqE "^SUMMARY $t " "$RUN/$t.log"; then
+      again=
+      if ! grep -aq '===> Running command' "$RUN/$t.log" && grep -aqE 'Oops|Kernel panic' "$RUN/$t.log"; then
+        again="crashed while booting ($(grep -aoE 'Oops: [^[]*|Kernel panic[^\r]*' "$RUN/$t.log" | head -1 | tr -d '\r'))"
+      elif grep -aqE 'rcu: INFO: rcu_[a-z]+ (self-)?detected stall' "$RUN/$t.log"; then
+        again="stalled in the kernel while tests ran (a CPU at $(grep -aoE 'RIP: 0010:[^ ]+' "$RUN/$t.log" | head -1 | cut -d: -f3 | tr -d '\r'))"
+      fi
+      if [ -n "$again" ]; then
+        cp "$RUN/$t.log" "$RUN/$t.attempt1.log"
+        echo "vmtest: $t: the guest kernel $again; running it again (log: vmtest/cache/run/$t.attempt1.log)"
+        retries+=("$t: $again")
+        continue
+      fi
     fi
     break
   done
@@ -97,12 +108,12 @@ for t in $targets; do
   s=$(grep -aE "^SUMMARY $t " "$RUN/$t.log" | tail -1 | tr -d '\r' || true)
   if [ -z "$s" ]; then
     why="did not finish (vmtest status $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${TIMEOUT}s"))"
-    crash=$(grep -aoE 'BUG: soft lockup - CPU#[0-9]+ stuck for [0-9]+s! \[[^]]*\]|Kernel panic - not syncing: .*' "$RUN/$t.log" | head -1 | tr -d '\r' || true)
+    crash=$(grep -aoE 'BUG: soft lockup - CPU#[0-9]+ stuck for [0-9]+s! \[[^]]*\]|rcu: INFO: rcu_[a-z]+ (self-)?detected stall[^\r]*|Kernel panic - not syncing: .*' "$RUN/$t.log" | head -1 | tr -d '\r' || true)
     if [ -n "$crash" ]; then
       why="$why: the guest kernel said \"$crash\""
       # The first stack the kernel printed, repeated after the table (a CI
       # log is often read from its end).
-      crashes+=("$t: $(grep -anE 'BUG: soft lockup|Kernel panic' "$RUN/$t.log" | head -1 | cut -d: -f1)")
+      crashes+=("$t: $(grep -anE 'BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall|Kernel panic' "$RUN/$t.log" | head -1 | cut -d: -f1)")
     fi
     why="$why; see vmtest/cache/run/$t.log"
     lines+=("$(printf '%-12s %s' "$t" "$why")")
@@ -128,7 +139,7 @@ echo "vmtest: ===== kernel matrix ====="
 [ -z "$host_line" ] || echo "$host_line"
 printf '%s\n' "${lines[@]}"
 echo "vmtest: kernels: $(wc -w <<<"$targets"), ${all_secs} s"
-[ ${#boot_retries[@]} -eq 0 ] || echo "vmtest: booted again after a crash during boot: ${boot_retries[*]}"
+for r in "${retries[@]}"; do echo "vmtest: run again after the guest kernel ${r#*: } (${r%%:*})"; done
 for c in "${crashes[@]}"; do
   t=${c%%:*} n=${c##* }
   echo
