@@ -160,6 +160,14 @@ static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *
 			return DETOUR_BROKEN;
 	}
 send:
+	/* Only TCP is steered to other CPUs (the helper end's RPS, README
+	 * "Which CPUs funnel the segments"), where the sender waits for
+	 * acknowledgements.  A datagram stays on the CPU that sends it, as
+	 * plain UDP over a veth does: handed to another CPU, an unpaced sender
+	 * would outrun it and fill its backlog queue.  RPS leaves a packet
+	 * whose hash is 0 on the current CPU; the detour clears it again. */
+	if (p->proto != IPPROTO_TCP)
+		bpf_set_hash(skb, 0);
 	bpf_redirect(out, 0);
 	return DETOUR_SENT;
 }

@@ -220,6 +220,10 @@ int sfunnel_detour(struct __sk_buff *skb)
 
 	if (!d || !d->dev_ifindex)
 		return TC_ACT_SHOT;
+	/* A datagram that detour_send kept on its CPU (hash 0): whoever needs
+	 * a hash from here on computes it, from the headers it then has. */
+	if (!skb->hash)
+		bpf_set_hash_invalid(skb);
 
 	/* Only IP packets to funnel are sent here (segments of GSO ones, and
 	 * TCP); anything else is the helper's own traffic, and never leaves. */
