@@ -30,6 +30,15 @@ echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace
 # does not see).
 [ ! -e /proc/sys/kernel/panic_on_rcu_stall ] || echo 1 >/proc/sys/kernel/panic_on_rcu_stall
 
+# Modules a test needs beyond those the initramfs loaded (an nft expression,
+# a qdisc) are loaded on demand from this kernel's own package.
+for d in "$vmdir"/cache/*/; do
+  if [ "$(cat "$d/release" 2>/dev/null)" = "$release" ]; then
+    echo "${d%/}/modprobe" >/proc/sys/kernel/modprobe
+  fi
+done
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
 # Under TCG a CPU can stay stuck at the int3 of a jump label that another
 # CPU patched: seen once, a 6.1 guest's CPU 0 looped at
 # ip_local_deliver+0x5d (the NF_HOOK static branch, asm_exc_int3 in its
@@ -39,30 +48,22 @@ echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace
 # interface or none (clsact, TCX), RPS on some receive queue or none (the
 # detour's helpers).  Each holds for the whole guest here, so that none is
 # patched while the tests run: no-op mangle rules on every hook for IPv4
-# and IPv6 in the guest's own namespace, and a dummy interface with a
+# and IPv6 in the guest's own namespace, and a veth with a
 # clsact qdisc and an RPS mask.  The tests' namespaces see none of it.
 keep_keys() {
   local ipt c
   for ipt in iptables ip6tables; do
     for c in PREROUTING INPUT FORWARD OUTPUT POSTROUTING; do
-      "$ipt" -t mangle -A "$c" -m comment --comment "vmtest: keeps the netfilter hooks' static keys on" || return 1
+      "$ipt" -t mangle -A "$c" || return 1
     done
   done
-  ip link add sfvmkeep0 type dummy && ip link set sfvmkeep0 up &&
+  ip link add sfvmkeep0 type veth peer name sfvmkeep1 && ip link set sfvmkeep0 up &&
     tc qdisc add dev sfvmkeep0 clsact &&
     echo 1 >/sys/class/net/sfvmkeep0/queues/rx-0/rps_cpus
 }
 keep_keys || echo "=== $target: WARNING: could not hold the static keys on (see above); a TCG text-patching hang is more likely"
-
-# Modules a test needs beyond those the initramfs loaded (an nft expression,
-# a qdisc) are loaded on demand from this kernel's own package.
-for d in "$vmdir"/cache/*/; do
-  if [ "$(cat "$d/release" 2>/dev/null)" = "$release" ]; then
-    echo "${d%/}/modprobe" >/proc/sys/kernel/modprobe
-  fi
-done
 modules_before=$(cut -d' ' -f1 /proc/modules | sort)
-mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
 # The host's /tmp is 9p here: keep scratch files in guest memory.
 mkdir -p /mnt/tmp
 export TMPDIR=/mnt/tmp
