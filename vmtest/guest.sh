@@ -25,9 +25,10 @@ echo 5 >/proc/sys/kernel/printk
 echo 30 >/proc/sys/kernel/watchdog_thresh
 echo 1 >/proc/sys/kernel/softlockup_panic
 echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace
-# So does an RCU stall (a CPU that has not passed a quiescent state for 21
-# s, looping in softirq with interrupts on, which the soft lockup detector
-# does not see).
+# So does an RCU stall (a CPU that has not passed a quiescent state for a
+# minute, say looping in softirq with interrupts on, which the soft lockup
+# detector does not see).
+echo 60 >/sys/module/rcupdate/parameters/rcu_cpu_stall_timeout 2>/dev/null || true
 [ ! -e /proc/sys/kernel/panic_on_rcu_stall ] || echo 1 >/proc/sys/kernel/panic_on_rcu_stall
 
 # Modules a test needs beyond those the initramfs loaded (an nft expression,
