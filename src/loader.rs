@@ -953,13 +953,14 @@ fn detach_existing(tree: &Tree, t: &Target, e: &Existing) -> Result<()> {
     Ok(())
 }
 
-/// Removes the pin of the detour's link and the target's helper pair.  The
-/// link is not detached first: deleting the pair takes its hook away, and
-/// a detach of its own would wait for one more RCU grace period (about
-/// 10-20 ms per unload).
+/// Removes the target's helper pair, then the pin of the detour's link.
+/// In that order: deleting the pair leaves the link hooked on nothing, and
+/// releasing it then costs nothing.  A link released (or detached) while
+/// still hooked waits for an RCU grace period under the rtnl lock, which
+/// the pair's deletion would then wait for too (10-20 ms per unload).
 fn remove_detour(tree: &Tree, t: &Target) -> Result<()> {
-    tree.unpin_link(&t.key(true))?;
     crate::detour::remove(t.ifindex, t.direction)?;
+    tree.unpin_link(&t.key(true))?;
     Ok(())
 }
 

@@ -559,7 +559,12 @@ impl Bpffs {
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // A mount still held (say by a process a failed test left behind)
+        // is detached lazily: it goes when the last user does.
+        let unmounted = Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
         let _ = std::fs::remove_dir(&self.0);
     }
 }
@@ -669,12 +674,21 @@ fn the_pin_tree_is_roots_alone() {
     let fs = Bpffs::new("lock");
     std::fs::create_dir(fs.0.join("sfunnel")).unwrap();
     std::fs::set_permissions(fs.0.join("sfunnel"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let mut holder = Command::new("flock").arg(fs.0.join("sfunnel")).args(["sleep", "30"]).spawn().unwrap();
+    // -o: the lock stays with flock, not with the sleep it runs; both are
+    // in a process group of their own, which is ended below, so nothing
+    // holds the tree's mount after.
+    let mut holder = std::os::unix::process::CommandExt::process_group(
+        Command::new("flock").arg("-o").arg(fs.0.join("sfunnel")).args(["sleep", "30"]),
+        0,
+    )
+    .spawn()
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     let out = load_with(&fs.0, &[("SFUNNEL_LOCK_TIMEOUT", "2")]);
     let waited = t0.elapsed();
-    let _ = holder.kill();
+    // SAFETY: kill(2) on the process group this test made; no memory is involved.
+    unsafe { libc::kill(-(holder.id() as i32), libc::SIGKILL) };
     let _ = holder.wait();
     report.push_str(&format!(
         "lock held by pid {}: exit {} after {:.1} s: {}\n",
