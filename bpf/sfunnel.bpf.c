@@ -225,8 +225,9 @@ int sfunnel_detour(struct __sk_buff *skb)
 	if (!skb->hash)
 		bpf_set_hash_invalid(skb);
 
-	/* Only IP packets to funnel are sent here (segments of GSO ones, and
-	 * TCP); anything else is the helper's own traffic, and never leaves. */
+	/* Only IP packets to funnel are sent here (segments of GSO ones, TCP,
+	 * and packets whose checksum was owed); anything else is the helper's
+	 * own traffic, and never leaves. */
 	if (parse_ip(skb, &p) != PARSE_OK)
 		return TC_ACT_SHOT;
 	/* The ruleset may have changed since: a packet that no funnel rule

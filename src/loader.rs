@@ -144,12 +144,17 @@ impl<'a> Undo<'a> {
     }
 }
 
+/// Set once an undo has failed: a failed load can then no longer say that
+/// it changed nothing.
+static UNDO_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl Drop for Undo<'_> {
     fn drop(&mut self) {
         while let Some((what, f)) = self.0.pop() {
             match f() {
                 Ok(()) => event!("undone", what = what),
                 Err(e) => {
+                    UNDO_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
                     eprintln!("warning: could not undo {what}: {e:#}");
                     event!("undo_failed", what = what, error = format!("{e:#}"));
                 }
@@ -450,8 +455,8 @@ fn prepare<'a>(tree: &'a Tree, t: &Target, compiled: &'a Compiled, opts: &LoadOp
         };
         if asked != e.mode {
             bail!(
-                "{i} {d} is attached with {m}; to move it to {asked}, unload it first (`sfunnel unload -i {i} -d {d}`), \
-                 then load with --attach {asked}",
+                "{i} {d} is attached with {m}; to move it to {asked}, unload it first (`sfunnel unload -i {i} -d {d}`, \
+                 with this load's --netns or NETNS), then load with --attach {asked}",
                 i = t.iface,
                 d = t.direction,
                 m = e.mode
@@ -721,10 +726,12 @@ fn hook_new<'a>(
     Ok(())
 }
 
-/// A committed target: live, and switched back when `undo` drops.
+/// A committed target: live, and switched back when dropped: `undo` (the
+/// switch) first, then what prepare made (`p.undo`).  Fields drop in this
+/// order.
 struct Committed<'a> {
-    p: Prepared<'a>,
     undo: Undo<'a>,
+    p: Prepared<'a>,
 }
 
 /// `SFUNNEL_FAIL_COMMIT=<n>`: the switch of the n-th target (from 0)
@@ -778,10 +785,10 @@ fn commit<'a>(tree: &'a Tree, mut p: Prepared<'a>, i: usize) -> Result<Committed
             hooked?;
         }
     }
-    // Made by prepare, now part of what is live: kept unless this commit
-    // is switched back.
-    p.undo.disarm();
-    Ok(Committed { p, undo })
+    // What prepare made is now part of what is live: it is undone only if
+    // this commit is switched back, after the switch (Committed), and kept
+    // by release.
+    Ok(Committed { undo, p })
 }
 
 // ---------------------------------------------------------------------------
@@ -790,8 +797,9 @@ fn commit<'a>(tree: &'a Tree, mut p: Prepared<'a>, i: usize) -> Result<Committed
 
 /// Lets the old state go: problems are reported, the new one stays live.
 fn release(tree: &Tree, c: Committed<'_>) -> LoadReport {
-    let Committed { p, mut undo } = c;
+    let Committed { mut undo, mut p } = c;
     undo.disarm();
+    p.undo.disarm();
     let t = &p.t;
     let warn = |what: &str, r: Result<()>| {
         if let Err(e) = r {
@@ -855,7 +863,16 @@ pub struct LoadFailure {
 
 impl std::fmt::Display for LoadFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}; nothing was changed:", self.error)?;
+        if UNDO_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+            // The warnings above say what stayed; a rerun repairs it.
+            write!(
+                f,
+                "{:#}; not all of it could be undone (see the warnings above; load again to repair):",
+                self.error
+            )?;
+        } else {
+            write!(f, "{:#}; nothing was changed:", self.error)?;
+        }
         for (t, o) in &self.targets {
             let s = match o {
                 Outcome::Unchanged => "unchanged".to_string(),

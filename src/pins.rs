@@ -256,11 +256,21 @@ impl Tree {
 
     /// Every entry under the tree must be root's and no symbolic link.
     fn check_contents(&self) -> Result<()> {
+        // It runs before the lock is taken: what another sfunnel removes
+        // meanwhile (a dead link's pin, its directory) is skipped.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         let mut stack = vec![self.path.clone()];
         while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let entries = match fs::read_dir(&d) {
+                Err(e) if gone(&e) && d != self.path => continue,
+                r => r.with_context(|| format!("reading {}", d.display()))?,
+            };
+            for e in entries {
                 let e = e?;
-                let meta = e.metadata()?;
+                let meta = match e.metadata() {
+                    Err(err) if gone(&err) => continue,
+                    r => r?,
+                };
                 check_entry(&e.path(), &meta)
                     .with_context(|| format!("{} holds something sfunnel did not make", self.path.display()))?;
                 if meta.is_dir() {
@@ -269,10 +279,6 @@ impl Tree {
             }
         }
         Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Takes the lock every sfunnel on the node shares, waiting up to
@@ -522,11 +528,6 @@ impl Tree {
             },
             _ => LegacyState::Unproven,
         }
-    }
-
-    /// The program an earlier layout pinned for `l`, if any.
-    pub fn legacy_prog(&self, l: &Legacy) -> Option<OwnedFd> {
-        open_pinned(&self.legacy_dir(l).join("prog")).ok().flatten()
     }
 
     /// The TCX links an earlier layout pinned for `l`: (its own, its detour's).

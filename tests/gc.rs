@@ -65,13 +65,25 @@ fn dead_attachments_are_freed_and_live_ones_kept() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     };
-    let states: Vec<String> = status_json()
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|a| a["prog_id"].as_u64().is_some_and(|i| gone.contains(&(i as u32)) || ifdel.contains(&(i as u32))))
-        .map(|a| format!("{} {}: {}", a["iface"], a["direction"], a["state"]))
-        .collect();
+    // The kernel tears a deleted namespace down in the background: wait
+    // (30 s at most) until none of its attachments reads live.
+    let dead_states = || -> Vec<String> {
+        status_json()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| {
+                a["prog_id"].as_u64().is_some_and(|i| gone.contains(&(i as u32)) || ifdel.contains(&(i as u32)))
+            })
+            .map(|a| format!("{} {}: {}", a["iface"], a["direction"], a["state"]))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut states = dead_states();
+    while states.iter().any(|s| s.contains("\"live\"")) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        states = dead_states();
+    }
     // TCX links hold their programs until gc: nothing to wait for there.
     let count = |ids: &[u32]| if tcx { ids.iter().filter(|id| prog_name(**id).is_some()).count() } else { alive(ids) };
     let before_gc = (count(&gone), count(&ifdel));

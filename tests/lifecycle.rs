@@ -294,6 +294,19 @@ fn gc_from_a_pods_view_keeps_live_attachments() {
     std::mem::forget(dead_nss);
     sh(&["ip", "netns", "del", &dead.p]);
     sh(&["ip", "netns", "del", &dead.q]);
+    // The kernel tears the namespace down in the background: wait (30 s at
+    // most) until none of its attachments is on a hook.
+    let cookie = dead_cookie.parse::<u64>().unwrap();
+    let teardown = Instant::now();
+    while status_json()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|a| a["state"] == "live" && a["netns_cookie"].as_u64() == Some(cookie))
+        && teardown.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let gc = run(
         Command::new("unshare").args(["--pid", "--mount", "--fork", "--mount-proc", "sh", "-c"]).arg(format!(
             "mount -t tmpfs none /var/run/netns && ls /var/run/netns | wc -l && ps -e | wc -l && {BIN} gc"
@@ -421,10 +434,10 @@ fn a_load_that_dies_at_any_step_is_recovered_by_the_next() {
 }
 
 /// A load over two interfaces that fails on the second leaves both as they
-/// were: once at the second switch (SFUNNEL_FAIL_COMMIT=1), after the first
-/// target had switched; once in prepare (someone else's filter in
-/// sfunnel's clsact slot, which sfunnel's own was removed for).  The exit
-/// status is 1 and the error names each target's state.
+/// were, after the first target had switched: at the second switch
+/// (SFUNNEL_FAIL_COMMIT=1), as a first load and as a rerun, and when
+/// someone else's filter holds sfunnel's clsact slot on the second.  The
+/// exit status is 1 and the error names each target's state.
 #[test]
 fn a_load_over_several_targets_changes_all_or_none() {
     if !common::require_root("a_load_over_several_targets_changes_all_or_none") {
@@ -460,6 +473,21 @@ fn a_load_over_several_targets_changes_all_or_none() {
             .filter_map(|r| r.as_str().map(str::to_string))
             .collect()
     };
+    // A first load that fails at the second switch: the first target is
+    // switched back, and what was prepared for it (its helper pair, for
+    // the funnel rule) goes too.
+    let links_before = links(&pod.p);
+    let pins_before = pins();
+    let mut first_fail = env(RULES);
+    first_fail.push(("SFUNNEL_FAIL_COMMIT", "1"));
+    let failed = sfunnel(&["load"], &first_fail);
+    eprintln!("a first load failing at the second switch: exit {}: {}", failed.code, failed.stderr.trim());
+    assert_eq!(failed.code, 1);
+    assert!(failed.stderr.contains(&format!("{} egress: unchanged (switched back)", pod.p_if)), "{}", failed.stderr);
+    assert_eq!((rules_of(&pod.p_if), rules_of(&second)), (vec![], vec![]), "no attachment on either");
+    assert_eq!(links(&pod.p), links_before, "no helper pair left behind");
+    assert_eq!(pins(), pins_before, "no pin left behind");
+
     sfunnel(&["load", "--attach", "clsact"], &env(RULES)).expect_ok();
     let before = (rules_of(&pod.p_if), rules_of(&second));
     let mut env_fail = env(RULES_B);
@@ -480,8 +508,9 @@ fn a_load_over_several_targets_changes_all_or_none() {
     assert!(!before.0.is_empty());
     assert_eq!(funneled, 5, "the old ruleset still funnels");
 
-    // Someone else's filter in sfunnel's slot on the second interface:
-    // refused while preparing, before anything is switched.
+    // Someone else's filter in sfunnel's slot on the second interface (a
+    // classic BPF one, which shows the query no program): refused when its
+    // switch comes, and the first target is switched back.
     let (h, p) = (format!("{:#x}", 0x5f), format!("{:#x}", 0xc05f));
     common::topology::nsh(&pod.p, &["tc", "filter", "del", "dev", &second, "egress", "handle", &h, "prio", &p, "bpf"]);
     common::topology::nsh(
@@ -493,7 +522,7 @@ fn a_load_over_several_targets_changes_all_or_none() {
     eprintln!("someone else's filter on {second}: exit {}: {}", refused.code, refused.stderr.trim());
     assert_eq!(refused.code, 1);
     assert!(refused.stderr.contains("not sfunnel's"), "{}", refused.stderr);
-    assert!(refused.stderr.contains(&format!("{} egress: unchanged", pod.p_if)), "{}", refused.stderr);
+    assert!(refused.stderr.contains(&format!("{} egress: unchanged (switched back)", pod.p_if)), "{}", refused.stderr);
     assert_eq!(after.0, before.0, "the first target keeps the old ruleset");
     drop(nss);
 }

@@ -466,6 +466,9 @@ fn scenario(l: &Lab, label: &str, m: Match, at_router: bool) -> (String, Vec<Str
     // unfunneled at the same place on the way back.
     let (fns, fif, fdir_in, fdir_out) =
         if at_router { (&l.n, &l.nc_if, "ingress", "egress") } else { (&l.c, &l.c_if, "egress", "ingress") };
+    // Nothing of an earlier scenario funnels at the other place.
+    let (ons, oif) = if at_router { (&l.c, &l.c_if) } else { (&l.n, &l.nc_if) };
+    common::topology::env_unload(ons, oif, "both").expect_ok();
     l.load(fns, fif, fdir_in, &funnel_rules());
     l.load(fns, fif, fdir_out, &client_ingress(m));
     l.load(&l.s, &l.s_if, "ingress", &server_ingress(m));
@@ -484,6 +487,17 @@ fn scenario(l: &Lab, label: &str, m: Match, at_router: bool) -> (String, Vec<Str
                 problems.push(format!("{label}: {fname} {combo}: {e}"));
             }
         }
+    }
+    // The funnel ran where this scenario put it.
+    let ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(format!("{}/{fns}", common::topology::NETNS_DIR)).expect("the namespace"),
+    );
+    let funneled: u64 = common::topology::attachment(ino, fif, fdir_in)
+        .map(|a| common::topology::rule_packets(&a).iter().sum())
+        .unwrap_or(0);
+    report.push_str(&format!("  funneled at {fif} {fdir_in}: {funneled} packets\n"));
+    if funneled == 0 {
+        problems.push(format!("{label}: nothing was funneled at {fif} {fdir_in}"));
     }
     let frames = capture.stop().frames;
     let checked: Vec<bool> = frames.iter().filter_map(funnel_csum_ok).collect();
