@@ -9,7 +9,9 @@
 //! - **prepare**, nothing that traffic sees: the new program and its maps
 //!   loaded and filled, or the new ruleset staged in the inactive
 //!   generation of the live maps; a helper pair made where one is needed.
-//!   Dropped, it all goes again.
+//!   Dropped, it all goes again.  One exception acts on a live target: a
+//!   detour that a rerun in place finds missing is repaired here
+//!   (`repair_detour`), and undone with the rest.
 //! - **commit**, one atomic switch per target: a generation flip, a TCX
 //!   link made or given its new program, a clsact filter put in its slot
 //!   or swapped there.  If a later target fails, the targets committed so

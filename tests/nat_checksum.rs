@@ -71,8 +71,7 @@ fn name(p: Proto) -> &'static str {
     p.name()
 }
 
-/// Funnels each application flow (client side: egress; router side: the
-/// NAT's ingress from the client).
+/// Funnels each application flow (on the client's egress).
 fn funnel_rules() -> String {
     both_families(
         &COMBOS
@@ -458,17 +457,12 @@ fn sum(c: &[(String, u64)]) -> u64 {
 
 /// One scenario: its rules loaded, every flow of both families run.
 /// Returns the report and the problems found.
-fn scenario(l: &Lab, label: &str, m: Match, at_router: bool) -> (String, Vec<String>) {
+fn scenario(l: &Lab, label: &str, m: Match) -> (String, Vec<String>) {
     let mut report = format!("--- {label} ---\n");
     let mut problems = Vec::new();
-    // Funnel on the client's egress, or on the NAT's ingress from the
-    // client (a node funneling what its pods send); the replies are
-    // unfunneled at the same place on the way back.
-    let (fns, fif, fdir_in, fdir_out) =
-        if at_router { (&l.n, &l.nc_if, "ingress", "egress") } else { (&l.c, &l.c_if, "egress", "ingress") };
-    // Nothing of an earlier scenario funnels at the other place.
-    let (ons, oif) = if at_router { (&l.c, &l.c_if) } else { (&l.n, &l.nc_if) };
-    common::topology::env_unload(ons, oif, "both").expect_ok();
+    // Funnel on the client's egress; the replies are unfunneled on its
+    // ingress.
+    let (fns, fif, fdir_in, fdir_out) = (&l.c, &l.c_if, "egress", "ingress");
     l.load(fns, fif, fdir_in, &funnel_rules());
     l.load(fns, fif, fdir_out, &client_ingress(m));
     l.load(&l.s, &l.s_if, "ingress", &server_ingress(m));
@@ -527,12 +521,12 @@ fn scenario(l: &Lab, label: &str, m: Match, at_router: bool) -> (String, Vec<Str
     (report, problems)
 }
 
-fn run(sender_offloads: bool, cases: &[(&str, Match, bool)]) {
+fn run(sender_offloads: bool, cases: &[(&str, Match)]) {
     let l = Lab::new(sender_offloads);
     let mut report = String::new();
     let mut problems = Vec::new();
-    for (label, m, at_router) in cases {
-        let (r, p) = scenario(&l, label, *m, *at_router);
+    for (label, m) in cases {
+        let (r, p) = scenario(&l, label, *m);
         report.push_str(&r);
         problems.extend(p);
     }
@@ -542,8 +536,6 @@ fn run(sender_offloads: bool, cases: &[(&str, Match, bool)]) {
 }
 
 /// Default offloads at the ends: the NAT sees CHECKSUM_PARTIAL packets.
-/// Funneled on the client and, for the last case, on the NAT's ingress
-/// (where the packets come in CHECKSUM_PARTIAL from the client's veth).
 #[test]
 fn funneled_through_nat_with_sender_offloads_on() {
     if !common::require_root("funneled_through_nat_with_sender_offloads_on") {
@@ -552,9 +544,8 @@ fn funneled_through_nat_with_sender_offloads_on() {
     run(
         true,
         &[
-            ("offloads on, funnel at the client, port rules", Match::Ports, false),
-            ("offloads on, funnel at the client, funneled + auto", Match::Funneled, false),
-            ("offloads on, funnel at the NAT's ingress, funneled + auto", Match::Funneled, true),
+            ("offloads on, funnel at the client, port rules", Match::Ports),
+            ("offloads on, funnel at the client, funneled + auto", Match::Funneled),
         ],
     );
 }
@@ -568,8 +559,8 @@ fn funneled_through_nat_with_sender_offloads_off() {
     run(
         false,
         &[
-            ("offloads off, funnel at the client, port rules", Match::Ports, false),
-            ("offloads off, funnel at the client, funneled + auto", Match::Funneled, false),
+            ("offloads off, funnel at the client, port rules", Match::Ports),
+            ("offloads off, funnel at the client, funneled + auto", Match::Funneled),
         ],
     );
 }
