@@ -298,18 +298,7 @@ fn udp_gso_datagrams_are_funneled_one_by_one() {
     let dest = SocketAddr::from((SERVER_IP, 4739));
     common::topology::in_ns(&t.client, move || {
         let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("bind on the client");
-        let seg = SEG as libc::c_int;
-        // SAFETY: a valid socket, and an int option value of its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_UDP,
-                libc::UDP_SEGMENT,
-                (&seg as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        common::set_int_opt(&s, libc::SOL_UDP, libc::UDP_SEGMENT, SEG as i32).expect("UDP_SEGMENT");
         for k in 0..SENDS {
             let buf: Vec<u8> = (0..SEG * PER_SEND).map(|i| byte_at(k * SEG * PER_SEND + i)).collect();
             s.send_to(&buf, dest).expect("a UDP GSO send");
@@ -485,18 +474,7 @@ fn per_cpu_packets(rule: &serde_json::Value) -> Vec<(u32, u64)> {
 fn udp_burst(t: &Topo, cpu: u32, count: usize) -> usize {
     let server = common::topology::in_ns(&t.server, || {
         let s = std::net::UdpSocket::bind(("0.0.0.0", CLIENT_UDP_PORT)).expect("bind on the server");
-        let size: libc::c_int = 16 << 20;
-        // SAFETY: a valid socket, and an int option value of its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
+        common::set_int_opt(&s, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20).expect("SO_RCVBUFFORCE");
         s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         s
     });

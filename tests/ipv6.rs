@@ -301,18 +301,7 @@ fn ipv6_over_mtu_sends_packet_too_big_and_traffic_adapts() {
     let client = in_ns(&t.client, || {
         let s = UdpSocket::bind("[::]:0").expect("client UDP socket");
         // No local fragmentation: EMSGSIZE above the path MTU.
-        let v: libc::c_int = 1;
-        // SAFETY: setsockopt on a valid descriptor with an int value.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_DONTFRAG,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "IPV6_DONTFRAG");
+        common::set_int_opt(&s, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1).expect("IPV6_DONTFRAG");
         s
     });
     // 40 + 8 + 1452 = 1500: fits the link, not once funneled (+20).

@@ -28,7 +28,6 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant};
 
 use common::capture::{l4_of, Capture, Frame};
@@ -86,18 +85,8 @@ fn udp_socket(ns: &str, port: u16, df: bool) -> UdpSocket {
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         if df {
             // Always DF, and EMSGSIZE once the path MTU is known smaller.
-            let v: libc::c_int = libc::IP_PMTUDISC_DO;
-            // SAFETY: setsockopt on a valid descriptor with an int value.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_MTU_DISCOVER,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "IP_MTU_DISCOVER");
+            common::set_int_opt(&s, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+                .expect("IP_MTU_DISCOVER");
         }
         s
     })

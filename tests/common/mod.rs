@@ -173,3 +173,23 @@ pub fn tcp_options(rng: &mut Rng, len: usize) -> Vec<u8> {
     }
     o
 }
+
+/// setsockopt with an int value, on a socket of any kind; the OS error
+/// where the kernel refuses it.
+pub fn set_int_opt(s: &impl std::os::fd::AsRawFd, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: setsockopt on a valid descriptor, with an int value of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
