@@ -146,7 +146,7 @@ int sfunnel(struct __sk_buff *skb)
 
 	if (rc != PARSE_OK) {
 		count_stat(rc == PARSE_FRAGMENT    ? SFUNNEL_STAT_FRAGMENT :
-			   rc == PARSE_NOT_IPV4 ? SFUNNEL_STAT_NOT_IPV4 :
+			   rc == PARSE_NOT_IPV4 ? SFUNNEL_STAT_NOT_IP_TCP_UDP :
 			   rc == PARSE_IPV6_EXT ? SFUNNEL_STAT_IPV6_EXT :
 						  SFUNNEL_STAT_MALFORMED);
 		return TC_ACT_UNSPEC;

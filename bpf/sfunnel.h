@@ -40,7 +40,7 @@
 
 /* The maps' layout and the datapath's behaviour, as one number: a rerun
  * updates a program of the same number in place, and replaces any other. */
-#define SFUNNEL_ABI_VERSION 7
+#define SFUNNEL_ABI_VERSION 8
 
 /* Shape bits: which fields besides the protocol a rule constrains. */
 #define SHAPE_SADDR 0x1
@@ -174,7 +174,7 @@ struct sfunnel_rule_val {
 
 /* Index of the per-CPU `stats` array: why a packet was left alone. */
 enum sfunnel_stat {
-	SFUNNEL_STAT_NOT_IPV4 = 0,   /* not IPv4 or IPv6 TCP/UDP */
+	SFUNNEL_STAT_NOT_IP_TCP_UDP = 0, /* not IPv4 or IPv6 TCP/UDP */
 	SFUNNEL_STAT_FRAGMENT = 1,   /* an IP fragment: no L4 header to trust */
 	SFUNNEL_STAT_MALFORMED = 2,  /* truncated or inconsistent headers */
 	SFUNNEL_STAT_MISS = 3,       /* no rule matched */
@@ -217,6 +217,7 @@ struct sfunnel_meta {
 	__u64 netns_cookie; /* the network namespace; the kernel never reuses it */
 	__u64 netns_ino;    /* its inode, to find it by (reused once it is gone) */
 	char ifname[16];    /* the interface's name at load */
+	char version[16];   /* the loader's version (`bpftool map dump name sf_meta`) */
 };
 
 /*

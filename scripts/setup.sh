@@ -21,3 +21,20 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi
+
+# promtool, the Prometheus project's checker, validates `sfunnel metrics` in
+# the tests (tests/metrics.rs).  It comes from Debian's prometheus package,
+# of which only the tool is unpacked: installing the package would start a
+# Prometheus server.
+PROMTOOL="$(cd "$(dirname "$0")/.." && pwd)/target/tools/promtool"
+if [ ! -x "$PROMTOOL" ]; then
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"   # apt's download user writes there
+  (cd "$tmp" &&
+    { apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; }; } &&
+    dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool)
+  mkdir -p "$(dirname "$PROMTOOL")"
+  mv "$tmp/usr/bin/promtool" "$PROMTOOL"
+  rm -rf "$tmp"
+  echo "setup.sh: promtool unpacked to $PROMTOOL"
+fi

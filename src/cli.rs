@@ -38,7 +38,12 @@ pub enum Command {
     /// Detach from interfaces and remove everything sfunnel pinned for them.
     Unload(UnloadArgs),
     /// Show every attachment sfunnel manages, with per-rule counters.
+    /// Exit status 3: something could not be read (each is listed).
     Status(StatusArgs),
+    /// Print the counters of every attachment in Prometheus's text format,
+    /// once (for node_exporter's textfile collector), or serve them over
+    /// HTTP with --listen.  Exit status 3: something could not be read.
+    Metrics(MetricsArgs),
     /// Remove what sfunnel keeps for attachments the kernel shows dead (a
     /// TCX link whose interface is gone, with a pod's namespace, say).
     /// Every load and unload does the same first.
@@ -74,9 +79,10 @@ pub struct TargetArgs {
     #[arg(short, long = "iface", value_name = "IFACE", env = "IFACES", value_delimiter = ' ')]
     pub ifaces: Vec<String>,
 
-    /// Which hook: ingress, egress or both.
-    #[arg(short, long, value_enum, env = "DIRECTION", default_value = "ingress")]
-    pub direction: DirectionArg,
+    /// Which hook: ingress, egress or both.  Default: ingress for `load`
+    /// (and for the environment interface), both for `unload`.
+    #[arg(short, long, value_enum, env = "DIRECTION")]
+    pub direction: Option<DirectionArg>,
 
     /// A named network namespace (/var/run/netns/NAME) or a path to one.
     #[arg(short, long, env = "NETNS")]
@@ -172,15 +178,47 @@ pub struct GcArgs {
     pub lock: LockArgs,
 }
 
+/// Which attachments `status` and `metrics` show.
+#[derive(Debug, Args)]
+pub struct Filter {
+    /// Only attachments on this interface; repeat for more.
+    #[arg(short, long = "iface", value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+
+    /// Only attachments in this namespace: a name (/var/run/netns/NAME), a
+    /// path to one, or its cookie as `status` prints it.
+    #[arg(short, long, value_name = "NETNS")]
+    pub netns: Option<String>,
+
+    /// Only attachments on this hook.
+    #[arg(short, long, value_enum)]
+    pub direction: Option<crate::attach::Direction>,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Print JSON instead of text.
+    /// Print JSON (the document `"schema": 1`, see docs/operations.md).
     #[arg(long)]
     pub json: bool,
 
-    /// Print again every this many seconds, until interrupted.
+    /// Print again every this many seconds, until interrupted; with
+    /// --json, one compact document per line (JSON Lines).
     #[arg(long, value_name = "SECONDS")]
     pub interval: Option<f64>,
+
+    #[command(flatten)]
+    pub filter: Filter,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Serve the metrics at http://ADDR/metrics until stopped, instead of
+    /// printing them once; e.g. 127.0.0.1:9469 or [::]:9469.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+
+    #[command(flatten)]
+    pub filter: Filter,
 }
 
 #[derive(Debug, Args)]
@@ -199,9 +237,71 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub source: RulesSource,
 
-    /// Print JSON instead of text.
+    /// Print JSON (the document `"schema": 1`, see docs/operations.md).
     #[arg(long)]
     pub json: bool,
+
+    /// Fail (exit status 2) on warnings too: a rule that earlier rules
+    /// shadow completely, so that it can never match.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// The original container's environment variables, and ours.
+pub const ENV_VARS: &[&str] = &[
+    "SFUNNEL_RULESET",
+    "IFACES",
+    "DIRECTION",
+    "NETNS",
+    "CLEAN",
+    "DEBUG",
+    "N_ATTEMPTS",
+    "RETRY_DELAY",
+    "OVER_MTU",
+    "DETOUR_RETURN",
+    "DETOUR_CPUS",
+    "SFUNNEL_LOCK_TIMEOUT",
+    "SFUNNEL_BPFFS",
+];
+
+/// Reads the environment as 0.0.11's entrypoint did: a variable set to
+/// nothing (or only blanks) is unset, and IFACES is a list split on any
+/// whitespace.  Called once at start, before any thread exists.
+pub fn normalize_env() {
+    for var in ENV_VARS {
+        let Some(v) = std::env::var_os(var) else { continue };
+        let v = v.to_string_lossy().into_owned();
+        if v.trim().is_empty() {
+            std::env::remove_var(var);
+        } else if *var == "IFACES" {
+            std::env::set_var(var, v.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+}
+
+/// The start-up banner of the environment interface (`kubectl logs` of
+/// the init container): version, kernel, the verb and attach mode, and
+/// every variable it read.
+pub fn banner(verb: &str) -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |k| k.trim().to_string());
+    let attach = if crate::attach::tcx::supported(1) { "tcx" } else { "clsact (the kernel has no TCX)" };
+    let mut line = format!(
+        "sfunnel {} (layout {}): {verb} from the environment; kernel {kernel}; attach {attach}; environment:",
+        env!("CARGO_PKG_VERSION"),
+        crate::datapath::consts::SFUNNEL_ABI_VERSION
+    );
+    let mut any = false;
+    for var in ENV_VARS {
+        if let Ok(v) = std::env::var(var) {
+            let v = if *var == "SFUNNEL_RULESET" { format!("<{} rule lines>", v.lines().count()) } else { v };
+            line.push_str(&format!(" {var}={v:?}"));
+            any = true;
+        }
+    }
+    if !any {
+        line.push_str(" none set (defaults)");
+    }
+    line
 }
 
 /// A ruleset's text and where it came from (for messages).

@@ -72,7 +72,7 @@ pod! {
     sfunnel_rule_key = 16,
     sfunnel_rule_val = 12,
     sfunnel_counter = 32,
-    sfunnel_meta = 48,
+    sfunnel_meta = 64,
     sfunnel_detour = 16,
 }
 

@@ -11,6 +11,7 @@ pub mod log;
 pub mod netlink;
 pub mod netns;
 pub mod objects;
+pub mod output;
 pub mod pins;
 pub mod ruleset;
 pub mod spread;

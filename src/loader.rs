@@ -416,11 +416,16 @@ struct Prepared<'a> {
     undo: Undo<'a>,
 }
 
-fn meta_for(t: &Target, mode: Mode) -> sfunnel_meta {
-    let mut ifname = [0 as std::os::raw::c_char; 16];
-    for (d, s) in ifname.iter_mut().zip(t.iface.bytes().take(15)) {
-        *d = s as std::os::raw::c_char;
+/// `s` as a NUL-terminated C string of at most 15 bytes.
+fn c_str16(s: &str) -> [std::os::raw::c_char; 16] {
+    let mut out = [0 as std::os::raw::c_char; 16];
+    for (d, b) in out.iter_mut().zip(s.bytes().take(15)) {
+        *d = b as std::os::raw::c_char;
     }
+    out
+}
+
+fn meta_for(t: &Target, mode: Mode) -> sfunnel_meta {
     sfunnel_meta {
         abi_version: SFUNNEL_ABI_VERSION,
         ifindex: t.ifindex,
@@ -428,7 +433,8 @@ fn meta_for(t: &Target, mode: Mode) -> sfunnel_meta {
         egress: u32::from(t.direction == Direction::Egress),
         netns_cookie: t.netns.cookie,
         netns_ino: t.netns.ino,
-        ifname,
+        ifname: c_str16(&t.iface),
+        version: c_str16(env!("CARGO_PKG_VERSION")),
     }
 }
 

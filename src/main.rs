@@ -8,19 +8,32 @@ use clap::Parser;
 use sfunnel::cli::{Cli, Command};
 use sfunnel::cmd;
 
+/// Exits on a usage error with [`cmd::USAGE`]; help and version exit 0.
+fn usage(e: clap::Error) -> ! {
+    let _ = e.print();
+    std::process::exit(if e.use_stderr() { i32::from(cmd::USAGE) } else { 0 })
+}
+
 fn main() -> ExitCode {
     sfunnel::log::route_libbpf();
-    let cli = Cli::parse();
+    sfunnel::cli::normalize_env();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage(e));
     let command = match cli.command {
         Some(c) => c,
         None => {
             // The container interface: every setting comes from the
             // environment, read by the same flags' `env` fallbacks.
             let verb = if std::env::var("CLEAN").is_ok_and(|v| v == "1") { "unload" } else { "load" };
-            match Cli::try_parse_from(["sfunnel", verb]) {
+            eprintln!("{}", sfunnel::cli::banner(verb));
+            let mut argv = vec!["sfunnel", verb];
+            // 0.0.11's CLEAN=1 removed the ingress attachment unless told.
+            if verb == "unload" && std::env::var_os("DIRECTION").is_none() {
+                argv.extend(["--direction", "ingress"]);
+            }
+            match Cli::try_parse_from(argv) {
                 Ok(Cli { command: Some(c) }) => c,
                 Ok(_) => unreachable!("a verb was given"),
-                Err(e) => e.exit(),
+                Err(e) => usage(e),
             }
         }
     };
@@ -29,6 +42,7 @@ fn main() -> ExitCode {
         Command::Load(args) => cmd::load::load(args),
         Command::Unload(args) => cmd::load::unload(args),
         Command::Status(args) => cmd::status::run(args),
+        Command::Metrics(args) => cmd::metrics::run(args),
         Command::Gc(args) => cmd::load::gc(args),
         Command::Demo => cmd::demo::run(),
     };

@@ -31,7 +31,8 @@ use common::rng::Rng;
 use common::table::{pass_case, run_all, Case};
 use common::{env_usize, payload, random_packet, require_root, Mode, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use sfunnel::datapath::consts::{
-    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4, SFUNNEL_STAT_UNDECIDED,
+    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IP_TCP_UDP,
+    SFUNNEL_STAT_UNDECIDED,
 };
 
 /// Seed of the random tests unless SFUNNEL_TEST_SEED says otherwise.
@@ -455,7 +456,7 @@ fn build_cases() -> Vec<Case> {
     arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     arp.extend_from_slice(&ETH_P_ARP.to_be_bytes());
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
-    cases.push(pass_case("ARP request", "udp actions funnel tcp sport 1 dport 2", arp, SFUNNEL_STAT_NOT_IPV4));
+    cases.push(pass_case("ARP request", "udp actions funnel tcp sport 1 dport 2", arp, SFUNNEL_STAT_NOT_IP_TCP_UDP));
     let mut v6 = full[..12].to_vec();
     v6.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
     // IPv6 header: payload length 8+4, next header UDP, hop limit 64.
@@ -486,7 +487,12 @@ fn build_cases() -> Vec<Case> {
         b.extend_from_slice(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
         b
     };
-    cases.push(pass_case("IPv4 ICMP echo", "udp actions funnel tcp sport 1 dport 2", icmp, SFUNNEL_STAT_NOT_IPV4));
+    cases.push(pass_case(
+        "IPv4 ICMP echo",
+        "udp actions funnel tcp sport 1 dport 2",
+        icmp,
+        SFUNNEL_STAT_NOT_IP_TCP_UDP,
+    ));
 
     // -- accept, drop, miss, first match wins.
     let https = PacketSpec::tcp(40000, 443, &payload(100)).with_addrs([10, 0, 0, 1], [10, 9, 9, 9]).build();

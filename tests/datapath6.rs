@@ -12,7 +12,7 @@
 //!   UDP 0 sent as 0xFFFF, TCP 0), TCP options, Ethernet trailers, every
 //!   extension header kind (passed, SFUNNEL_STAT_IPV6_EXT), fragments
 //!   (SFUNNEL_STAT_FRAGMENT), truncated and inconsistent headers
-//!   (SFUNNEL_STAT_MALFORMED), other next headers (SFUNNEL_STAT_NOT_IPV4),
+//!   (SFUNNEL_STAT_MALFORMED), other next headers (SFUNNEL_STAT_NOT_IP_TCP_UDP),
 //!   the separation of IPv4 and IPv6 rules, address prefixes and their
 //!   negation, accept, drop, `funneled` and `unfunnel auto`.
 //! - `property_random_packets6`: ≥ 10,000 random valid IPv6 packets through
@@ -55,8 +55,8 @@ use common::rng::Rng;
 use common::table::{pass_case, run_all, Case};
 use common::{env_usize, payload, randomize_tcp, require_root, Mode, Prog, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use sfunnel::datapath::consts::{
-    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_IPV6_EXT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MISS, SFUNNEL_STAT_NOT_IPV4,
-    SFUNNEL_STAT_OVER_MTU, SFUNNEL_STAT_TOO_BIG, SFUNNEL_STAT_UNDECIDED,
+    SFUNNEL_STAT_FRAGMENT, SFUNNEL_STAT_IPV6_EXT, SFUNNEL_STAT_MALFORMED, SFUNNEL_STAT_MISS,
+    SFUNNEL_STAT_NOT_IP_TCP_UDP, SFUNNEL_STAT_OVER_MTU, SFUNNEL_STAT_TOO_BIG, SFUNNEL_STAT_UNDECIDED,
 };
 
 /// Seed of the random tests unless SFUNNEL_TEST_SEED says otherwise.
@@ -792,16 +792,21 @@ fn other_next_header_cases(cases: &mut Vec<Case>) {
     let d = common::packet6::DEFAULT_DADDR6;
     let c = pseudo_header6(s, d, 58, icmp.len()).add(&icmp).checksum();
     put16(&mut icmp, 2, c);
-    cases.push(pass_case("ICMPv6 echo request (58)", rules, raw6(58, &icmp), SFUNNEL_STAT_NOT_IPV4));
-    cases.push(pass_case("no next header (59), payload_len 0", rules, raw6(NEXTHDR_NONE, &[]), SFUNNEL_STAT_NOT_IPV4));
+    cases.push(pass_case("ICMPv6 echo request (58)", rules, raw6(58, &icmp), SFUNNEL_STAT_NOT_IP_TCP_UDP));
+    cases.push(pass_case(
+        "no next header (59), payload_len 0",
+        rules,
+        raw6(NEXTHDR_NONE, &[]),
+        SFUNNEL_STAT_NOT_IP_TCP_UDP,
+    ));
     cases.push(pass_case(
         "no next header (59), 8 bytes",
         rules,
         raw6(NEXTHDR_NONE, &payload(8)),
-        SFUNNEL_STAT_NOT_IPV4,
+        SFUNNEL_STAT_NOT_IP_TCP_UDP,
     ));
     for (nh, what) in [(47u8, "GRE (47)"), (132, "SCTP (132)"), (4, "IPv4 in IPv6 (4)"), (41, "IPv6 in IPv6 (41)")] {
-        cases.push(pass_case(what, rules, raw6(nh, &payload(40)), SFUNNEL_STAT_NOT_IPV4));
+        cases.push(pass_case(what, rules, raw6(nh, &payload(40)), SFUNNEL_STAT_NOT_IP_TCP_UDP));
     }
 }
 

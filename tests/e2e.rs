@@ -1256,7 +1256,7 @@ fn incompatible_pins_are_replaced() {
         "\n=== incompatible pins ===\nstatus readable before: {abi_before:?}; after the layout was set to 0: {abi_after:?}\n\
          rerun: exit {}; stdout: {}stderr: {}\nprogram {p1} → {p2:?}; hook {hook:?}; old program still loaded: \
          {old_alive}; status: prog_id {} error {}",
-        out.code, out.stdout, out.stderr, a["prog_id"], a["error"]
+        out.code, out.stdout, out.stderr, a["prog_id"], a["problem"]
     );
     let traffic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| udp_exchange_ok(&t, 5, 2, &UDP_OVER_TCP)));
     t.teardown();

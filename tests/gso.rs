@@ -400,7 +400,7 @@ fn detour_segments_are_funneled_on_the_cpus_given() {
     assert!(!refused.ok() && refused.stderr.contains("is not online"), "{}", refused.stderr);
     assert_eq!(rps_cpus(&t.client, &seg_if), Vec::<u32>::new(), "a refused load left the steering alone");
     let a = common::topology::attachment(t.ino(&t.client), &t.c_if, "egress").expect("client attachment");
-    assert_eq!(a["ruleset"].as_array().map(Vec::len), Some(3), "{a}");
+    assert_eq!(a["rules"].as_array().map(Vec::len), Some(3), "{a}");
 
     if online.len() < 2 {
         eprintln!(

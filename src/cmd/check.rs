@@ -1,11 +1,38 @@
-//! `sfunnel check`: parse and compile, print the canonical form.
+//! `sfunnel check`: parse and compile, print the canonical form; report
+//! every error, and warn about rules that can never match.
 
 use anyhow::{bail, Result};
+use serde::Serialize;
 use serde_json::json;
 
 use super::Outcome;
 use crate::cli::CheckArgs;
-use crate::ruleset;
+use crate::output::outln;
+use crate::ruleset::{self, RulesetError};
+
+/// `check --json`'s schema (docs/operations.md).
+pub const SCHEMA: u32 = 1;
+
+/// A finding about one rule that does not make the ruleset invalid.
+#[derive(Debug, Serialize)]
+struct Warning {
+    line: usize,
+    col: usize,
+    /// The rule's index, from 0.
+    rule: usize,
+    message: String,
+}
+
+/// Prints every error on stderr, with its caret; the summary line first.
+pub fn print_errors(origin: &str, errors: &[RulesetError]) {
+    let n = errors.len();
+    let what = if n == 1 { "1 error".to_string() } else { format!("{n} errors") };
+    let capped = if n == ruleset::parse::MAX_ERRORS { " (the first ones; fix these and check again)" } else { "" };
+    eprintln!("error: invalid ruleset (from {origin}), {what}{capped}; nothing was changed");
+    for e in errors {
+        eprintln!("{e}");
+    }
+}
 
 pub fn run(args: &CheckArgs) -> Result<Outcome> {
     let Some(src) = args.source.resolve()? else {
@@ -15,58 +42,116 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
             crate::cli::DEFAULT_RULESET_FILE
         );
     };
-    let (rs, compiled) = match ruleset::load(&src.text) {
+    let (rs, compiled) = match ruleset::load_all(&src.text) {
         Ok(v) => v,
-        Err(e) => {
+        Err(errors) => {
             if args.json {
-                let err = json!({"error": {"line": e.line, "col": e.col, "message": e.message, "origin": src.origin}});
-                println!("{err}");
+                let list: Vec<_> = errors
+                    .iter()
+                    .map(|e| json!({"line": e.line, "col": e.col, "message": e.message, "source_line": e.source_line}))
+                    .collect();
+                let doc = json!({
+                    "schema": SCHEMA,
+                    "sfunnel": env!("CARGO_PKG_VERSION"),
+                    "origin": src.origin,
+                    "valid": false,
+                    "errors": list,
+                });
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
             }
-            eprintln!("error: invalid ruleset (from {}); nothing was changed\n{e}", src.origin);
+            print_errors(&src.origin, &errors);
             return Ok(Outcome::Invalid);
         }
     };
+
+    let report = ruleset::shadow::check(&rs, &compiled);
+    let warnings: Vec<Warning> = report
+        .shadowed
+        .iter()
+        .map(|sh| {
+            let r = &rs.rules[sh.rule];
+            let message = match sh.by {
+                Some(i) => format!(
+                    "this rule can never match: rule {} (line {}) matches every packet it would",
+                    i + 1,
+                    rs.rules[i].pos.line
+                ),
+                None => "this rule can never match: earlier rules together match every packet it would".into(),
+            };
+            Warning { line: r.pos.line, col: r.pos.col, rule: sh.rule, message }
+        })
+        .collect();
+    if let Some(j) = report.stopped_at {
+        eprintln!(
+            "note: the ruleset is too large to compare every rule with each earlier one: from rule {} (line {}) on, \
+             only rules that earlier ones shadow by their classes are found",
+            j + 1,
+            rs.rules[j].pos.line
+        );
+    }
+    let fail = args.strict && !warnings.is_empty();
 
     if args.json {
         let rules: Vec<_> = rs
             .rules
             .iter()
             .zip(&compiled.entries_per_rule)
-            .map(|(r, n)| {
+            .enumerate()
+            .map(|(i, (r, n))| {
                 json!({
-                    "rule": r.to_string(),
+                    "index": i,
+                    "text": r.to_string(),
                     "line": r.pos.line,
                     "entries": n,
+                    "shadowed": warnings.iter().any(|w| w.rule == i),
                     "match": r.matches,
                     "action": r.action,
                 })
             })
             .collect();
-        let out = json!({
+        let doc = json!({
+            "schema": SCHEMA,
+            "sfunnel": env!("CARGO_PKG_VERSION"),
+            "origin": src.origin,
+            "valid": !fail,
+            "errors": [],
+            "warnings": warnings,
             "rules": rules,
             "uses_funneled": rs.uses_funneled(),
             "entries": compiled.rules.len(),
             "address_classes": compiled.addrs.len(),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(Outcome::Ok);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        let width = rs.rules.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
+        let dead: std::collections::HashSet<usize> = warnings.iter().map(|w| w.rule).collect();
+        for (i, (r, n)) in rs.rules.iter().zip(&compiled.entries_per_rule).enumerate() {
+            let note = match n {
+                _ if dead.contains(&i) => {
+                    format!("{n} {}, never matches (see the warning)", if *n == 1 { "entry" } else { "entries" })
+                }
+                1 => "1 entry".to_string(),
+                n => format!("{n} entries"),
+            };
+            outln!("{:width$}  # {note}", r.to_string());
+        }
+        outln!("# {} rules from {}, {} map entries", rs.rules.len(), src.origin, compiled.rules.len());
+        if rs.uses_funneled() {
+            outln!(
+                "# uses `funneled`: packets of its protocol are tested for it, and that protocol's rules \
+                 without it are entered twice (funneled or not)"
+            );
+        }
     }
-
-    let width = rs.rules.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
-    for (r, n) in rs.rules.iter().zip(&compiled.entries_per_rule) {
-        let note = match n {
-            0 => "0 entries: earlier rules match everything this one does, so it never applies".to_string(),
-            1 => "1 entry".to_string(),
-            n => format!("{n} entries"),
+    let lines: Vec<&str> = src.text.lines().collect();
+    for w in &warnings {
+        let e = RulesetError {
+            line: w.line,
+            col: w.col,
+            message: w.message.clone(),
+            source_line: lines.get(w.line - 1).copied().unwrap_or("").to_string(),
         };
-        println!("{:width$}  # {note}", r.to_string());
+        eprintln!("{}: {e}", if args.strict { "error (--strict)" } else { "warning" });
     }
-    println!("# {} rules from {}, {} map entries", rs.rules.len(), src.origin, compiled.rules.len());
-    if rs.uses_funneled() {
-        println!(
-            "# uses `funneled`: packets of its protocol are tested for it, and that protocol's rules \
-             without it are entered twice (funneled or not)"
-        );
-    }
-    Ok(Outcome::Ok)
+    Ok(if fail { Outcome::Invalid } else { Outcome::Ok })
 }

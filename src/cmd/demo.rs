@@ -21,6 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use super::Outcome;
 use crate::attach::{AttachChoice, Direction};
 use crate::loader::{self, LoadOptions, Target};
+use crate::output::outln;
 use crate::pins::Tree;
 use crate::{caps, netns, ruleset};
 
@@ -173,18 +174,18 @@ fn capture(ns: &str, iface: &str, stop: std::sync::mpsc::Receiver<()>) -> Result
 
 pub fn run() -> Result<Outcome> {
     caps::require_for_load()?;
-    println!(
+    outln!(
         "sfunnel demo: client {CLIENT_IP} → server {SERVER_IP} (and {CLIENT_IP6} → {SERVER_IP6}), in throwaway namespaces\n"
     );
     let mut topo = Topology::create()?;
     let (client, server) = (topo.client.clone(), topo.server.clone());
 
-    println!("client egress rules:\n  {}", CLIENT_RULES.replace('\n', "\n  "));
+    outln!("client egress rules:\n  {}", CLIENT_RULES.replace('\n', "\n  "));
     let r = topo.load(&client, "sfdemo-c", Direction::Egress, CLIENT_RULES)?;
-    println!("  → {} with {}, program {}\n", r.what, r.mode, r.prog_id);
-    println!("server ingress rules:\n  {}", SERVER_RULES.replace('\n', "\n  "));
+    outln!("  → {} with {}, program {}\n", r.what, r.mode, r.prog_id);
+    outln!("server ingress rules:\n  {}", SERVER_RULES.replace('\n', "\n  "));
     let r = topo.load(&server, "sfdemo-s", Direction::Ingress, SERVER_RULES)?;
-    println!("  → {} with {}, program {}\n", r.what, r.mode, r.prog_id);
+    outln!("  → {} with {}, program {}\n", r.what, r.mode, r.prog_id);
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let server_ns = server.clone();
@@ -252,32 +253,31 @@ pub fn run() -> Result<Outcome> {
     let on_80 = |v: u8| frames.iter().filter(|f| **f == (v, 6, 80)).count();
     let bare = frames.iter().filter(|(_, _, d)| *d == 4739 || *d == 8080).count();
 
-    println!("traffic:");
-    println!("  UDP: {}/{DATAGRAMS} datagrams arrived intact at {SERVER_IP}:4739", udp_got[0]);
-    println!("  UDP over IPv6: {}/{DATAGRAMS} datagrams arrived intact at [{SERVER_IP6}]:4739", udp_got[1]);
-    println!("  TCP: {echoed}/{} bytes echoed back by {SERVER_IP}:8080 (server read {served})", TCP_CHUNKS * 1000);
-    println!(
+    outln!("traffic:");
+    outln!("  UDP: {}/{DATAGRAMS} datagrams arrived intact at {SERVER_IP}:4739", udp_got[0]);
+    outln!("  UDP over IPv6: {}/{DATAGRAMS} datagrams arrived intact at [{SERVER_IP6}]:4739", udp_got[1]);
+    outln!("  TCP: {echoed}/{} bytes echoed back by {SERVER_IP}:8080 (server read {served})", TCP_CHUNKS * 1000);
+    outln!(
         "  on the server's wire: {} IPv4 and {} IPv6 frames as TCP to port 80 (funneled), {bare} to 4739/8080 \
          (should be 0)\n",
         on_80(4),
         on_80(6)
     );
-    println!("per-rule counters (sfunnel status):");
+    outln!("per-rule counters (sfunnel status):");
     let ours = |a: &&super::status::Attachment| {
         a.netns.as_deref().is_some_and(|n| n.ends_with(&format!("/{client}")) || n.ends_with(&format!("/{server}")))
     };
-    for a in super::status::collect()?.iter().filter(ours) {
-        println!("  {} {} ({}):", a.iface, a.direction, a.mode.map_or("?".into(), |m| m.to_string()));
-        for (i, c) in a.rules.iter().enumerate() {
-            let rule = a.ruleset.get(i).map_or("", String::as_str);
-            println!("    {:>3} packets {:>6} bytes  {rule}", c.packets, c.bytes);
+    for a in super::status::collect()?.0.iter().filter(ours) {
+        outln!("  {} {} ({}):", a.iface, a.direction, a.mode.map_or("?".into(), |m| m.to_string()));
+        for r in &a.rules {
+            outln!("    {:>3} packets {:>6} bytes  {}", r.counters.packets, r.counters.bytes, r.text);
         }
     }
     drop(topo);
-    println!("\nremoved the namespaces and every pin the demo made");
+    outln!("\nremoved the namespaces and every pin the demo made");
     if udp_got != [DATAGRAMS; 2] || echoed != TCP_CHUNKS * 1000 || on_80(4) == 0 || on_80(6) < DATAGRAMS || bare != 0 {
         bail!("the demo did not go as expected: see above");
     }
-    println!("demo OK: every flow crossed the wire as TCP/80 (one flow per IP family) and arrived as sent");
+    outln!("demo OK: every flow crossed the wire as TCP/80 (one flow per IP family) and arrived as sent");
     Ok(Outcome::Ok)
 }

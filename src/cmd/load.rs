@@ -3,8 +3,9 @@
 use anyhow::{bail, Context, Result};
 
 use super::Outcome;
-use crate::cli::{GcArgs, LoadArgs, TargetArgs, UnloadArgs};
+use crate::cli::{DirectionArg, GcArgs, LoadArgs, TargetArgs, UnloadArgs};
 use crate::loader::{self, LoadOptions, Target};
+use crate::output::outln;
 use crate::pins::{self, Tree};
 use crate::{caps, netns, ruleset};
 
@@ -32,7 +33,7 @@ fn interfaces(args: &TargetArgs) -> Result<Vec<String>> {
 
 /// Enters the namespace; the targets, each interface waited for
 /// (N_ATTEMPTS, RETRY_DELAY) when `wait`.
-fn targets(args: &TargetArgs, wait: Option<&LoadOptions>) -> Result<Vec<Target>> {
+fn targets(args: &TargetArgs, default: DirectionArg, wait: Option<&LoadOptions>) -> Result<Vec<Target>> {
     if let Some(ns) = &args.netns {
         netns::enter(ns)?;
     }
@@ -49,7 +50,7 @@ fn targets(args: &TargetArgs, wait: Option<&LoadOptions>) -> Result<Vec<Target>>
                 }
             },
         };
-        for direction in args.direction.directions() {
+        for direction in args.direction.unwrap_or(default).directions() {
             out.push(Target { netns: id, iface: iface.clone(), ifindex, direction });
         }
     }
@@ -73,10 +74,10 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
         );
     };
     // Parse and compile first: a bad ruleset changes nothing.
-    let (rs, compiled) = match ruleset::load(&src.text) {
+    let (rs, compiled) = match ruleset::load_all(&src.text) {
         Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: invalid ruleset (from {}); nothing was changed\n{e}", src.origin);
+        Err(errors) => {
+            super::check::print_errors(&src.origin, &errors);
             return Ok(Outcome::Invalid);
         }
     };
@@ -101,7 +102,7 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
     };
     // Missing interfaces are waited for before the lock, which every
     // sfunnel on the node shares.
-    let targets = targets(&args.target, Some(&opts))?;
+    let targets = targets(&args.target, DirectionArg::Ingress, Some(&opts))?;
     if targets.is_empty() {
         bail!("no interfaces to load onto");
     }
@@ -112,7 +113,7 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
     match loader::load_all(&tree, &targets, &compiled, &opts) {
         Ok(reports) => {
             for r in reports {
-                println!(
+                outln!(
                     "{} {}: {} with {}, program {}, {} rules, {} map entries",
                     r.iface,
                     r.direction,
@@ -132,12 +133,12 @@ pub fn load(args: &LoadArgs) -> Result<Outcome> {
 pub fn unload(args: &UnloadArgs) -> Result<Outcome> {
     crate::log::set_verbose(args.target.verbose);
     caps::require_for_load()?;
-    let targets = targets(&args.target, None)?;
+    let targets = targets(&args.target, DirectionArg::Both, None)?;
     let (tree, _lock) = open_tree(&args.target.lock)?;
     let mut removed = 0;
     for t in &targets {
         if loader::unload(&tree, t).with_context(|| format!("unloading from {} {}", t.iface, t.direction))? {
-            println!("{} {}: unloaded", t.iface, t.direction);
+            outln!("{} {}: unloaded", t.iface, t.direction);
             removed += 1;
         }
     }
@@ -146,7 +147,7 @@ pub fn unload(args: &UnloadArgs) -> Result<Outcome> {
         removed += crate::detour::remove_orphans()?.len();
     }
     if removed == 0 {
-        println!("nothing of sfunnel's was loaded there");
+        outln!("nothing of sfunnel's was loaded there");
     }
     Ok(Outcome::Ok)
 }
@@ -161,13 +162,13 @@ pub fn gc(args: &GcArgs) -> Result<Outcome> {
     for (d, why) in &dead {
         let what = tree.describe(d);
         if args.dry_run {
-            println!("would remove {what}: {why}");
+            outln!("would remove {what}: {why}");
         } else {
             tree.remove(d).with_context(|| format!("removing {what}"))?;
-            println!("removed {what}: {why}");
+            outln!("removed {what}: {why}");
         }
     }
     let verb = if args.dry_run { "would remove" } else { "removed" };
-    println!("gc: {verb} {} pin(s) of dead attachments", dead.len());
+    outln!("gc: {verb} {} pin(s) of dead attachments", dead.len());
     Ok(Outcome::Ok)
 }

@@ -7,18 +7,22 @@
 //! interface is gone.
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::Outcome;
 use crate::attach::{Direction, Mode};
-use crate::cli::StatusArgs;
+use crate::cli::{Filter, StatusArgs};
 use crate::datapath::consts::*;
 use crate::datapath::types::sfunnel_meta;
 use crate::datapath::{RuleCounter, RulesetMaps, PROG_NAME};
+use crate::output::outln;
 use crate::pins::{LinkKey, Tree};
 
+/// One attachment, as `status --json` shows it (schema 1, see
+/// docs/operations.md).
 #[derive(Debug, Serialize)]
 pub struct Attachment {
     pub netns_cookie: u64,
@@ -26,6 +30,8 @@ pub struct Attachment {
     /// A path that opens the namespace (`/var/run/netns/NAME`, a bind
     /// mount, `/proc/PID/ns/net`), where this process can see one.
     pub netns: Option<String>,
+    /// Its name, where `ip netns` (/var/run/netns) has one.
+    pub netns_name: Option<String>,
     pub iface: String,
     pub ifindex: u32,
     pub direction: Direction,
@@ -33,17 +39,47 @@ pub struct Attachment {
     pub prog_id: Option<u32>,
     /// `live`, or why not.
     pub state: String,
+    pub live: bool,
+    /// The sfunnel version and layout that made it.
+    pub version: Option<String>,
+    pub layout: Option<u32>,
     pub generation: Option<u32>,
-    /// The loaded rules, in canonical form; `rules[i]` counts `ruleset[i]`.
-    pub ruleset: Vec<String>,
-    pub rules: Vec<RuleCounter>,
+    /// The loaded rules in order, each with its canonical text and counters.
+    pub rules: Vec<Rule>,
     /// Packets left alone, by reason.
     pub passed: std::collections::BTreeMap<&'static str, u64>,
     /// The segmentation detour's helper pair (attachments that funnel;
-    /// README, "Funneling GSO packets").
+    /// docs/design.md, "The segmentation detour").
     pub detour: Option<Detour>,
-    pub error: Option<String>,
+    /// What is wrong with it, or what could not be read of it.
+    pub problem: Option<String>,
+    /// Whether `problem` is a failure to read (exit status 3).
+    #[serde(skip)]
+    pub unreadable: bool,
 }
+
+/// One rule of an attachment's ruleset and what it counted.
+#[derive(Debug, Serialize)]
+pub struct Rule {
+    /// Its position in the ruleset, from 0: first match wins.
+    pub index: usize,
+    /// Its canonical text (`sfunnel check` prints the same).
+    pub text: String,
+    #[serde(flatten)]
+    pub counters: RuleCounter,
+}
+
+/// `status --json`'s document.
+#[derive(Debug, Serialize)]
+pub struct Document<'a> {
+    pub schema: u32,
+    pub sfunnel: &'static str,
+    pub attachments: &'a [Attachment],
+    /// What could not be read, one line each (also on stderr).
+    pub problems: Vec<String>,
+}
+
+pub const SCHEMA: u32 = 1;
 
 #[derive(Debug, Serialize)]
 pub struct Detour {
@@ -57,8 +93,8 @@ pub struct Detour {
     pub back: crate::detour::Back,
 }
 
-const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
-    ("not_ipv4_tcp_udp", SFUNNEL_STAT_NOT_IPV4),
+pub const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
+    ("not_ip_tcp_udp", SFUNNEL_STAT_NOT_IP_TCP_UDP),
     ("fragment", SFUNNEL_STAT_FRAGMENT),
     ("malformed", SFUNNEL_STAT_MALFORMED),
     ("no_rule_matched", SFUNNEL_STAT_MISS),
@@ -70,8 +106,7 @@ const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
 ];
 
 fn ifname(meta: &sfunnel_meta) -> String {
-    let b: Vec<u8> = meta.ifname.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&b).into_owned()
+    c_string(&meta.ifname)
 }
 
 /// Whether a program that says it is for `key` is live: on its hook.
@@ -94,8 +129,14 @@ fn state(tree: Option<&Tree>, meta: &sfunnel_meta, key: &LinkKey, prog_id: u32) 
 
 fn read(a: &mut Attachment, maps: &RulesetMaps) -> Result<()> {
     a.generation = Some(maps.active_gen()?);
-    a.rules = maps.rule_counters()?;
-    a.ruleset = maps.ruleset_text()?.lines().map(str::to_string).collect();
+    let counters = maps.rule_counters()?;
+    let text = maps.ruleset_text()?;
+    let mut lines = text.lines();
+    a.rules = counters
+        .into_iter()
+        .enumerate()
+        .map(|(index, counters)| Rule { index, text: lines.next().unwrap_or("").to_string(), counters })
+        .collect();
     let stats = maps.stats()?;
     for (name, i) in STAT_NAMES {
         a.passed.insert(name, stats.get(i as usize).copied().unwrap_or(0));
@@ -114,35 +155,84 @@ fn read(a: &mut Attachment, maps: &RulesetMaps) -> Result<()> {
     Ok(())
 }
 
-/// A program named like sfunnel's whose maps are not of this layout.
-fn unreadable(id: u32, e: anyhow::Error) -> Attachment {
-    Attachment {
-        netns_cookie: 0,
-        netns_ino: 0,
-        netns: None,
-        iface: String::new(),
-        ifindex: 0,
-        direction: Direction::Ingress,
-        mode: None,
-        prog_id: Some(id),
-        state: "unknown".into(),
-        generation: None,
-        ruleset: Vec::new(),
-        rules: Vec::new(),
-        passed: Default::default(),
-        detour: None,
-        error: Some(format!("a program named {PROG_NAME} that this build cannot read (an earlier build's?): {e:#}")),
+impl Attachment {
+    fn empty(state: &str) -> Attachment {
+        Attachment {
+            netns_cookie: 0,
+            netns_ino: 0,
+            netns: None,
+            netns_name: None,
+            iface: String::new(),
+            ifindex: 0,
+            direction: Direction::Ingress,
+            mode: None,
+            prog_id: None,
+            state: state.into(),
+            live: false,
+            version: None,
+            layout: None,
+            generation: None,
+            rules: Vec::new(),
+            passed: Default::default(),
+            detour: None,
+            problem: None,
+            unreadable: false,
+        }
     }
 }
 
-/// Every attachment the kernel holds, and earlier builds' pins.
-pub fn collect() -> Result<Vec<Attachment>> {
+/// A program named like sfunnel's whose maps are not of this layout.
+fn unreadable(id: u32, e: anyhow::Error) -> Attachment {
+    let mut a = Attachment::empty("unknown");
+    a.prog_id = Some(id);
+    a.unreadable = is_denied(&e);
+    a.problem = Some(format!("a program named {PROG_NAME} that this build cannot read (an earlier build's?): {e:#}"));
+    a
+}
+
+/// Whether `e` is the kernel refusing access, not an object of another
+/// layout or one that went away meanwhile.
+fn is_denied(e: &anyhow::Error) -> bool {
+    e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>()).any(|io| {
+        matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+            || io.kind() == std::io::ErrorKind::PermissionDenied
+    })
+}
+
+/// The name of a namespace path under /var/run/netns.
+fn netns_name(path: &std::path::Path) -> Option<String> {
+    let dir = std::path::Path::new(crate::netns::NETNS_RUN_DIR);
+    let dir2 = std::path::Path::new("/run/netns");
+    if path.parent() == Some(dir) || path.parent() == Some(dir2) {
+        path.file_name().map(|n| n.to_string_lossy().into_owned())
+    } else {
+        None
+    }
+}
+
+/// Every attachment the kernel holds, and earlier builds' pins; and what
+/// could not be read at all (programs the kernel would not open).
+pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
     let tree = Tree::open_existing()?;
     let mut out = Vec::new();
+    let mut problems = Vec::new();
     // Finding a namespace may walk every process: once per namespace.
     let mut paths = std::collections::HashMap::new();
+    let mut denied = 0;
+    let mut first_denied = None;
     for id in crate::objects::all_prog_ids()? {
-        let Ok(prog) = crate::objects::prog_by_id(id) else { continue };
+        // A program that went away meanwhile is no problem; one the kernel
+        // will not show may be sfunnel's.
+        let prog = match crate::objects::prog_by_id(id) {
+            Ok(p) => p,
+            Err(e) => {
+                if is_denied(&e) {
+                    denied += 1;
+                    first_denied.get_or_insert(format!("{e:#}"));
+                }
+                continue;
+            }
+        };
         let Ok(info) = crate::objects::prog_info(prog.as_fd()) else { continue };
         if info.name != PROG_NAME {
             continue;
@@ -159,9 +249,11 @@ pub fn collect() -> Result<Vec<Attachment>> {
         let ns = crate::netns::Id { cookie: meta.netns_cookie, ino: meta.netns_ino };
         let path =
             paths.entry(ns).or_insert_with(|| crate::netns::find(ns.ino).filter(|p| crate::netns::is(p, ns))).clone();
+        let state = state(tree.as_ref(), &meta, &key, id);
         let mut a = Attachment {
             netns_cookie: meta.netns_cookie,
             netns_ino: meta.netns_ino,
+            netns_name: path.as_deref().and_then(netns_name),
             netns: path.map(|p| p.display().to_string()),
             iface: ifname(&meta),
             ifindex: meta.ifindex,
@@ -172,70 +264,117 @@ pub fn collect() -> Result<Vec<Attachment>> {
                 _ => None,
             },
             prog_id: Some(id),
-            state: state(tree.as_ref(), &meta, &key, id),
-            generation: None,
-            ruleset: Vec::new(),
-            rules: Vec::new(),
-            passed: Default::default(),
-            detour: None,
-            error: None,
+            live: state == "live",
+            state,
+            version: Some(c_string(&meta.version)).filter(|v| !v.is_empty()),
+            layout: Some(meta.abi_version),
+            ..Attachment::empty("")
         };
         if meta.abi_version != SFUNNEL_ABI_VERSION {
-            a.error =
+            a.problem =
                 Some(format!("made by a build of layout {}; a load of this target replaces it", meta.abi_version));
         } else if let Err(e) = read(&mut a, &maps) {
-            a.error = Some(format!("{e:#}"));
+            a.unreadable = true;
+            a.problem = Some(format!("reading its maps: {e:#}"));
         }
         out.push(a);
     }
     for l in tree.as_ref().map(|t| t.legacy()).unwrap_or_default() {
-        out.push(Attachment {
-            netns_cookie: 0,
-            netns_ino: l.netns_ino,
-            netns: None,
-            iface: l.iface.clone(),
-            ifindex: 0,
-            direction: l.direction,
-            mode: None,
-            prog_id: None,
-            state: "pinned by an earlier build".into(),
-            generation: None,
-            ruleset: Vec::new(),
-            rules: Vec::new(),
-            passed: Default::default(),
-            detour: None,
-            error: Some(
-                "in an earlier build's pin layout: a load of this target replaces it, an unload removes it, and \
-                 gc removes it once its TCX link is hooked on nothing"
-                    .into(),
-            ),
-        });
+        let mut a = Attachment::empty("pinned by an earlier build");
+        a.netns_ino = l.netns_ino;
+        a.iface = l.iface.clone();
+        a.direction = l.direction;
+        a.problem = Some(
+            "in an earlier build's pin layout: a load of this target replaces it, an unload removes it, and gc \
+             removes it once its TCX link is hooked on nothing"
+                .into(),
+        );
+        out.push(a);
     }
     out.sort_by(|a, b| (a.netns_ino, &a.iface, a.direction).cmp(&(b.netns_ino, &b.iface, b.direction)));
-    Ok(out)
+    if denied > 0 {
+        problems.push(format!(
+            "{denied} BPF program(s) could not be opened, so sfunnel's among them cannot be shown: {} (run as root, \
+             or with CAP_SYS_ADMIN)",
+            first_denied.unwrap_or_default()
+        ));
+    }
+    for a in out.iter().filter(|a| a.unreadable) {
+        problems.push(format!(
+            "{} {} (program {}): {}",
+            if a.iface.is_empty() { "?" } else { &a.iface },
+            a.direction,
+            a.prog_id.map_or("?".into(), |p| p.to_string()),
+            a.problem.as_deref().unwrap_or("")
+        ));
+    }
+    Ok((out, problems))
+}
+
+/// The attachments `filter` selects.
+pub fn select(list: Vec<Attachment>, filter: &Filter) -> Result<Vec<Attachment>> {
+    let netns = match &filter.netns {
+        None => None,
+        Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((n.parse::<u64>().context("a namespace cookie")?, None))
+        }
+        Some(n) => {
+            let path = crate::netns::path_of(n);
+            let ino = std::fs::metadata(&path)
+                .with_context(|| {
+                    format!(
+                        "--netns {n}: no namespace at {} (`ip netns list` shows named ones; a cookie is the number \
+                         `status` prints)",
+                        path.display()
+                    )
+                })?
+                .ino();
+            Some((0, Some(ino)))
+        }
+    };
+    Ok(list
+        .into_iter()
+        .filter(|a| filter.ifaces.is_empty() || filter.ifaces.contains(&a.iface))
+        .filter(|a| filter.direction.is_none_or(|d| d == a.direction))
+        .filter(|a| match netns {
+            None => true,
+            Some((cookie, None)) => a.netns_cookie == cookie,
+            // A live namespace's inode is its own.
+            Some((_, Some(ino))) => a.netns_ino == ino && a.netns.is_some(),
+        })
+        .collect())
+}
+
+fn c_string(b: &[std::os::raw::c_char]) -> String {
+    let b: Vec<u8> = b.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 fn print_text(list: &[Attachment]) {
     if list.is_empty() {
-        println!("sfunnel has nothing loaded");
+        outln!("sfunnel has nothing loaded");
         return;
     }
     for a in list {
         let mode = a.mode.map_or("?".to_string(), |m| m.to_string());
         let prog = a.prog_id.map_or("?".to_string(), |p| p.to_string());
-        let ns = a.netns.clone().unwrap_or_else(|| format!("netns cookie {}", a.netns_cookie));
-        println!("{ns} {} {}: {mode}, program {prog}, {}, {} rules", a.iface, a.direction, a.state, a.rules.len());
-        for (i, c) in a.rules.iter().enumerate() {
-            let rule = a.ruleset.get(i).map_or("", String::as_str);
+        let ns = match (&a.netns_name, &a.netns) {
+            (Some(name), _) => format!("netns {name}"),
+            (None, Some(path)) => format!("netns {path}"),
+            (None, None) => format!("netns cookie {}", a.netns_cookie),
+        };
+        outln!("{ns} {} {}: {mode}, program {prog}, {}, {} rules", a.iface, a.direction, a.state, a.rules.len());
+        for r in &a.rules {
+            let c = &r.counters;
             let over = if c.over_mtu > 0 { format!("  ({} over the MTU)", c.over_mtu) } else { String::new() };
-            println!("  {:>12} packets {:>14} bytes  {rule}{over}", c.packets, c.bytes);
+            outln!("  {:>12} packets {:>14} bytes  {}{over}", c.packets, c.bytes, r.text);
         }
         let passed: Vec<String> = a.passed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
         if !passed.is_empty() {
-            println!("  passed unchanged: {}", passed.join(", "));
+            outln!("  passed unchanged: {}", passed.join(", "));
         }
         if let Some(d) = &a.detour {
-            println!(
+            outln!(
                 "  GSO detour: out of {} ({}), segments back in on {} ({}), then {}",
                 d.out,
                 d.out_ifindex,
@@ -244,24 +383,36 @@ fn print_text(list: &[Attachment]) {
                 d.back.describe()
             );
         }
-        if let Some(e) = &a.error {
-            println!("  problem: {e}");
+        if let Some(e) = &a.problem {
+            outln!("  problem: {e}");
         }
     }
+}
+
+/// Collects, filters, and says on stderr what could not be read.
+pub fn gather(filter: &Filter) -> Result<(Vec<Attachment>, Vec<String>)> {
+    let (list, problems) = collect()?;
+    let list = select(list, filter)?;
+    for p in &problems {
+        eprintln!("sfunnel: could not read: {p}");
+    }
+    Ok((list, problems))
 }
 
 pub fn run(args: &StatusArgs) -> Result<Outcome> {
     crate::caps::require_for_load().context("sfunnel status reads sfunnel's programs and maps by their ids")?;
     loop {
-        let list = collect()?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&list)?);
-        } else {
-            print_text(&list);
+        let (list, problems) = gather(&args.filter)?;
+        let doc = Document { schema: SCHEMA, sfunnel: env!("CARGO_PKG_VERSION"), attachments: &list, problems };
+        match (args.json, args.interval) {
+            (true, Some(_)) => outln!("{}", serde_json::to_string(&doc)?),
+            (true, None) => outln!("{}", serde_json::to_string_pretty(&doc)?),
+            (false, _) => print_text(&list),
         }
+        let outcome = if doc.problems.is_empty() { Outcome::Ok } else { Outcome::Partial };
         match args.interval {
-            Some(s) if s > 0.0 => std::thread::sleep(std::time::Duration::from_secs_f64(s)),
-            _ => return Ok(Outcome::Ok),
+            Some(s) if s > 0.0 && !crate::output::closed() => std::thread::sleep(std::time::Duration::from_secs_f64(s)),
+            _ => return Ok(outcome),
         }
     }
 }

@@ -26,17 +26,81 @@ const KEYWORDS: &[&str] = &[
 ];
 
 /// Parses a whole ruleset.  Either every rule is valid and returned, or the
-/// first error is.
+/// first error in the text is.
 pub fn parse(input: &str) -> Result<Ruleset, RulesetError> {
-    let mut pairs = Grammar::parse(G::ruleset, input).map_err(|e| syntax_error(input, e))?;
-    let top = pairs.next().expect("the grammar always yields a ruleset pair");
+    parse_all(input).map_err(|mut errors| errors.swap_remove(0))
+}
+
+/// At most this many errors are reported for one ruleset.
+pub const MAX_ERRORS: usize = 100;
+
+/// Parses a whole ruleset.  Either every rule is valid and returned, or
+/// every error found is, in the order of the text (at most [`MAX_ERRORS`]).
+///
+/// A syntax error ends pest's parse, so to find the next one the rule it
+/// is in is blanked out (spaces, so every later offset stays where it
+/// was) and the text parsed again; rules end at a newline or `;`.  Each
+/// rule that parses is then built, and its own errors (a keyword twice, a
+/// port out of range) collected.
+pub fn parse_all(input: &str) -> Result<Ruleset, Vec<RulesetError>> {
+    let mut errors = Vec::new();
+    let mut text = std::borrow::Cow::Borrowed(input);
+    let top = loop {
+        match Grammar::parse(G::ruleset, &text) {
+            Ok(mut pairs) => break pairs.next().expect("the grammar always yields a ruleset pair"),
+            Err(e) => {
+                let pos = match e.location {
+                    InputLocation::Pos(p) => p,
+                    InputLocation::Span((s, _)) => s,
+                };
+                errors.push(syntax_error(input, e));
+                if errors.len() == MAX_ERRORS || !blank_rule_at(text.to_mut(), pos) {
+                    return Err(sorted(input, errors));
+                }
+            }
+        }
+    };
     let mut rules = Vec::new();
     for pair in top.into_inner() {
         if pair.as_rule() == G::rule {
-            rules.push(build_rule(input, pair)?);
+            match build_rule(&text, pair) {
+                Ok(r) => rules.push(r),
+                Err(e) => errors.push(e),
+            }
         }
     }
-    Ok(Ruleset { rules })
+    if errors.is_empty() {
+        Ok(Ruleset { rules })
+    } else {
+        errors.truncate(MAX_ERRORS);
+        Err(sorted(input, errors))
+    }
+}
+
+/// Errors in the order of the text, each showing the original line.
+fn sorted(input: &str, mut errors: Vec<RulesetError>) -> Vec<RulesetError> {
+    errors.sort_by_key(|e| (e.line, e.col));
+    for e in &mut errors {
+        e.source_line = input.lines().nth(e.line - 1).unwrap_or("").trim_end_matches('\r').to_string();
+    }
+    errors
+}
+
+/// Replaces the rule around byte `pos` with spaces: from the separator
+/// before it to the separator or comment after it.  False when there is
+/// nothing left to blank there.
+fn blank_rule_at(text: &mut String, pos: usize) -> bool {
+    let pos = pos.min(text.len());
+    let line_start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
+    let start = text[line_start..pos].rfind(';').map_or(line_start, |i| line_start + i + 1);
+    let end = text[pos..].find(['\n', ';', '#']).map_or(text.len(), |i| pos + i);
+    if text[start..end].trim().is_empty() {
+        return false;
+    }
+    // Multi-byte characters become as many spaces: offsets stay put.
+    let blanks = " ".repeat(end - start);
+    text.replace_range(start..end, &blanks);
+    true
 }
 
 fn err(input: &str, span: Span<'_>, msg: impl Into<String>) -> RulesetError {

@@ -269,10 +269,13 @@ pub fn printed_prog_id(out: &str, iface: &str, direction: &str) -> Option<u32> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// `sfunnel status --json`, parsed.
+/// `sfunnel status --json`'s list of attachments (its document is schema 1).
 pub fn status_json() -> Value {
     let out = sfunnel(&["status", "--json"], &[]).expect_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", out.stdout))
+    let doc: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", out.stdout));
+    assert_eq!(doc["schema"], 1, "status --json's schema: {doc}");
+    doc["attachments"].clone()
 }
 
 /// The status entry of one attachment, if any.

@@ -1,0 +1,323 @@
+//! The command line and the environment interface as an operator meets
+//! them: exit codes, a closed pipe, every error of a ruleset at once,
+//! rules that can never match, empty variables, IFACES split on any
+//! whitespace, the start-up banner, `unload`'s default directions, and
+//! `status`'s filters, JSON document and JSON Lines.
+//!
+//! The tests that load need root (a throwaway namespace); the others run
+//! anywhere.
+
+mod common;
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use common::topology::{run, sfunnel, status_json, Topo, BIN};
+use serde_json::Value;
+
+fn bash(script: &str) -> common::topology::Out {
+    run(std::process::Command::new("bash").args(["-c", script]), Duration::from_secs(60))
+}
+
+/// `n` distinct valid rules, one per line.
+fn many_rules(n: usize) -> String {
+    (0..n).map(|i| format!("tcp dport {} actions funnel tcp sport 540 dport 80\n", 1 + i)).collect()
+}
+
+fn temp_file(tag: &str, text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("sfunnel-cli-{}-{tag}", std::process::id()));
+    std::fs::File::create(&p).and_then(|mut f| f.write_all(text.as_bytes())).expect("writing a temp file");
+    p
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    // More output than a pipe holds, so that `check` writes after `head`
+    // has gone.
+    let f = temp_file("pipe", &many_rules(5000));
+    let out = bash(&format!("{BIN} check -f {} | head -1; echo \"rc=${{PIPESTATUS[0]}}\"", f.display()));
+    let _ = std::fs::remove_file(&f);
+    assert!(out.stdout.starts_with("tcp dport 1 actions funnel"), "{out:?}");
+    assert!(out.stdout.contains("rc=0"), "check | head -1 should exit 0: {out:?}");
+    assert!(!out.stderr.contains("panicked") && !out.stderr.contains("Broken pipe"), "{out:?}");
+}
+
+#[test]
+fn usage_errors_and_invalid_rulesets_have_their_own_exit_codes() {
+    let usage = sfunnel(&["check", "--no-such-flag"], &[]);
+    assert_eq!(usage.code, 64, "a usage error: {usage:?}");
+    let usage = sfunnel(&["load", "-d", "sideways", "tcp accept"], &[]);
+    assert_eq!(usage.code, 64, "a bad value: {usage:?}");
+    // A bad variable in the environment interface is a usage error too.
+    let usage = sfunnel(&[], &[("DIRECTION", "sideways"), ("SFUNNEL_RULESET", "tcp accept")]);
+    assert_eq!(usage.code, 64, "a bad environment value: {usage:?}");
+    assert!(usage.stderr.contains("sideways"), "{usage:?}");
+    let invalid = sfunnel(&["check", "tcp dport 70000 accept"], &[]);
+    assert_eq!(invalid.code, 2, "an invalid ruleset: {invalid:?}");
+    let help = sfunnel(&["--help"], &[]);
+    assert_eq!(help.code, 0, "{help:?}");
+    assert!(help.stdout.contains("metrics"), "{help:?}");
+}
+
+#[test]
+fn check_reports_every_error_with_its_position() {
+    let rules = "tcp dport 80 actions accept\n\
+                 udp sport 70000 actions drop\n\
+                 frob tcp accept\n\
+                 tcp dport 81 accept; tcp tcp accept\n\
+                 # fine\n\
+                 ip6 tcp saddr 10.0.0.1 accept\n";
+    let out = sfunnel(&["check", rules], &[]);
+    assert_eq!(out.code, 2, "{out:?}");
+    // Each error: `line:col: message`, then the line and a caret.
+    let positions: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.split_once(": ").map(|(p, _)| p))
+        .filter(|p| p.split(':').count() == 2 && p.split(':').all(|n| n.parse::<u32>().is_ok()))
+        .collect();
+    assert_eq!(positions, ["2:11", "3:1", "4:26", "6:15"], "{}", out.stderr);
+    assert!(out.stderr.contains("4 errors"), "{}", out.stderr);
+    assert_eq!(out.stderr.matches('^').count(), 4, "a caret under each: {}", out.stderr);
+
+    let json = sfunnel(&["check", "--json", rules], &[]);
+    assert_eq!(json.code, 2, "{json:?}");
+    let doc: Value = serde_json::from_str(&json.stdout).expect("check --json prints JSON on an invalid ruleset");
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["valid"], false);
+    let at: Vec<(u64, u64)> = doc["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| (e["line"].as_u64().unwrap(), e["col"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(at, [(2, 11), (3, 1), (4, 26), (6, 15)]);
+
+    // `load` reports them all too, and changes nothing (it never gets as
+    // far as needing privileges).
+    let load = sfunnel(&["load", "-i", "nonexistent0", rules], &[]);
+    assert_eq!(load.code, 2, "{load:?}");
+    assert_eq!(load.stderr.matches('^').count(), 4, "{}", load.stderr);
+}
+
+#[test]
+fn check_warns_about_rules_that_can_never_match_and_strict_fails() {
+    let rules = "tcp dport 1-1024 actions accept\ntcp dport 80 actions drop\nudp dport 80 actions drop\n";
+    let out = sfunnel(&["check", rules], &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("warning: 2:1: this rule can never match: rule 1 (line 1)"), "{}", out.stderr);
+    assert!(out.stdout.contains("never matches"), "{}", out.stdout);
+    let strict = sfunnel(&["check", "--strict", rules], &[]);
+    assert_eq!(strict.code, 2, "{strict:?}");
+    let json = sfunnel(&["check", "--json", rules], &[]);
+    let doc: Value = serde_json::from_str(&json.stdout).expect("JSON");
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["warnings"].as_array().map(Vec::len), Some(1), "{doc}");
+    assert_eq!(doc["warnings"][0]["rule"], 1);
+    let shadowed: Vec<bool> = doc["rules"].as_array().unwrap().iter().map(|r| r["shadowed"] == true).collect();
+    assert_eq!(shadowed, [false, true, false]);
+    assert_eq!(doc["rules"][1]["text"], "tcp dport 80 actions drop");
+    // Nothing shadowed: --strict passes.
+    assert_eq!(sfunnel(&["check", "--strict", "tcp dport 80 accept; tcp drop"], &[]).code, 0);
+}
+
+#[test]
+fn an_empty_ruleset_variable_falls_back_to_the_file() {
+    // As 0.0.11: SFUNNEL_RULESET="" is unset, so the default file is read.
+    let file = std::path::Path::new(sfunnel::cli::DEFAULT_RULESET_FILE);
+    let out = sfunnel(&["check"], &[("SFUNNEL_RULESET", "")]);
+    if file.exists() {
+        assert!(out.stdout.contains(&format!("from {}", file.display())), "{out:?}");
+    } else {
+        assert_eq!(out.code, 1, "no ruleset anywhere is an error, not an empty ruleset: {out:?}");
+        assert!(out.stderr.contains("no ruleset to check") && out.stderr.contains("/etc/sfunnel/ruleset"), "{out:?}");
+    }
+    // Blanks only count as empty for the settings, as a list for IFACES.
+    for var in ["DIRECTION", "N_ATTEMPTS", "RETRY_DELAY", "DEBUG", "OVER_MTU", "SFUNNEL_LOCK_TIMEOUT"] {
+        let out = sfunnel(&["load", "-i", "x", "tcp dport 70000 accept"], &[(var, "")]);
+        assert_eq!(out.code, 2, "{var}=\"\" is its default, so the ruleset's error is what stops the load: {out:?}");
+        let out = sfunnel(&["load", "-i", "x", "tcp dport 70000 accept"], &[(var, " \t")]);
+        assert_eq!(out.code, 2, "{var}=blanks: {out:?}");
+    }
+}
+
+/// One namespace with two interfaces; dropping it removes everything.
+struct Pod {
+    _topo: Topo,
+    ns: String,
+    a: String,
+    b: String,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        let (topo, a) = Topo::single();
+        let ns = topo.client.clone();
+        let b = topo.rc_if.clone();
+        Pod { _topo: topo, ns, a, b }
+    }
+
+    fn mine(&self) -> Vec<Value> {
+        let path = format!("{}/{}", common::topology::NETNS_DIR, self.ns);
+        status_json().as_array().into_iter().flatten().filter(|a| a["netns"] == path.as_str()).cloned().collect()
+    }
+
+    /// (interface, direction) of each of its attachments, sorted.
+    fn hooks(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .mine()
+            .iter()
+            .map(|a| (a["iface"].as_str().unwrap().to_string(), a["direction"].as_str().unwrap().to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn pair(&self, iface: &str, dir: &str) -> (String, String) {
+        (iface.to_string(), dir.to_string())
+    }
+}
+
+impl Drop for Pod {
+    /// Unloads; the namespace goes with the topology, dropped after this.
+    fn drop(&mut self) {
+        let _ = sfunnel(&["unload", "--netns", &self.ns], &[]);
+    }
+}
+
+#[test]
+fn the_environment_interface_reads_like_the_original() {
+    if !common::require_root("the_environment_interface_reads_like_the_original") {
+        return;
+    }
+    let pod = Pod::new();
+    // Empty settings are their defaults (ingress, 6 attempts, 3 s, quiet);
+    // IFACES is split on tabs and newlines too.
+    let ifaces = format!("\t{}\n {} ", pod.a, pod.b);
+    let out = sfunnel(
+        &[],
+        &[
+            ("SFUNNEL_RULESET", "udp dport 4739 actions funnel tcp sport 540 dport 80"),
+            ("IFACES", &ifaces),
+            ("NETNS", &pod.ns),
+            ("DIRECTION", ""),
+            ("N_ATTEMPTS", ""),
+            ("RETRY_DELAY", ""),
+            ("DEBUG", ""),
+        ],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(pod.hooks(), [pod.pair(&pod.a, "ingress"), pod.pair(&pod.b, "ingress")], "{out:?}");
+    // The banner: version, kernel, attach mode, and what it read.
+    let banner = out.stderr.lines().next().unwrap_or("");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(banner.starts_with(&format!("sfunnel {} ", env!("CARGO_PKG_VERSION"))), "{banner}");
+    assert!(banner.contains(&format!("kernel {}", kernel.trim())), "{banner}");
+    assert!(banner.contains("attach tcx") || banner.contains("attach clsact"), "{banner}");
+    assert!(banner.contains(&format!("IFACES=\"{} {}\"", pod.a, pod.b)), "{banner}");
+    assert!(banner.contains("NETNS=") && !banner.contains("DIRECTION="), "empty ones are unset: {banner}");
+
+    // CLEAN=1 without DIRECTION removes ingress, as 0.0.11 did.
+    let both = sfunnel(&["load", "--netns", &pod.ns, "-i", &pod.a, "-d", "both", "udp accept"], &[]);
+    assert_eq!(both.code, 0, "{both:?}");
+    let clean = sfunnel(&[], &[("CLEAN", "1"), ("IFACES", &pod.a), ("NETNS", &pod.ns)]);
+    assert_eq!(clean.code, 0, "{clean:?}");
+    assert_eq!(pod.hooks(), [pod.pair(&pod.a, "egress"), pod.pair(&pod.b, "ingress")]);
+}
+
+#[test]
+fn unload_defaults_to_both_directions() {
+    if !common::require_root("unload_defaults_to_both_directions") {
+        return;
+    }
+    let pod = Pod::new();
+    let load = sfunnel(&["load", "--netns", &pod.ns, "-i", &pod.a, "-d", "both", "udp accept"], &[]);
+    assert_eq!(load.code, 0, "{load:?}");
+    assert_eq!(pod.hooks(), [pod.pair(&pod.a, "egress"), pod.pair(&pod.a, "ingress")]);
+    let unload = sfunnel(&["unload", "--netns", &pod.ns, "-i", &pod.a], &[]);
+    assert_eq!(unload.code, 0, "{unload:?}");
+    assert!(unload.stdout.contains("ingress: unloaded") && unload.stdout.contains("egress: unloaded"), "{unload:?}");
+    assert_eq!(pod.hooks(), []);
+}
+
+#[test]
+fn status_filters_and_names_and_prints_json_lines() {
+    if !common::require_root("status_filters_and_names_and_prints_json_lines") {
+        return;
+    }
+    let pod = Pod::new();
+    let a = sfunnel(&["load", "--netns", &pod.ns, "-i", &pod.a, "udp dport 1 accept"], &[]);
+    let b = sfunnel(&["load", "--netns", &pod.ns, "-i", &pod.b, "-d", "egress", "tcp dport 2 drop"], &[]);
+    assert!(a.ok() && b.ok(), "{a:?}\n{b:?}");
+    let cookie = common::topology::netns_cookie(&pod.ns).to_string();
+    let path = format!("{}/{}", common::topology::NETNS_DIR, pod.ns);
+    let select = |args: &[&str]| -> Vec<(String, String)> {
+        let mut argv = vec!["status", "--json"];
+        argv.extend(args);
+        let out = sfunnel(&argv, &[]);
+        assert_eq!(out.code, 0, "{out:?}");
+        let doc: Value = serde_json::from_str(&out.stdout).expect("JSON");
+        assert_eq!(doc["schema"], 1);
+        let mut v: Vec<(String, String)> = doc["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a["iface"].as_str().unwrap().to_string(), a["direction"].as_str().unwrap().to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let both = vec![pod.pair(&pod.b, "egress"), pod.pair(&pod.a, "ingress")];
+    let mut sorted = both.clone();
+    sorted.sort();
+    assert_eq!(select(&["-n", &pod.ns]), sorted, "by name");
+    assert_eq!(select(&["-n", &path]), sorted, "by path");
+    assert_eq!(select(&["-n", &cookie]), sorted, "by cookie");
+    assert_eq!(select(&["-n", &pod.ns, "-i", &pod.a]), [pod.pair(&pod.a, "ingress")]);
+    assert_eq!(select(&["-n", &pod.ns, "-d", "egress"]), [pod.pair(&pod.b, "egress")]);
+    assert_eq!(select(&["-n", &pod.ns, "-i", &pod.a, "-d", "egress"]), []);
+    let missing = sfunnel(&["status", "-n", "sfunnel-no-such-netns"], &[]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(missing.stderr.contains("ip netns list"), "{missing:?}");
+
+    // Named by its name; each rule carries its text and counters.
+    let mine = pod.mine();
+    let a = mine.iter().find(|x| x["iface"] == pod.a.as_str()).expect("a");
+    assert_eq!(a["netns_name"], pod.ns.as_str());
+    assert_eq!(a["netns_cookie"].as_u64().map(|c| c.to_string()), Some(cookie.clone()));
+    assert_eq!(a["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(a["live"], true);
+    assert_eq!(a["rules"][0]["text"], "udp dport 1 actions accept");
+    assert_eq!(a["rules"][0]["packets"], 0);
+    assert!(a["passed"]["not_ip_tcp_udp"].is_u64(), "{a}");
+    let text = sfunnel(&["status", "-n", &pod.ns, "-i", &pod.a], &[]);
+    assert!(text.stdout.starts_with(&format!("netns {} {} ingress: ", pod.ns, pod.a)), "{text:?}");
+
+    // --interval with --json: one compact document per line.
+    let out = bash(&format!("timeout 1.5 {BIN} status --json --interval 0.3 -n {} ; true", pod.ns));
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines.len() >= 2, "JSON Lines: {out:?}");
+    for l in &lines {
+        let doc: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON document a line ({e}): {l}"));
+        assert_eq!(doc["schema"], 1);
+        assert_eq!(doc["attachments"].as_array().map(Vec::len), Some(2), "{l}");
+    }
+    // …and a reader that goes: the loop ends, quietly, with 0.
+    let out = bash(&format!("{BIN} status --interval 0.2 -n {} | head -1; echo \"rc=${{PIPESTATUS[0]}}\"", pod.ns));
+    assert!(out.stdout.contains("rc=0") && !out.stderr.contains("panicked"), "{out:?}");
+}
+
+#[test]
+fn status_says_when_it_cannot_read() {
+    if !common::require_root("status_says_when_it_cannot_read") {
+        return;
+    }
+    // A user namespace's root has every capability there, but BPF objects
+    // answer to the initial namespace's: nothing can be read.
+    let out = run(
+        std::process::Command::new("unshare").args(["--user", "--map-root-user", BIN, "status"]),
+        Duration::from_secs(30),
+    );
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("Operation not permitted") && out.stderr.contains("CAP_SYS_ADMIN"), "{out:?}");
+}
