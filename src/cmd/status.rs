@@ -40,7 +40,7 @@ pub struct Attachment {
     /// Packets left alone, by reason.
     pub passed: std::collections::BTreeMap<&'static str, u64>,
     /// The segmentation detour's helper pair (attachments that funnel;
-    /// README, "Funneling GSO packets").
+    /// docs/design.md, "The segmentation detour").
     pub detour: Option<Detour>,
     pub error: Option<String>,
 }
