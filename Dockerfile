@@ -7,10 +7,10 @@
 # $IFACES in $DIRECTION, or removes them with CLEAN=1 (README: Container
 # environment).  Nothing is compiled at run time.
 #
-# The build is x86_64 only (README: Building); on another host add
+# The build is x86_64 only (docs/development.md: The static binary); on another host add
 # `--platform linux/amd64`.
 
-# ---- build: the static binary, as README "Building" documents ----
+# ---- build: the static binary, as docs/development.md documents ----
 FROM rust:1-bookworm AS build
 
 # Build-time tools only: clang/llvm compile bpf/*.bpf.c into the embedded

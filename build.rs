@@ -29,7 +29,7 @@ fn main() {
             .source(src)
             .clang_args(["-O2", "-g", "-Wall", "-Werror", "-Ibpf", multiarch.as_str()])
             .build_and_generate(out_dir.join(skel))
-            .unwrap_or_else(|e| panic!("compiling {src} failed (is clang installed? see README: Building): {e:#}"));
+            .unwrap_or_else(|e| panic!("compiling {src} failed (is clang installed? see docs/development.md): {e:#}"));
     }
 
     let header = fs::read_to_string(SHARED_HEADER).expect("bpf/sfunnel.h is readable");

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Recognising funneled packets by what NATs keep, not by the funnel
- * header's ports (which a NAT may rewrite).  See the README, "funneled".
+ * header's ports (which a NAT may rewrite).  See docs/rules.md, "Recognising funneled packets".
  *
  *  - A TCP funnel header has fixed fields: seq 0xCAFEBABE, ack 0xBABECAFE,
  *    data offset 5, flags SYN only, window 1024.  No NAT touches them.

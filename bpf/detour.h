@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The segmentation detour: funneling GSO packets (README, "Funneling GSO
- * packets").
+ * The segmentation detour: funneling GSO packets (docs/design.md, "The
+ * segmentation detour").
  *
  * A GSO packet is cut into segments after tc egress, by the segmenter that
  * its outer IP protocol picks.  That segmenter would take a funnel header
@@ -160,8 +160,8 @@ static __always_inline int detour_send(struct __sk_buff *skb, const struct pkt *
 			return DETOUR_BROKEN;
 	}
 send:
-	/* Only TCP is steered to other CPUs (the helper end's RPS, README
-	 * "Which CPUs funnel the segments"), where the sender waits for
+	/* Only TCP is steered to other CPUs (the helper end's RPS, docs/design.md,
+	 * "The segmentation detour"), where the sender waits for
 	 * acknowledgements.  A datagram stays on the CPU that sends it, as
 	 * plain UDP over a veth does: handed to another CPU, an unpaced sender
 	 * would outrun it and fill its backlog queue.  RPS leaves a packet

@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The funnel and unfunnel rewrites (wire format of sfunnel 0.0.11; see the
- * README).  Each returns FUNNEL_OK when the packet was rewritten, a
+ * The funnel and unfunnel rewrites (wire format of sfunnel 0.0.11; see
+ * docs/design.md).  Each returns FUNNEL_OK when the packet was rewritten, a
  * FUNNEL_SKIP_* reason when it was left exactly as it was, and
  * FUNNEL_BROKEN when a helper failed after the packet had changed (the
  * caller must drop it).
  *
- * Checksums without reading the payload (see README, "Checksums"):
+ * Checksums without reading the payload (see docs/design.md, "Wire format"):
  *  - the inner L4 checksum moves between the real and the zero-address
  *    pseudo-header with bpf_l4_csum_replace(BPF_F_PSEUDO_HDR), which is
  *    right whether the skb is CHECKSUM_PARTIAL (the field holds the seed)

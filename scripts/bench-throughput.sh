@@ -16,14 +16,14 @@
 # throughput rows are measured over IPv4 and over IPv6 (`ip6` twins of the
 # rules, on the same ports, in the same rulesets).  Bulk TCP is measured
 # as loaded by default, then in the same round with each detour option
-# changed (README, "Funneling GSO packets"): DETOUR_RETURN=transmit
+# changed (docs/design.md, "The segmentation detour"): DETOUR_RETURN=transmit
 # (segments back out of the interface), and DETOUR_CPUS=sender (segments
 # funneled by the CPU that sent them).  Each run also samples the CPU time
 # the machine spent (/proc/stat): the last column is CPU time per bit
 # against plain's in the same round.  Unpaced UDP is also measured with
 # the client's tx checksumming off, funneled in place, against plain UDP
 # sent the same way: the datagrams of the default rows have their checksum
-# still owed, and take the detour (README, "Checksums through NAT").  A
+# still owed, and take the detour (docs/design.md, "Checksums through NAT").  A
 # last round runs unpaced UDP again
 # with kernel.bpf_stats_enabled on (restored after), and prints the time
 # sfunnel's programs took per packet at each end, and their share of the
@@ -222,7 +222,7 @@ for ((r = 0; r < ROUNDS; r++)); do
   UP+=("$(udp_run 5303 0)"); UT+=("$(udp_run 5203 0)"); UU+=("$(udp_run 5204 0)")
   client_load auto sender; UTS+=("$(udp_run 5203 0)"); UUS+=("$(udp_run 5204 0)"); client_load auto all
   # The sender's checksums complete (tx off): funneled in place, not in
-  # the detour (README, "Checksums through NAT").
+  # the detour (docs/design.md, "Checksums through NAT").
   ip netns exec $C ethtool -K sfbt0 tx off >/dev/null
   UPC+=("$(udp_run 5303 0)"); UTC+=("$(udp_run 5203 0)"); UUC+=("$(udp_run 5204 0)")
   ip netns exec $C ethtool -K sfbt0 tx on >/dev/null

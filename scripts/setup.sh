@@ -7,6 +7,7 @@ PACKAGES=(
   clang llvm            # compiles bpf/*.bpf.c at build time (never at run time)
   libelf-dev zlib1g-dev pkg-config   # libbpf-sys
   iproute2 iptables ethtool iperf3 tcpdump bpftool conntrack   # system tests and demo
+  socat                 # the README's host quick start (tests/readme.rs)
   python3 python3-venv   # scripts/validate-k8s.sh: kubernetes-validate, hadolint (from PyPI, in a venv)
 )
 

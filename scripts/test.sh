@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine and runs every test.  Root tests (PROG_TEST_RUN,
-# namespaces, the static binary in a chroot) need root; without it they
-# fail loudly, never skip silently.
+# Sets up a fresh machine and runs every test.  Runs as root: started as a
+# user, it runs itself again with sudo (scripts/need-root-and-cargo.sh).
+# The root tests (PROG_TEST_RUN, namespaces, the static binary in a
+# chroot) fail loudly without root, never skip silently.
 #
 # Then the kernel matrix: every root test again inside Debian's 6.1 (clsact)
 # and 6.12 (TCX) kernels under vmtest (vmtest/setup.sh, vmtest/run.sh).
@@ -9,6 +10,8 @@
 # runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/need-root-and-cargo.sh
+need_root_and_cargo "$PWD/scripts/test.sh" "$@"
 
 t_start=$(date +%s)
 t_host=

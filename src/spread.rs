@@ -1,5 +1,5 @@
 //! Spreading the segmentation detour's segments over CPUs
-//! (`--detour-cpus`, README "Funneling GSO packets").
+//! (`--detour-cpus`, docs/design.md "The segmentation detour").
 //!
 //! A segment reaches the detour's far end by veth, which queues it on a
 //! CPU's backlog: without more, the sending CPU's.  That CPU then funnels

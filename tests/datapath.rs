@@ -565,8 +565,8 @@ fn build_cases() -> Vec<Case> {
     cases
 }
 
-/// The `funneled` match and `unfunnel auto` (README, "Recognising funneled
-/// packets"), by their definitions in `common::packet`.
+/// The `funneled` match and `unfunnel auto` (docs/rules.md,
+/// "Recognising funneled packets"), by their definitions in `common::packet`.
 fn funneled_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     // Funneled packets whose funnel source port a NAT rewrote to anything.

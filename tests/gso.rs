@@ -446,7 +446,7 @@ fn detour_segments_are_funneled_on_the_cpus_given() {
 
         // Datagrams are not steered: those the client sends with its
         // default offloads owe their checksum and take the detour
-        // (README, "Checksums through NAT"), and each is funneled on the
+        // (docs/design.md, "Checksums through NAT"), and each is funneled on the
         // CPU that sent it, as plain UDP over a veth is handled, so that
         // an unpaced sender cannot outrun the CPU it hands them to.
         let count = 1000;

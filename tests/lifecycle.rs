@@ -361,7 +361,7 @@ fn attach_modes() -> Vec<&'static str> {
     }
 }
 
-/// A load that dies at each step (SFUNNEL_FAULT; README, "Lifecycle"), in
+/// A load that dies at each step (SFUNNEL_FAULT; docs/development.md), in
 /// each attach mode: first loads, reruns in place, and reruns that replace
 /// a program of another layout.  A normal load afterwards must leave
 /// exactly one working attachment, no stray filter, helper pair or pin.

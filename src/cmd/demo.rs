@@ -75,7 +75,7 @@ impl Topology {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        // Headroom for the 20-byte funnel header (README: MTU).
+        // Headroom for the 20-byte funnel header (docs/design.md: MTU guard).
         ip(&["-n", &t.client, "link", "set", "sfdemo-c", "mtu", "1480"])?;
         Ok(t)
     }

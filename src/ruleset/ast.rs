@@ -128,7 +128,7 @@ pub struct Match {
     pub proto: Proto,
     pub sport: Option<PortMatch>,
     pub dport: Option<PortMatch>,
-    /// `funneled`: the packet looks funneled (README, "funneled"): for TCP
+    /// `funneled`: the packet looks funneled (docs/rules.md, "Recognising funneled packets"): for TCP
     /// the funnel header's fixed fields, for UDP a plausible inner header.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub funneled: bool,
@@ -352,7 +352,7 @@ impl Match {
 
 /// What a rule looks at in a packet: the outer IP addresses (both of one
 /// family) and L4 ports, and whether the packet looks funneled (the
-/// datapath's test, bpf/detect.h; the README defines it).
+/// datapath's test, bpf/detect.h; docs/rules.md defines it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacketFields {
     pub saddr: IpAddr,

@@ -707,7 +707,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// The `funneled` match and `unfunnel auto`, by their definitions (README,
+// The `funneled` match and `unfunnel auto`, by their definitions (docs/rules.md,
 // "Recognising funneled packets")
 // ---------------------------------------------------------------------------
 

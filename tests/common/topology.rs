@@ -227,7 +227,7 @@ pub fn link_exists(ns: &str, name: &str) -> bool {
 
 /// The helper pair sfunnel makes for the attachment on the interface with
 /// index `ifindex` in `direction` (src/detour.rs): (the end GSO packets go
-/// out of, the end segments come in on).  Spelled here from the README,
+/// out of, the end segments come in on).  Spelled here from docs/design.md,
 /// not taken from the code.
 pub fn helper_pair(ifindex: u32, direction: &str) -> (String, String) {
     let d = &direction[..1];
