@@ -321,3 +321,38 @@ fn status_says_when_it_cannot_read() {
     assert_ne!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("Operation not permitted") && out.stderr.contains("CAP_SYS_ADMIN"), "{out:?}");
 }
+
+#[test]
+fn each_wait_for_a_missing_interface_is_a_warning() {
+    if !common::require_root("each_wait_for_a_missing_interface_is_a_warning") {
+        return;
+    }
+    let pod = Pod::new();
+    let late = format!("{}l", pod.a);
+    // An interface that comes after the first tries: a warning each wait,
+    // then the load.
+    let running = common::topology::spawn(&mut common::topology::sfunnel_cmd(
+        &["load", "--netns", &pod.ns, "-i", &late, "udp accept"],
+        &[("N_ATTEMPTS", "20"), ("RETRY_DELAY", "0.25")],
+    ));
+    std::thread::sleep(Duration::from_millis(700));
+    common::topology::nsh(&pod.ns, &["ip", "link", "add", &late, "type", "veth", "peer", "name", &format!("{late}p")])
+        .expect_ok();
+    let out = running.wait(Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out:?}");
+    let waits: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("warning: interface")).collect();
+    assert!(waits.len() >= 2, "a warning per wait: {out:?}");
+    for (i, w) in waits.iter().enumerate() {
+        assert!(w.contains(&format!("{late} not found (attempt {} of 20)", i + 1)), "{w}");
+    }
+    assert_eq!(pod.hooks(), [pod.pair(&late, "ingress")]);
+    // One that never comes: every wait said, then an error that says what
+    // to check.
+    let out = sfunnel(
+        &["load", "--netns", &pod.ns, "-i", "sfnosuch0", "udp accept"],
+        &[("N_ATTEMPTS", "3"), ("RETRY_DELAY", "0.1")],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stderr.matches("warning: interface sfnosuch0 not found").count(), 2, "{out:?}");
+    assert!(out.stderr.contains("after 3 attempts"), "{out:?}");
+}
