@@ -1233,9 +1233,9 @@ fn incompatible_pins_are_replaced() {
     let t = simple_topo();
     let p1 = load_ok(&t.client, &t.c_if, "egress", RULES_A);
     udp_exchange_ok(&t, 5, 1, &UDP_OVER_TCP);
-    let abi_before = attachment(t.ino(&t.client), &t.c_if, "egress").map(|a| a["error"].is_null());
+    let abi_before = attachment(t.ino(&t.client), &t.c_if, "egress").map(|a| a["problem"].is_null());
     common::topology::set_layout(&t.client, &t.c_if, "egress", 0);
-    let abi_after = attachment(t.ino(&t.client), &t.c_if, "egress").map(|a| a["error"].clone());
+    let abi_after = attachment(t.ino(&t.client), &t.c_if, "egress").map(|a| a["problem"].clone());
     // The segmentation detour's hook (RULES_A funnels on egress).
     let (_, seg_if) = helper_pair(ifindex(&t.client, &t.c_if), "egress");
     let detour_before = hook_prog_ids(&t.client, &seg_if, false);
@@ -1260,6 +1260,7 @@ fn incompatible_pins_are_replaced() {
     );
     let traffic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| udp_exchange_ok(&t, 5, 2, &UDP_OVER_TCP)));
     t.teardown();
+    assert_eq!(abi_before, Some(true), "status reads this layout's attachment without a problem");
     assert!(
         abi_after.as_ref().and_then(|e| e.as_str()).is_some_and(|e| e.contains("layout 0")),
         "status says the layout: {abi_after:?}"
@@ -1279,7 +1280,7 @@ fn incompatible_pins_are_replaced() {
     assert_ne!(detour_after, detour_before, "the new load's detour program replaced the old one");
     assert_eq!(detour_name.as_deref(), Some("sfunnel_detour"));
     assert_eq!(a["prog_id"].as_u64(), Some(u64::from(p2)));
-    assert!(a["error"].is_null(), "status reads the new pins: {}", a["error"]);
+    assert!(a["problem"].is_null(), "status reads the new pins: {}", a["problem"]);
     if let Err(e) = traffic {
         std::panic::resume_unwind(e);
     }

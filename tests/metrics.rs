@@ -151,7 +151,10 @@ fn metrics_of_a_live_attachment_parse_and_match_status() {
     let mut missed = base.to_vec();
     missed.push(("reason", "no_rule_matched"));
     assert!(one(&once.stdout, "sfunnel_passed_packets_total", &missed) >= 1);
-    assert_eq!(Some(one(&once.stdout, "sfunnel_passed_packets_total", &missed)), a["passed"]["no_rule_matched"].as_u64());
+    assert_eq!(
+        Some(one(&once.stdout, "sfunnel_passed_packets_total", &missed)),
+        a["passed"]["no_rule_matched"].as_u64()
+    );
     let prog = a["prog_id"].to_string();
     let mut info = base.to_vec();
     info.extend([("program_id", prog.as_str()), ("state", "live"), ("version", env!("CARGO_PKG_VERSION"))]);
