@@ -90,7 +90,7 @@ fn sh(args: &[&str]) {
 fn sfunnel(args: &[&str]) -> Output {
     let mut c = Command::new(BIN);
     c.args(args);
-    for k in ["SFUNNEL_RULESET", "IFACES", "DIRECTION", "NETNS", "CLEAN", "DEBUG", "N_ATTEMPTS", "RETRY_DELAY"] {
+    for k in sfunnel::cli::ENV_VARS {
         c.env_remove(k);
     }
     c.output().unwrap_or_else(|e| panic!("running {BIN}: {e}"))

@@ -50,23 +50,6 @@ pub const ROUTER_S_IP6: &str = "fd00:201:3::1";
 pub const SERVER_IP6: &str = "fd00:201:3::2";
 pub const SERVICE_IP6: &str = "fd00:201:2::1";
 
-/// Environment variables of the binary's container interface: cleared from
-/// every child so that the test's own environment cannot leak in.
-const SFUNNEL_ENV: [&str; 12] = [
-    "SFUNNEL_RULESET",
-    "IFACES",
-    "DIRECTION",
-    "NETNS",
-    "CLEAN",
-    "DEBUG",
-    "N_ATTEMPTS",
-    "RETRY_DELAY",
-    "OVER_MTU",
-    "DETOUR_RETURN",
-    "DETOUR_CPUS",
-    "SFUNNEL_BPFFS",
-];
-
 pub fn ip_str(a: [u8; 4]) -> String {
     format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
 }
@@ -237,7 +220,9 @@ pub fn helper_pair(ifindex: u32, direction: &str) -> (String, String) {
 pub fn sfunnel_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args);
-    for k in SFUNNEL_ENV {
+    // The container interface's variables: the test's own environment
+    // must not leak in.
+    for k in sfunnel::cli::ENV_VARS {
         c.env_remove(k);
     }
     for (k, v) in env {
