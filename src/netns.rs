@@ -5,12 +5,12 @@
 //! the pins live.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use nix::sched::{setns, CloneFlags};
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 
 /// Where `ip netns add NAME` puts its namespaces.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
@@ -31,7 +31,8 @@ pub fn enter(name: &str) -> Result<()> {
     let f = File::open(&path).with_context(|| {
         format!("opening the network namespace {} (does it exist? `ip netns list` shows named ones)", path.display())
     })?;
-    setns(&f, CloneFlags::CLONE_NEWNET)
+    move_into_link_name_space(f.as_fd(), Some(LinkNameSpaceType::Network))
+        .map_err(std::io::Error::from)
         .with_context(|| format!("entering the network namespace {} (needs CAP_SYS_ADMIN)", path.display()))
 }
 
