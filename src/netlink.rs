@@ -19,8 +19,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::{Context, Result};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE,
-    NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK, NLM_F_ACK_TLVS,
+    NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -213,11 +213,15 @@ impl Netlink {
             let (buf, _) = self.sock.recv_from_full()?;
             let mut rest = &buf[..];
             while !rest.is_empty() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest).map_err(invalid)?;
-                rest = rest.get((m.header.length as usize).next_multiple_of(4)..).unwrap_or_default();
-                if m.header.sequence_number != seq {
+                // The header first: a stray reply to another request is
+                // skipped unread.
+                let h = NetlinkBuffer::new_checked(rest).map_err(invalid)?;
+                let (this, mseq) = (&rest[..h.length() as usize], h.sequence_number());
+                rest = rest.get(this.len().next_multiple_of(4)..).unwrap_or_default();
+                if mseq != seq {
                     continue;
                 }
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(this).map_err(invalid)?;
                 match m.payload {
                     NetlinkPayload::Error(e) => {
                         return match e.code {
