@@ -78,7 +78,7 @@ fn median_ns(mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
+    if !rustix::process::geteuid().is_root() {
         eprintln!("the datapath benchmark loads BPF programs: run it as root");
         std::process::exit(1);
     }

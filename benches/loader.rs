@@ -38,7 +38,7 @@ fn sfunnel(ns: &str, args: &[&str]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    ensure!(nix::unistd::geteuid().is_root(), "the loader benchmark attaches programs: run it as root");
+    ensure!(rustix::process::geteuid().is_root(), "the loader benchmark attaches programs: run it as root");
     let ns = Netns(format!("sfbench-{}", std::process::id()));
     ip(&["netns", "add", &ns.0])?;
     ip(&["-n", &ns.0, "link", "add", "sfbench0", "type", "veth", "peer", "name", "sfbench1"])?;

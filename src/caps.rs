@@ -3,18 +3,12 @@
 
 use anyhow::{bail, Result};
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
+use rustix::thread::{capabilities, CapabilitySet};
 
-fn effective() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
+/// The calling thread's effective capabilities (capget(2)); none if the
+/// kernel will not say.
+fn effective() -> CapabilitySet {
+    capabilities(None).map_or(CapabilitySet::empty(), |c| c.effective)
 }
 
 /// What loading, attaching, unloading, `status` and `gc` need: BPF
@@ -23,19 +17,19 @@ fn effective() -> u64 {
 /// (CAP_SYS_ADMIN).
 pub fn require_for_load() -> Result<()> {
     let eff = effective();
-    let has = |c: u32| eff & (1u64 << c) != 0;
+    let has = |c: CapabilitySet| eff.contains(c);
     let mut missing = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+    if !has(CapabilitySet::BPF) && !has(CapabilitySet::SYS_ADMIN) {
         missing.push("CAP_BPF (or CAP_SYS_ADMIN on kernels before 5.8)");
     }
     // Without it the verifier refuses variable offsets into the packet.
-    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+    if !has(CapabilitySet::PERFMON) && !has(CapabilitySet::SYS_ADMIN) {
         missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
-    if !has(CAP_NET_ADMIN) {
+    if !has(CapabilitySet::NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
-    if !has(CAP_SYS_ADMIN) {
+    if !has(CapabilitySet::SYS_ADMIN) {
         missing.push("CAP_SYS_ADMIN (to find sfunnel's programs by id, and to enter network namespaces)");
     }
     if !missing.is_empty() {

@@ -24,7 +24,7 @@
 //! static binary needs no `ip` command on the host.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result};
 
@@ -62,14 +62,11 @@ pub fn parse_name(name: &str) -> Option<(Direction, u32)> {
     Some((d, num.parse().ok()?))
 }
 
-/// Whether the interface `index` called `name` is one of sfunnel's
-/// helpers: named as helpers are, and a veth that carries [`ALIAS`] (or,
-/// made by an earlier build, no alias at all).
-pub fn is_helper(name: &str, index: u32) -> bool {
-    parse_name(name).is_some()
-        && Netlink::open()
-            .and_then(|nl| Ok(nl.link(index)?))
-            .is_ok_and(|l| l.kind.as_deref() == Some("veth") && l.alias.as_deref().is_none_or(|a| a == ALIAS))
+/// Whether the interface `l` is one of sfunnel's helpers: named as
+/// helpers are, and a veth that carries [`ALIAS`] (or, made by an earlier
+/// build, no alias at all).
+pub fn is_helper(l: &Link) -> bool {
+    parse_name(&l.name).is_some() && l.kind.as_deref() == Some("veth") && l.alias.as_deref().is_none_or(|a| a == ALIAS)
 }
 
 /// Deletes this namespace's helper pairs whose interface is gone (its
@@ -77,13 +74,12 @@ pub fn is_helper(name: &str, index: u32) -> bool {
 /// detour program, and through it the attachment's maps, for nothing.
 /// Returns the pairs deleted.
 pub fn remove_orphans() -> Result<Vec<String>> {
-    let all = nix::net::if_::if_nameindex().context("listing the namespace's interfaces")?;
-    let links: Vec<(String, u32)> = all.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect();
-    let served: Vec<u32> = links.iter().filter(|(n, i)| !is_helper(n, *i)).map(|(_, i)| *i).collect();
+    let links = Netlink::open()?.links().context("listing the namespace's interfaces")?;
+    let served: Vec<u32> = links.iter().filter(|l| !is_helper(l)).map(|l| l.index).collect();
     let mut removed = Vec::new();
-    for (name, index) in &links {
-        let Some((d, dev)) = parse_name(name) else { continue };
-        if served.contains(&dev) || !is_helper(name, *index) {
+    for l in links.iter().filter(|l| is_helper(l)) {
+        let Some((d, dev)) = parse_name(&l.name) else { continue };
+        if served.contains(&dev) {
             continue;
         }
         if remove(dev, d)? {
@@ -102,7 +98,7 @@ pub struct Pair {
     pub inn: u32,
 }
 
-use crate::netlink::{index_of, Netlink};
+use crate::netlink::{index_of, Link, Netlink};
 
 /// The pair of the interface `ifindex`, if it exists whole: both names,
 /// each the other's peer.  (Asked of rtnetlink: /sys shows the namespace
@@ -226,9 +222,9 @@ pub fn complete_checksums(ifindex: u32, name: &str) -> Result<()> {
 
 /// One legacy ethtool ioctl on the interface `ifindex` that gets or sets a
 /// value (`struct ethtool_value`); returns the value after the call.  The
-/// socket is a netlink one: any socket takes device ioctls, and netlink
-/// ones close at once (src/netlink.rs).
-fn ethtool_value(ifindex: u32, cmd: u32, data: u32) -> io::Result<u32> {
+/// socket is the rtnetlink one that looked the name up: any socket takes
+/// device ioctls, and netlink ones close at once (src/netlink.rs).
+fn ethtool_value(ifindex: u32, cmd: u32, data: u32) -> Result<u32> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -237,22 +233,16 @@ fn ethtool_value(ifindex: u32, cmd: u32, data: u32) -> io::Result<u32> {
     let mut v = EthtoolValue { cmd, data };
     // SAFETY: ifreq is plain data; all zeroes is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = crate::netlink::name_of(ifindex).ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+    let nl = Netlink::open()?;
+    let name = nl.link(ifindex)?.name;
     for (d, b) in ifr.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
         *d = b as libc::c_char;
     }
     ifr.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
-    // SAFETY: plain socket(2); the fd is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: SIOCETHTOOL with an ifreq whose data points at an ethtool
     // value that outlives the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) } != 0 {
-        return Err(io::Error::last_os_error());
+    if unsafe { libc::ioctl(nl.as_fd().as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) } != 0 {
+        return Err(io::Error::last_os_error().into());
     }
     Ok(v.data)
 }

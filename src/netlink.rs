@@ -1,22 +1,30 @@
 //! rtnetlink, just enough of it: interfaces by name and index, and the
 //! helper veth pairs of the segmentation detour (src/detour.rs).
 //!
-//! Spoken directly (a few fixed messages), so that the static binary needs
-//! no `ip` command on the host.  Names and indexes are asked of rtnetlink,
-//! never through glibc's if_nametoindex: that opens and closes an AF_UNIX
-//! socket per call, and closing one waits for the kernel's unix socket
-//! garbage collector, which took 0.6 s per close in a TCG guest.
+//! Messages are built and parsed by netlink-packet-route and sent over a
+//! netlink-sys socket, synchronously, so that the static binary needs no
+//! `ip` command on the host.  Every request asks for its acknowledgement
+//! and waits for it; a refusal carries the kernel's own words (extended
+//! ack) when it gives any.  Each datagram is read whole, however long.
+//!
+//! Names and indexes are asked of rtnetlink, never through glibc's
+//! if_nametoindex: that opens and closes an AF_UNIX socket per call, and
+//! closing one waits for the kernel's unix socket garbage collector, which
+//! took 0.6 s per close in a TCG guest.
 
+use std::cell::Cell;
+use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::{Context, Result};
-use libc::{
-    IFLA_GSO_MAX_SEGS, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_MTU,
-    IFLA_QDISC,
+use netlink_packet_core::{
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK, NLM_F_ACK_TLVS,
+    NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
-/// linux/veth.h (not in the libc crate).
-const VETH_INFO_PEER: u16 = 1;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
 /// What `Netlink::link` reports.
 #[derive(Debug, Default)]
@@ -37,206 +45,233 @@ pub struct Link {
     pub alias: Option<String>,
 }
 
-/// A string attribute's value, without its NUL.
-fn attr_str(val: &[u8]) -> String {
-    String::from_utf8_lossy(val.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
+impl Link {
+    fn of(msg: LinkMessage) -> Link {
+        let mut link = Link { index: msg.header.index, ..Link::default() };
+        for a in msg.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n,
+                LinkAttribute::Link(p) => link.peer = Some(p),
+                LinkAttribute::LinkNetNsId(_) => link.peer_netns = true,
+                LinkAttribute::Qdisc(q) => link.qdisc = Some(q),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a),
+                LinkAttribute::LinkInfo(infos) => {
+                    link.kind = infos.into_iter().find_map(|i| match i {
+                        LinkInfo::Kind(k) => Some(k.to_string()),
+                        _ => None,
+                    })
+                }
+                _ => {}
+            }
+        }
+        link
+    }
 }
 
-/// The (type, payload) of each attribute in `buf`.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
+/// A request that failed: the error number, and what the kernel said of
+/// it (NLMSGERR_ATTR_MSG) if it said anything.
+#[derive(Debug)]
+pub struct Error {
+    io: io::Error,
+    said: Option<String>,
+}
+
+impl Error {
+    /// The errno, as `io::Error::raw_os_error` gives it.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.io.raw_os_error()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.said {
+            Some(s) => write!(f, "{} (the kernel says: {s})", self.io),
+            None => write!(f, "{}", self.io),
         }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff; // without NLA_F_NESTED / NET_BYTEORDER
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let val = &buf[4..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((ty, val))
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(io: io::Error) -> Error {
+        Error { io, said: None }
+    }
+}
+
+/// A reply the crate could not parse.
+fn invalid(e: impl fmt::Display) -> Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("an rtnetlink reply sfunnel cannot read: {e}")).into()
+}
+
+/// The NLMSGERR_ATTR_MSG of an NLMSG_ERROR whose header has `flags`;
+/// `after_code` is what follows its error code: the request's header
+/// (all of the request unless NLM_F_CAPPED), then the attributes.
+fn extack_msg(flags: u16, after_code: &[u8]) -> Option<String> {
+    const NLMSGERR_ATTR_MSG: u16 = 1; // linux/netlink.h
+    if flags & NLM_F_ACK_TLVS == 0 || after_code.len() < 4 {
+        return None;
+    }
+    let echoed =
+        if flags & NLM_F_CAPPED != 0 { 16 } else { u32::from_ne_bytes(after_code[..4].try_into().ok()?) as usize };
+    let tlvs = after_code.get(echoed.next_multiple_of(4)..)?;
+    NlasIterator::new(tlvs).map_while(|a| a.ok()).find(|a| a.kind() == NLMSGERR_ATTR_MSG).map(|a| {
+        let v = a.value();
+        String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
     })
 }
+
 /// veth's largest MTU: segments of any size the interface sends fit.
 const HELPER_MTU: u32 = 65535;
-const IFINFOMSG_LEN: usize = 16;
 
 pub struct Netlink {
-    fd: OwnedFd,
-    seq: std::cell::Cell<u32>,
+    sock: Socket,
+    seq: Cell<u32>,
 }
 
-/// Appends an attribute; `nest` writes its payload and returns nothing.
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
+impl AsFd for Netlink {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
 }
 
-fn nest(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    f(buf);
-    let len = (buf.len() - start) as u16;
-    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-    buf[start + 2..start + 4].copy_from_slice(&ty.to_ne_bytes());
-}
-
-fn ifinfomsg(buf: &mut Vec<u8>, index: u32, flags: u32, change: u32) {
-    let mut m = [0u8; IFINFOMSG_LEN];
-    m[0] = libc::AF_UNSPEC as u8;
-    m[4..8].copy_from_slice(&index.to_ne_bytes());
-    m[8..12].copy_from_slice(&flags.to_ne_bytes());
-    m[12..16].copy_from_slice(&change.to_ne_bytes());
-    buf.extend_from_slice(&m);
-}
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
+/// A link message that names the interface `index` and nothing else.
+fn link_msg(index: u32) -> LinkMessage {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    m
 }
 
 impl Netlink {
     pub fn open() -> Result<Netlink> {
-        // SAFETY: plain socket(2); the fd is owned right after.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
-        }
-        // SAFETY: fd is a new, valid descriptor that nothing else owns.
-        Ok(Netlink { fd: unsafe { OwnedFd::from_raw_fd(fd) }, seq: std::cell::Cell::new(1) })
+        let sock = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        // The kernel's words in errors, after the request's header alone.
+        // Kernels before 4.12 know neither: errors then carry the errno.
+        let _ = sock.set_ext_ack(true);
+        let _ = sock.set_cap_ack(true);
+        Ok(Netlink { sock, seq: Cell::new(1) })
     }
 
     /// Sends one request and waits for its acknowledgement.
-    fn request(&self, ty: u16, flags: u16, body: &[u8]) -> io::Result<()> {
-        self.exchange(ty, flags, body, |_, _| {})
+    fn request(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), Error> {
+        self.exchange(msg, flags, |_| {})
     }
 
     /// What rtnetlink says of the interface `index`.
-    pub fn link(&self, index: u32) -> io::Result<Link> {
-        let mut b = Vec::new();
-        ifinfomsg(&mut b, index, 0, 0);
-        self.get_link(&b)
+    pub fn link(&self, index: u32) -> Result<Link, Error> {
+        self.get_link(link_msg(index))
     }
 
     /// What rtnetlink says of the interface called `name` (ENODEV: none).
-    pub fn link_by_name(&self, name: &str) -> io::Result<Link> {
-        let mut b = Vec::new();
-        ifinfomsg(&mut b, 0, 0, 0);
-        attr(&mut b, IFLA_IFNAME, &cstr(name));
-        self.get_link(&b)
+    pub fn link_by_name(&self, name: &str) -> Result<Link, Error> {
+        let mut m = link_msg(0);
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        self.get_link(m)
     }
 
-    fn get_link(&self, request: &[u8]) -> io::Result<Link> {
+    fn get_link(&self, request: LinkMessage) -> Result<Link, Error> {
         let mut link = Link::default();
-        self.exchange(libc::RTM_GETLINK, 0, request, |mty, msg| {
-            if mty == libc::RTM_NEWLINK && msg.len() >= 16 + IFINFOMSG_LEN {
-                link.index = u32::from_ne_bytes(msg[20..24].try_into().unwrap());
-                for (ty, val) in attrs(&msg[16 + IFINFOMSG_LEN..]) {
-                    match ty {
-                        IFLA_IFNAME => link.name = attr_str(val),
-                        libc::IFLA_LINK if val.len() >= 4 => {
-                            link.peer = Some(u32::from_ne_bytes(val[..4].try_into().unwrap()))
-                        }
-                        IFLA_LINK_NETNSID => link.peer_netns = true,
-                        IFLA_QDISC => link.qdisc = Some(attr_str(val)),
-                        libc::IFLA_IFALIAS => link.alias = Some(attr_str(val)),
-                        IFLA_LINKINFO => {
-                            link.kind = attrs(val).find(|&(t, _)| t == IFLA_INFO_KIND).map(|(_, v)| attr_str(v))
-                        }
-                        _ => {}
-                    }
-                }
+        self.exchange(RouteNetlinkMessage::GetLink(request), 0, |m| {
+            if let RouteNetlinkMessage::NewLink(m) = m {
+                link = Link::of(m);
             }
         })?;
         Ok(link)
     }
 
-    /// Sends one request, hands every reply message to `each` (type,
-    /// whole message) and returns at its acknowledgement.
-    fn exchange(&self, ty: u16, flags: u16, body: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
-        let seq = self.seq.get();
-        self.seq.set(seq + 1);
-        let mut msg = Vec::with_capacity(16 + body.len());
-        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&ty.to_ne_bytes());
-        msg.extend_from_slice(&(flags | (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-        msg.extend_from_slice(&seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(body);
-        // SAFETY: msg is a valid buffer of its length.
-        if unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 8192];
-        loop {
-            // SAFETY: buf is a valid, writable buffer of its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
+    /// Every interface of the namespace, by index.
+    pub fn links(&self) -> Result<Vec<Link>, Error> {
+        let mut links = Vec::new();
+        self.exchange(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP, |m| {
+            if let RouteNetlinkMessage::NewLink(m) = m {
+                links.push(Link::of(m));
             }
-            let mut off = 0usize;
-            while off + 16 <= n as usize {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-                let mty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap());
-                if len < 16 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink message"));
+        })?;
+        Ok(links)
+    }
+
+    /// Sends one request, hands every reply message to `each` and returns
+    /// at its acknowledgement (or, for a dump, at its end).
+    fn exchange(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), Error> {
+        let seq = self.seq.get();
+        self.seq.set(seq.wrapping_add(1));
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        req.finalize();
+        let mut buf = vec![0; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+        loop {
+            let (buf, _) = self.sock.recv_from_full()?;
+            let mut rest = &buf[..];
+            while !rest.is_empty() {
+                // The header first: a stray reply to another request is
+                // skipped unread.
+                let h = NetlinkBuffer::new_checked(rest).map_err(invalid)?;
+                let (this, mseq) = (&rest[..h.length() as usize], h.sequence_number());
+                rest = rest.get(this.len().next_multiple_of(4)..).unwrap_or_default();
+                if mseq != seq {
+                    continue;
                 }
-                if mseq == seq {
-                    if mty == libc::NLMSG_ERROR as u16 && off + 20 <= n as usize {
-                        let err = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
-                        return if err == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-err)) };
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(this).map_err(invalid)?;
+                match m.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(()),
+                            Some(_) => Err(Error { io: e.to_io(), said: extack_msg(m.header.flags, &e.header) }),
+                        }
                     }
-                    each(mty, &buf[off..(off + len).min(n as usize)]);
+                    NetlinkPayload::Done(d) if d.code != 0 => {
+                        return Err(io::Error::from_raw_os_error(-d.code).into());
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::InnerMessage(m) => each(m),
+                    _ => {}
                 }
-                off += len.next_multiple_of(4);
             }
         }
     }
 
     /// Both ends down, with the largest MTU; `out` with gso_max_segs 1.
-    pub fn create_pair(&self, out: &str, inn: &str) -> io::Result<()> {
-        let mut b = Vec::new();
-        ifinfomsg(&mut b, 0, 0, 0);
-        attr(&mut b, IFLA_IFNAME, &cstr(out));
-        attr(&mut b, IFLA_MTU, &HELPER_MTU.to_ne_bytes());
-        attr(&mut b, IFLA_GSO_MAX_SEGS, &1u32.to_ne_bytes());
-        nest(&mut b, IFLA_LINKINFO, |b| {
-            attr(b, IFLA_INFO_KIND, b"veth");
-            nest(b, IFLA_INFO_DATA, |b| {
-                nest(b, VETH_INFO_PEER, |b| {
-                    ifinfomsg(b, 0, 0, 0);
-                    attr(b, IFLA_IFNAME, &cstr(inn));
-                    attr(b, IFLA_MTU, &HELPER_MTU.to_ne_bytes());
-                });
-            });
-        });
-        self.request(libc::RTM_NEWLINK, (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16, &b)
+    pub fn create_pair(&self, out: &str, inn: &str) -> Result<(), Error> {
+        let mut peer = LinkMessage::default();
+        peer.attributes = vec![LinkAttribute::IfName(inn.into()), LinkAttribute::Mtu(HELPER_MTU)];
+        let mut m = LinkMessage::default();
+        m.attributes = vec![
+            LinkAttribute::IfName(out.into()),
+            LinkAttribute::Mtu(HELPER_MTU),
+            LinkAttribute::GsoMaxSegs(1),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Veth),
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+            ]),
+        ];
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
     }
 
     pub fn set_up(&self, index: u32) -> Result<()> {
-        let mut b = Vec::new();
-        let up = libc::IFF_UP as u32;
-        ifinfomsg(&mut b, index, up, up);
-        self.request(libc::RTM_NEWLINK, 0, &b).with_context(|| format!("setting helper interface {index} up"))
+        let mut m = link_msg(index);
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::NewLink(m), 0).with_context(|| format!("setting helper interface {index} up"))
     }
 
     pub fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
-        let mut b = Vec::new();
-        ifinfomsg(&mut b, index, 0, 0);
-        attr(&mut b, libc::IFLA_IFALIAS, alias.as_bytes());
-        self.request(libc::RTM_NEWLINK, 0, &b).with_context(|| format!("naming helper interface {index}"))
+        let mut m = link_msg(index);
+        m.attributes.push(LinkAttribute::IfAlias(alias.into()));
+        self.request(RouteNetlinkMessage::NewLink(m), 0).with_context(|| format!("naming helper interface {index}"))
     }
 
-    pub fn delete(&self, index: u32) -> io::Result<()> {
-        let mut b = Vec::new();
-        ifinfomsg(&mut b, index, 0, 0);
-        self.request(libc::RTM_DELLINK, 0, &b)
+    pub fn delete(&self, index: u32) -> Result<(), Error> {
+        self.request(RouteNetlinkMessage::DelLink(link_msg(index)), 0)
     }
 }
 
@@ -248,4 +283,40 @@ pub fn index_of(name: &str) -> Option<u32> {
 /// The name of the interface with index `index` in this namespace.
 pub fn name_of(index: u32) -> Option<String> {
     Netlink::open().ok()?.link(index).ok().map(|l| l.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An NLMSG_ERROR's payload after its code: the request's header, then
+    /// NLMSGERR_ATTR_MSG.
+    fn after_code(echoed: &[u8], msg: &[u8]) -> Vec<u8> {
+        let mut b = echoed.to_vec();
+        b.resize(b.len().next_multiple_of(4), 0);
+        b.extend_from_slice(&((4 + msg.len()) as u16).to_ne_bytes());
+        b.extend_from_slice(&1u16.to_ne_bytes());
+        b.extend_from_slice(msg);
+        b.resize(b.len().next_multiple_of(4), 0);
+        b
+    }
+
+    #[test]
+    fn extack_text_is_read_after_a_capped_or_whole_request() {
+        let capped = after_code(&[0; 16], b"Unknown device type\0");
+        assert_eq!(extack_msg(NLM_F_ACK_TLVS | NLM_F_CAPPED, &capped).as_deref(), Some("Unknown device type"));
+        let mut whole_req = 22u32.to_ne_bytes().to_vec();
+        whole_req.resize(22, 7);
+        let whole = after_code(&whole_req, b"Link already exists\0");
+        assert_eq!(extack_msg(NLM_F_ACK_TLVS, &whole).as_deref(), Some("Link already exists"));
+        assert_eq!(extack_msg(NLM_F_CAPPED, &capped), None, "no NLM_F_ACK_TLVS: no text");
+        assert_eq!(extack_msg(NLM_F_ACK_TLVS | NLM_F_CAPPED, &[0; 16]), None);
+    }
+
+    #[test]
+    fn an_error_shows_the_kernels_words() {
+        let e = Error { io: io::Error::from_raw_os_error(95), said: Some("Unknown device type".into()) };
+        assert_eq!(e.raw_os_error(), Some(95));
+        assert!(e.to_string().ends_with("(the kernel says: Unknown device type)"), "{e}");
+    }
 }

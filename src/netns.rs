@@ -5,12 +5,12 @@
 //! the pins live.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use nix::sched::{setns, CloneFlags};
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 
 /// Where `ip netns add NAME` puts its namespaces.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
@@ -31,7 +31,8 @@ pub fn enter(name: &str) -> Result<()> {
     let f = File::open(&path).with_context(|| {
         format!("opening the network namespace {} (does it exist? `ip netns list` shows named ones)", path.display())
     })?;
-    setns(&f, CloneFlags::CLONE_NEWNET)
+    move_into_link_name_space(f.as_fd(), Some(LinkNameSpaceType::Network))
+        .map_err(std::io::Error::from)
         .with_context(|| format!("entering the network namespace {} (needs CAP_SYS_ADMIN)", path.display()))
 }
 
@@ -61,15 +62,10 @@ pub fn current() -> Result<Id> {
 /// The cookie of the calling thread's network namespace: a socket made
 /// here belongs to it (SO_NETNS_COOKIE, Linux 5.14).
 pub fn current_cookie() -> Result<u64> {
-    // SAFETY: plain socket(2); the fd is owned right after.
     // A netlink socket: an AF_UNIX one's close can wait for the kernel's
     // unix socket garbage collector (src/netlink.rs).
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a socket to read the namespace's cookie");
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let fd = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+        .context("opening a socket to read the namespace's cookie")?;
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt into a u64 of `len` bytes that outlives the call.

@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::attach::Direction;
 use crate::log::event;
@@ -52,7 +54,7 @@ pub fn root() -> PathBuf {
 fn is_bpffs(p: &Path) -> bool {
     // f_type's width differs across architectures.
     #[allow(clippy::unnecessary_cast)]
-    nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    rustix::fs::statfs(p).is_ok_and(|s| s.f_type as i64 == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs at the mount point, root's alone (mode 0700), if nothing
@@ -64,15 +66,15 @@ pub fn ensure_bpffs() -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
-    nix::mount::mount(Some("bpf"), &mnt, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700")).with_context(
-        || {
+    rustix::mount::mount("bpf", &mnt, "bpf", rustix::mount::MountFlags::empty(), c"mode=0700")
+        .map_err(io::Error::from)
+        .with_context(|| {
             format!(
                 "{} is not a BPF filesystem and mounting one there failed: mount it with \
                  `mount -t bpf -o mode=0700 bpf {0}` (in Kubernetes, mount the host's /sys/fs/bpf as a hostPath)",
                 mnt.display()
             )
-        },
-    )?;
+        })?;
     if !is_bpffs(&mnt) {
         bail!("{} is still not a BPF filesystem after mounting one", mnt.display());
     }
@@ -204,13 +206,11 @@ impl Tree {
         let path = root();
         match fs::symlink_metadata(&path) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match nix::unistd::mkdir(&path, nix::sys::stat::Mode::S_IRWXU) {
-                    Ok(()) => event!("tree_created", path = path.display()),
-                    Err(nix::errno::Errno::EEXIST) => {}
-                    Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match rustix::fs::mkdir(&path, Mode::RWXU) {
+                Ok(()) => event!("tree_created", path = path.display()),
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(io::Error::from(e)).with_context(|| format!("creating {}", path.display())),
+            },
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
         Self::open_at(path)?.context("sfunnel's directory vanished while it was being opened")
@@ -222,26 +222,21 @@ impl Tree {
     }
 
     fn open_at(path: PathBuf) -> Result<Option<Tree>> {
-        let fd = match nix::fcntl::open(
-            &path,
-            nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        ) {
+        let fd = match rustix::fs::open(&path, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT) => return Ok(None),
-            Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => {
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::LOOP | Errno::NOTDIR) => {
                 let meta = fs::symlink_metadata(&path)?;
                 check_entry(&path, &meta)?;
                 bail!("{} is not a directory: remove it and run again", path.display());
             }
-            Err(nix::errno::Errno::EACCES) => bail!(
+            Err(Errno::ACCESS) => bail!(
                 "{} is root's alone: run sfunnel as root (or with CAP_DAC_OVERRIDE besides its other capabilities)",
                 path.display()
             ),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            Err(e) => return Err(io::Error::from(e)).with_context(|| format!("opening {}", path.display())),
         };
-        // SAFETY: a new descriptor that nothing else owns.
-        let dir = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let dir = File::from(fd);
         let meta = dir.metadata()?;
         check_entry(&path, &meta)?;
         if meta.mode() & 0o077 != 0 {
@@ -289,17 +284,15 @@ impl Tree {
         let started = Instant::now();
         let mut said = false;
         loop {
-            // SAFETY: flock on a valid, owned descriptor; never blocks.
-            let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                if said {
-                    eprintln!("sfunnel: got the lock after {:.1} s", started.elapsed().as_secs_f64());
+            match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    if said {
+                        eprintln!("sfunnel: got the lock after {:.1} s", started.elapsed().as_secs_f64());
+                    }
+                    return Ok(Lock { _file: fd });
                 }
-                return Ok(Lock { _file: fd });
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(e).with_context(|| format!("locking {}", self.path.display()));
+                Err(Errno::WOULDBLOCK) => {}
+                Err(e) => return Err(io::Error::from(e)).with_context(|| format!("locking {}", self.path.display())),
             }
             if started.elapsed() >= timeout {
                 bail!(
@@ -370,9 +363,9 @@ impl Tree {
     pub fn pin_link(&self, key: &LinkKey, link: BorrowedFd<'_>) -> Result<()> {
         let dir = self.netns_dir(key.netns_cookie);
         for d in [self.path.join(TCX), dir] {
-            match nix::unistd::mkdir(&d, nix::sys::stat::Mode::S_IRWXU) {
-                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+            match rustix::fs::mkdir(&d, Mode::RWXU) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io::Error::from(e)).with_context(|| format!("creating {}", d.display())),
             }
         }
         let path = self.link_path(key);

@@ -13,11 +13,10 @@
 //! the helper's.  So the mask is written through a sysfs of the helper's
 //! namespace that is mounted nowhere (`detached_sysfs`).
 
-use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -141,10 +140,10 @@ pub fn set(name: &str, ifindex: u32, cpus: &DetourCpus) -> Result<String> {
     let list = cpus.cpus()?;
     let mask = rps_mask(&list);
     let written = match detached_sysfs() {
-        Ok(root) => write_queues(root.as_raw_fd(), "", name, &mask),
+        Ok(root) => write_queues(root.as_fd(), "", name, &mask),
         // No mounting here (a container's seccomp profile, say): /sys
         // will do if it shows this namespace, as a container's does.
-        Err(_) if shows_us(name, ifindex) => write_queues(libc::AT_FDCWD, "/sys/", name, &mask),
+        Err(_) if shows_us(name, ifindex) => write_queues(rustix::fs::CWD, "/sys/", name, &mask),
         Err(e) => Err(anyhow!(e).context("mounting a sysfs of the helper's namespace")),
     };
     written.map(|()| cpulist(&list)).map_err(|e| {
@@ -167,35 +166,10 @@ pub fn set(name: &str, ifindex: u32, cpus: &DetourCpus) -> Result<String> {
 /// mount namespace sees it, and no mount point is needed (a chroot has
 /// none to spare).
 fn detached_sysfs() -> io::Result<OwnedFd> {
-    // linux/mount.h
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    let fd = |rc: libc::c_long| -> io::Result<OwnedFd> {
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: rc is a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
-    };
-    // SAFETY: fsopen(2) with a NUL-terminated filesystem name.
-    let fs = fd(unsafe { libc::syscall(libc::SYS_fsopen, c"sysfs".as_ptr(), FSOPEN_CLOEXEC) })?;
-    // SAFETY: fsconfig(2) CREATE takes no key, value or aux.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_void>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fsmount(2) on the configured context, no attributes.
-    fd(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) })
+    use rustix::mount::{fsconfig_create, fsmount, fsopen, FsMountFlags, FsOpenFlags, MountAttrFlags};
+    let fs = fsopen("sysfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_create(&fs)?;
+    Ok(fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?)
 }
 
 /// Whether `/sys/class/net/<name>` is the interface `ifindex` of the
@@ -207,23 +181,16 @@ fn shows_us(name: &str, ifindex: u32) -> bool {
 
 /// Writes `mask` to rps_cpus of every receive queue of `name`, under
 /// `base` (a sysfs root: "" from the directory `dir`, or "/sys/").
-fn write_queues(dir: RawFd, base: &str, name: &str, mask: &str) -> Result<()> {
+fn write_queues(dir: BorrowedFd<'_>, base: &str, name: &str, mask: &str) -> Result<()> {
+    use rustix::fs::{openat, Mode, OFlags};
     let mut n = 0;
     loop {
         let rel = format!("{base}class/net/{name}/queues/rx-{n}/rps_cpus");
-        let path = CString::new(rel.as_str())?;
-        // SAFETY: openat(2) with a NUL-terminated path; `dir` is a
-        // descriptor the caller holds open, or AT_FDCWD.
-        let f = unsafe { libc::openat(dir, path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if f < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::NotFound {
-                break;
-            }
-            return Err(e).with_context(|| format!("opening {rel}"));
-        }
-        // SAFETY: f is a new descriptor that nothing else owns.
-        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(f) });
+        let mut f = match openat(dir, rel.as_str(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(f) => File::from(f),
+            Err(rustix::io::Errno::NOENT) => break,
+            Err(e) => return Err(io::Error::from(e)).with_context(|| format!("opening {rel}")),
+        };
         match f.write_all(mask.as_bytes()) {
             Ok(()) => n += 1,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => bail!(

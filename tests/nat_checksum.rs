@@ -574,7 +574,7 @@ fn helper_rx(ns: &str, dev: &str) -> u64 {
 
 /// (major, minor) of the running kernel.
 fn kernel_version() -> (u32, u32) {
-    let r = nix::sys::utsname::uname().expect("uname").release().to_string_lossy().into_owned();
+    let r = rustix::system::uname().release().to_string_lossy().into_owned();
     let mut it = r.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse().ok());
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }

@@ -22,13 +22,8 @@ fn interfaces(args: &TargetArgs) -> Result<Vec<String>> {
     }
     // The namespace's own interfaces (not /sys/class/net, which shows the
     // namespace sysfs was mounted in).
-    let all = nix::net::if_::if_nameindex().context("listing the namespace's interfaces")?;
-    Ok(all
-        .iter()
-        .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
-        .filter(|(n, i)| !crate::detour::is_helper(n, *i))
-        .map(|(n, _)| n)
-        .collect())
+    let all = crate::netlink::Netlink::open()?.links().context("listing the namespace's interfaces")?;
+    Ok(all.into_iter().filter(|l| !crate::detour::is_helper(l)).map(|l| l.name).collect())
 }
 
 /// Enters the namespace; the targets, each interface waited for

@@ -139,7 +139,7 @@ fn open(iface: &str) -> std::io::Result<OwnedFd> {
     setopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(64i32 << 20))?;
     let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
     setopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
-    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(std::io::Error::from)?;
+    let ifindex = sfunnel::netlink::index_of(iface).ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENODEV))?;
     // SAFETY: an all-zero sockaddr_ll is valid; fields set below.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;

@@ -23,7 +23,7 @@ use rng::Rng;
 /// returns false and the caller returns early: a skip is never silent.
 #[must_use]
 pub fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
+    if rustix::process::geteuid().is_root() {
         return true;
     }
     let allow = std::env::var("SFUNNEL_ALLOW_SKIP").is_ok_and(|v| v == "1");

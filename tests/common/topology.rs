@@ -316,8 +316,7 @@ pub fn set_layout(ns: &str, iface: &str, direction: &str, abi: u32) {
 /// Moves the calling thread into the named network namespace.
 pub fn enter_ns(ns: &str) {
     let path = format!("{NETNS_DIR}/{ns}");
-    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+    sfunnel::netns::enter(&path).unwrap_or_else(|e| panic!("setns {path}: {e:#}"));
 }
 
 /// Runs `f` on a new thread inside `ns` and returns its result.  Sockets
@@ -340,7 +339,7 @@ pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + '
 pub fn tcx_prog_ids(ns: &str, iface: &str, egress: bool) -> Vec<u32> {
     let iface = iface.to_string();
     in_ns(ns, move || {
-        let ifindex = nix::net::if_::if_nametoindex(iface.as_str()).expect("interface index");
+        let ifindex = sfunnel::netlink::index_of(&iface).expect("interface index");
         let mut ids = [0u32; 64];
         let mut opts = libbpf_sys::bpf_prog_query_opts {
             sz: std::mem::size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
