@@ -469,8 +469,8 @@ fn a_load_over_several_targets_changes_all_or_none() {
                     && a["direction"] == "egress"
                     && a["netns"].as_str().is_some_and(|n| n.ends_with(&pod.p))
             })
-            .flat_map(|a| a["ruleset"].as_array().cloned().unwrap_or_default())
-            .filter_map(|r| r.as_str().map(str::to_string))
+            .flat_map(|a| a["rules"].as_array().cloned().unwrap_or_default())
+            .filter_map(|r| r["text"].as_str().map(str::to_string))
             .collect()
     };
     // A first load that fails at the second switch: the first target is
