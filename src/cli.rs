@@ -264,17 +264,21 @@ pub const ENV_VARS: &[&str] = &[
     "SFUNNEL_BPFFS",
 ];
 
-/// Reads the environment as 0.0.11's entrypoint did: a variable set to
-/// nothing (or only blanks) is unset, and IFACES is a list split on any
-/// whitespace.  Called once at start, before any thread exists.
+/// Reads the environment as 0.0.11's entrypoint did (`${VAR:-default}`):
+/// a variable set to the empty string is unset.  IFACES is a list split on
+/// any whitespace (blanks alone: unset, every interface).  Any other value
+/// is taken as it is, so `DIRECTION=" "` is a usage error, and
+/// `SFUNNEL_RULESET=" "` a ruleset with no rules.  Called once at start,
+/// before any thread exists.
 pub fn normalize_env() {
     for var in ENV_VARS {
         let Some(v) = std::env::var_os(var) else { continue };
         let v = v.to_string_lossy().into_owned();
-        if v.trim().is_empty() {
+        let v = if *var == "IFACES" { v.split_whitespace().collect::<Vec<_>>().join(" ") } else { v };
+        if v.is_empty() {
             std::env::remove_var(var);
-        } else if *var == "IFACES" {
-            std::env::set_var(var, v.split_whitespace().collect::<Vec<_>>().join(" "));
+        } else {
+            std::env::set_var(var, v);
         }
     }
 }

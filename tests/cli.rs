@@ -132,12 +132,12 @@ fn an_empty_ruleset_variable_falls_back_to_the_file() {
         assert_eq!(out.code, 1, "no ruleset anywhere is an error, not an empty ruleset: {out:?}");
         assert!(out.stderr.contains("no ruleset to check") && out.stderr.contains("/etc/sfunnel/ruleset"), "{out:?}");
     }
-    // Blanks only count as empty for the settings, as a list for IFACES.
+    // An empty setting is its default; blanks are a value, and a bad one.
     for var in ["DIRECTION", "N_ATTEMPTS", "RETRY_DELAY", "DEBUG", "OVER_MTU", "SFUNNEL_LOCK_TIMEOUT"] {
         let out = sfunnel(&["load", "-i", "x", "tcp dport 70000 accept"], &[(var, "")]);
         assert_eq!(out.code, 2, "{var}=\"\" is its default, so the ruleset's error is what stops the load: {out:?}");
-        let out = sfunnel(&["load", "-i", "x", "tcp dport 70000 accept"], &[(var, " \t")]);
-        assert_eq!(out.code, 2, "{var}=blanks: {out:?}");
+        let out = sfunnel(&["load", "-i", "x", "tcp dport 70000 accept"], &[(var, " ")]);
+        assert_eq!(out.code, 64, "{var}=\" \" is a usage error: {out:?}");
     }
 }
 
@@ -355,4 +355,42 @@ fn each_wait_for_a_missing_interface_is_a_warning() {
     assert_eq!(out.code, 1, "{out:?}");
     assert_eq!(out.stderr.matches("warning: interface sfnosuch0 not found").count(), 2, "{out:?}");
     assert!(out.stderr.contains("after 3 attempts"), "{out:?}");
+}
+
+#[test]
+fn an_empty_ruleset_variable_reads_the_default_file() {
+    if !common::require_root("an_empty_ruleset_variable_reads_the_default_file") {
+        return;
+    }
+    // /etc/sfunnel/ruleset written in a mount namespace of the test's own,
+    // on a copy of /etc in a tmpfs, so that the machine's /etc is never
+    // touched (an overlay would not take every root filesystem, 9p say).
+    let host_file = std::path::Path::new(sfunnel::cli::DEFAULT_RULESET_FILE);
+    let host_before = std::fs::read(host_file).ok();
+    let t = std::env::temp_dir().join(format!("sfunnel-cli-etc-{}", std::process::id()));
+    std::fs::create_dir_all(&t).unwrap();
+    let script = format!(
+        "set -e; t={}; mount -t tmpfs none $t; cp -a /etc/. $t/; mount --bind $t /etc; \
+         mkdir -p /etc/sfunnel; echo 'tcp dport 7 actions accept' > /etc/sfunnel/ruleset; \
+         echo '--- empty'; SFUNNEL_RULESET= {BIN} check; \
+         echo '--- blanks'; SFUNNEL_RULESET=' ' {BIN} check; \
+         echo '--- set'; SFUNNEL_RULESET='udp dport 9 actions drop' {BIN} check",
+        t.display()
+    );
+    let out = run(
+        std::process::Command::new("unshare").args(["--mount", "--propagation", "private", "bash", "-c", &script]),
+        Duration::from_secs(30),
+    );
+    let _ = std::fs::remove_dir(&t);
+    assert!(out.ok(), "{out:?}");
+    let parts: Vec<&str> = out.stdout.split("--- ").skip(1).collect();
+    assert_eq!(parts.len(), 3, "{out:?}");
+    assert!(
+        parts[0].contains("tcp dport 7 actions accept") && parts[0].contains("from /etc/sfunnel/ruleset"),
+        "{out:?}"
+    );
+    // Blanks only are a ruleset with no rules, given on purpose.
+    assert!(parts[1].contains("# 0 rules from $SFUNNEL_RULESET"), "{out:?}");
+    assert!(parts[2].contains("udp dport 9 actions drop") && parts[2].contains("from $SFUNNEL_RULESET"), "{out:?}");
+    assert_eq!(std::fs::read(host_file).ok(), host_before, "the host's {} is untouched", host_file.display());
 }
