@@ -43,7 +43,7 @@ FROM scratch
 
 LABEL org.opencontainers.image.title="sfunnel" \
       org.opencontainers.image.description="Multi-port session affinity for Kubernetes with eBPF: one static binary" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0 AND (GPL-2.0-only OR BSD-2-Clause)"
 
 COPY --from=build /sfunnel /sfunnel
 

@@ -315,7 +315,8 @@ pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
 pub fn select(list: Vec<Attachment>, filter: &Filter) -> Result<Vec<Attachment>> {
     let netns = match &filter.netns {
         None => None,
-        Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+        // All digits: a cookie, unless a namespace has that name.
+        Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && !crate::netns::path_of(n).exists() => {
             Some((n.parse::<u64>().context("a namespace cookie")?, None))
         }
         Some(n) => {
