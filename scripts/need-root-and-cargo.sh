@@ -9,6 +9,9 @@
 # - as `sudo scripts/…`: the toolchain of $SUDO_USER is found in that
 #   user's ~/.cargo/bin (and ~/.rustup).
 #
+# Run as root on a user's behalf, it gives back to that user what the run
+# wrote into the user's clone and toolchain.
+#
 # When root or cargo cannot be had, it says what is needed and how to get
 # it, and exits 1.  SFUNNEL_ENTRY_DRY_RUN=1 stops once both are found,
 # saying what it found, before anything is installed or built.
@@ -93,6 +96,22 @@ EOF
   if [ "$(printf '%s\n' "$SFUNNEL_MIN_RUST" "${version%%-*}" | sort -V | head -n 1)" != "$SFUNNEL_MIN_RUST" ]; then
     echo "$name: cargo $version at $(command -v cargo) is too old: sfunnel needs Rust $SFUNNEL_MIN_RUST or newer (rustup update stable)" >&2
     exit 1
+  fi
+  # Root on behalf of a user (sudo): what the run writes into the user's
+  # clone (target/, vmtest/cache) and toolchain (CARGO_HOME, RUSTUP_HOME)
+  # would stay root's and break the user's next cargo build.  The script
+  # runs as a child, and then those files are handed back to the user.
+  local owner=${SUDO_UID:-}
+  if [ -n "$owner" ] && [ "$owner" != 0 ] && [ -z "${SFUNNEL_OWNER_CHILD:-}" ]; then
+    local repo group=${SUDO_GID:-$owner} rc=0 d
+    repo=$(cd "$(dirname "$script")/.." && pwd)
+    SFUNNEL_OWNER_CHILD=1 "$script" "$@" || rc=$?
+    for d in "$repo" ${CARGO_HOME:+"$CARGO_HOME"} ${RUSTUP_HOME:+"$RUSTUP_HOME"}; do
+      if [ -d "$d" ] && [ "$(stat -c %u "$d")" = "$owner" ]; then
+        find "$d" -xdev -uid 0 -exec chown -h "$owner:$group" {} + 2>/dev/null || true
+      fi
+    done
+    exit "$rc"
   fi
   if [ "${SFUNNEL_ENTRY_DRY_RUN:-0}" = 1 ]; then
     echo "$name: dry run: root (uid $(id -u)${SUDO_USER:+, by sudo from $SUDO_USER}), cargo $version at $(command -v cargo)," \

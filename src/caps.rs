@@ -41,3 +41,15 @@ pub fn require_for_load() -> Result<()> {
     }
     Ok(())
 }
+
+/// What reading sfunnel's programs and maps needs (`status`, `metrics`):
+/// CAP_SYS_ADMIN, without which the kernel opens no BPF object by its id.
+pub fn require_for_read() -> Result<()> {
+    if !effective().contains(CapabilitySet::SYS_ADMIN) {
+        bail!(
+            "missing privileges: CAP_SYS_ADMIN (to find sfunnel's programs and maps by their ids). Run as root, or \
+             grant it"
+        );
+    }
+    Ok(())
+}

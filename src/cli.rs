@@ -97,13 +97,24 @@ pub struct TargetArgs {
     pub lock: LockArgs,
 }
 
+/// A number of seconds, from 0 to a day: more is a usage error, not a
+/// panic when it becomes a `Duration`.
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("{e}: give seconds, such as 3 or 0.5"))?;
+    if (0.0..=86_400.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 86400 seconds"))
+    }
+}
+
 /// How long to wait for another sfunnel on the node.
 #[derive(Debug, Args)]
 pub struct LockArgs {
     /// Seconds to wait for the lock that every sfunnel on the node shares
     /// (another load, unload or gc holds it), before giving up with an
     /// error that names who holds it.
-    #[arg(long, env = "SFUNNEL_LOCK_TIMEOUT", value_name = "SECONDS", default_value_t = 30.0)]
+    #[arg(long, env = "SFUNNEL_LOCK_TIMEOUT", value_name = "SECONDS", default_value_t = 30.0, value_parser = seconds)]
     pub lock_timeout: f64,
 }
 
@@ -130,7 +141,7 @@ pub struct LoadArgs {
     pub attempts: u32,
 
     /// Seconds between those tries.
-    #[arg(long, env = "RETRY_DELAY", default_value_t = 3.0)]
+    #[arg(long, env = "RETRY_DELAY", default_value_t = 3.0, value_parser = seconds)]
     pub retry_delay: f64,
 
     /// A packet that funneled would exceed the MTU: `drop` it (telling a
@@ -179,7 +190,7 @@ pub struct GcArgs {
 }
 
 /// Which attachments `status` and `metrics` show.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Filter {
     /// Only attachments on this interface; repeat for more.
     #[arg(short, long = "iface", value_name = "IFACE")]
@@ -203,7 +214,7 @@ pub struct StatusArgs {
 
     /// Print again every this many seconds, until interrupted; with
     /// --json, one compact document per line (JSON Lines).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     pub interval: Option<f64>,
 
     #[command(flatten)]
@@ -273,12 +284,15 @@ pub const ENV_VARS: &[&str] = &[
 pub fn normalize_env() {
     for var in ENV_VARS {
         let Some(v) = std::env::var_os(var) else { continue };
-        let v = v.to_string_lossy().into_owned();
-        let v = if *var == "IFACES" { v.split_whitespace().collect::<Vec<_>>().join(" ") } else { v };
-        if v.is_empty() {
+        if *var == "IFACES" {
+            let list = v.to_string_lossy().split_whitespace().collect::<Vec<_>>().join(" ");
+            if list.is_empty() {
+                std::env::remove_var(var);
+            } else {
+                std::env::set_var(var, list);
+            }
+        } else if v.is_empty() {
             std::env::remove_var(var);
-        } else {
-            std::env::set_var(var, v);
         }
     }
 }
@@ -288,7 +302,7 @@ pub fn normalize_env() {
 /// every variable it read.
 pub fn banner(verb: &str) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |k| k.trim().to_string());
-    let attach = if crate::attach::tcx::supported(1) { "tcx" } else { "clsact (the kernel has no TCX)" };
+    let attach = if crate::attach::tcx::supported(1) { "tcx" } else { "clsact (the kernel did not answer a TCX query: before 6.6, or no privileges)" };
     let mut line = format!(
         "sfunnel {} (layout {}): {verb} from the environment; kernel {kernel}; attach {attach}; environment:",
         env!("CARGO_PKG_VERSION"),

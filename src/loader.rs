@@ -44,6 +44,7 @@ use crate::objects;
 use crate::pins::{Legacy, LinkKey, Tree};
 use crate::ruleset::Compiled;
 use crate::spread::DetourCpus;
+use crate::output::errln;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -96,7 +97,7 @@ pub const FAULT_STEPS: [&str; 5] = ["prepared", "detour-hooked", "attached", "co
 
 fn fault(step: &str) {
     if std::env::var("SFUNNEL_FAULT").is_ok_and(|s| s == step) {
-        eprintln!("sfunnel: SFUNNEL_FAULT={step}: ending the process here");
+        errln!("sfunnel: SFUNNEL_FAULT={step}: ending the process here");
         std::process::abort();
     }
 }
@@ -106,7 +107,7 @@ fn fault(step: &str) {
 pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32> {
     let attempts = attempts.max(1);
     for i in 1..=attempts {
-        if let Some(idx) = crate::netlink::index_of(iface) {
+        if let Some(idx) = crate::netlink::lookup(iface)? {
             return Ok(idx);
         }
         if i == attempts {
@@ -115,7 +116,7 @@ pub fn wait_for_iface(iface: &str, attempts: u32, delay: Duration) -> Result<u32
                  the target namespace), or raise N_ATTEMPTS/RETRY_DELAY"
             );
         }
-        eprintln!("warning: interface {iface} not found (attempt {i} of {attempts}); trying again in {delay:?}");
+        errln!("warning: interface {iface} not found (attempt {i} of {attempts}); trying again in {delay:?}");
         event!("wait_iface", iface = iface, attempt = i, attempts = attempts, retry_in = format!("{delay:?}"));
         std::thread::sleep(delay);
     }
@@ -157,7 +158,7 @@ impl Drop for Undo<'_> {
                 Ok(()) => event!("undone", what = what),
                 Err(e) => {
                     UNDO_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
-                    eprintln!("warning: could not undo {what}: {e:#}");
+                    errln!("warning: could not undo {what}: {e:#}");
                     event!("undo_failed", what = what, error = format!("{e:#}"));
                 }
             }
@@ -336,7 +337,7 @@ fn spread_detour(pair: Pair, t: &Target, cpus: &DetourCpus) -> Result<()> {
             Ok(())
         }
         Err(e) if *cpus == DetourCpus::All => {
-            eprintln!("warning: {e:#}; the CPU that sends the segments funnels them");
+            errln!("warning: {e:#}; the CPU that sends the segments funnels them");
             Ok(())
         }
         Err(e) => Err(e),
@@ -811,7 +812,7 @@ fn release(tree: &Tree, c: Committed<'_>) -> LoadReport {
     let t = &p.t;
     let warn = |what: &str, r: Result<()>| {
         if let Err(e) = r {
-            eprintln!("warning: {} {}: {what}: {e:#}", t.iface, t.direction);
+            errln!("warning: {} {}: {what}: {e:#}", t.iface, t.direction);
         }
     };
     let what = match &p.change {
@@ -1002,7 +1003,7 @@ pub fn unload(tree: &Tree, t: &Target) -> Result<bool> {
             true
         }
         OnHook::Foreign(id, name) => {
-            eprintln!(
+            errln!(
                 "warning: {} {}: the filter in sfunnel's slot holds program {id} ({name}), not sfunnel's: left alone",
                 t.iface, t.direction
             );

@@ -1,6 +1,7 @@
 //! Verbose logging (--verbose, DEBUG=1) to stderr.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use crate::output::errln;
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 
@@ -40,7 +41,7 @@ pub fn emit(event: &str, fields: &[(&str, String)]) {
             line.push_str(&format!(" {k}={v:?}"));
         }
     }
-    eprintln!("{line}");
+    errln!("{line}");
 }
 
 /// Routes libbpf's messages: its warnings always, its info notes too when
@@ -63,7 +64,8 @@ pub fn route_libbpf() {
             libbpf_rs::PrintLevel::Debug => false,
         };
         if wanted && !benign {
-            eprint!("{msg}");
+            // Never a panic here: this is called from C.
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), msg.as_bytes());
         }
     }
     libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Info, print)));

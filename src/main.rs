@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             // The container interface: every setting comes from the
             // environment, read by the same flags' `env` fallbacks.
             let verb = if std::env::var("CLEAN").is_ok_and(|v| v == "1") { "unload" } else { "load" };
-            eprintln!("{}", sfunnel::cli::banner(verb));
+            sfunnel::output::err_line(format_args!("{}", sfunnel::cli::banner(verb)));
             let mut argv = vec!["sfunnel", verb];
             // 0.0.11's CLEAN=1 removed the ingress attachment unless told.
             if verb == "unload" && std::env::var_os("DIRECTION").is_none() {
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     match result {
         Ok(outcome) => ExitCode::from(outcome as u8),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            sfunnel::output::err_line(format_args!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -20,11 +20,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use anyhow::{Context, Result};
 use netlink_packet_core::{
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK, NLM_F_ACK_TLVS,
-    NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NLMSG_DONE, NLMSG_ERROR, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+
+use crate::output::errln;
 
 /// What `Netlink::link` reports.
 #[derive(Debug, Default)]
@@ -221,7 +223,17 @@ impl Netlink {
                 if mseq != seq {
                     continue;
                 }
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(this).map_err(invalid)?;
+                let m = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(this) {
+                    Ok(m) => m,
+                    // One interface the crate cannot parse (an attribute of a
+                    // newer kernel, a name that is not UTF-8) must not hide
+                    // the others of a dump.
+                    Err(e) if flags & NLM_F_DUMP != 0 && !matches!(h.message_type(), NLMSG_ERROR | NLMSG_DONE) => {
+                        errln!("warning: skipped an rtnetlink message sfunnel cannot read: {e}");
+                        continue;
+                    }
+                    Err(e) => return Err(invalid(e)),
+                };
                 match m.payload {
                     NetlinkPayload::Error(e) => {
                         return match e.code {
@@ -275,7 +287,18 @@ impl Netlink {
     }
 }
 
-/// The index of the interface called `name` in this namespace.
+/// The index of the interface called `name` in this namespace: None when
+/// there is none (ENODEV); any other failure is an error, not "missing".
+pub fn lookup(name: &str) -> Result<Option<u32>> {
+    match Netlink::open()?.link_by_name(name) {
+        Ok(l) => Ok(Some(l.index)),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("asking rtnetlink for the interface {name}")),
+    }
+}
+
+/// The index of the interface called `name` in this namespace, where a
+/// failure to ask may count as "none" (best-effort lookups).
 pub fn index_of(name: &str) -> Option<u32> {
     Netlink::open().ok()?.link_by_name(name).ok().map(|l| l.index)
 }

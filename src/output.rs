@@ -1,4 +1,5 @@
-//! Standard output that a closed reader never turns into a panic.
+//! Standard output and error that a closed reader never turns into a
+//! panic.
 //!
 //! `println!` panics when stdout is a pipe whose reader has gone
 //! (`sfunnel status | head -1`).  Every verb prints through `outln!`
@@ -27,10 +28,23 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     if let Err(e) = r {
         CLOSED.store(true, Ordering::Relaxed);
         if e.kind() != ErrorKind::BrokenPipe {
-            eprintln!("warning: writing to standard output: {e}; the rest of the output is dropped");
+            err_line(format_args!("warning: writing to standard output: {e}; the rest of the output is dropped"));
         }
     }
 }
+
+/// Writes `args` and a newline to stderr; a stderr nobody reads any more
+/// (`sfunnel load 2>&1 | head -1`) is not an error to end a load over.
+pub fn err_line(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+/// `eprintln!` that never panics (see [`err_line`]).
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::output::err_line(format_args!($($arg)*)) };
+}
+pub(crate) use errln;
 
 /// `println!` that ends quietly on a closed pipe (see the module doc).
 macro_rules! outln {

@@ -35,6 +35,7 @@ use rustix::io::Errno;
 use crate::attach::Direction;
 use crate::log::event;
 use crate::objects::LinkInfo;
+use crate::output::errln;
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -287,7 +288,7 @@ impl Tree {
             match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => {
                     if said {
-                        eprintln!("sfunnel: got the lock after {:.1} s", started.elapsed().as_secs_f64());
+                        errln!("sfunnel: got the lock after {:.1} s", started.elapsed().as_secs_f64());
                     }
                     return Ok(Lock { _file: fd });
                 }
@@ -304,7 +305,7 @@ impl Tree {
                 );
             }
             if !said && started.elapsed() >= Duration::from_secs(1) {
-                eprintln!(
+                errln!(
                     "sfunnel: waiting for the lock on {} ({}), for up to {:.0} s",
                     self.path.display(),
                     self.holders(),
@@ -484,7 +485,7 @@ impl Tree {
                     event!("swept", pin = what, why = why);
                     removed.push((what, why));
                 }
-                Err(e) => eprintln!("warning: removing {what} ({why}): {e:#}"),
+                Err(e) => errln!("warning: removing {what} ({why}): {e:#}"),
             }
         }
         removed

@@ -162,9 +162,13 @@ fn metrics_of_a_live_attachment_parse_and_match_status() {
     assert_eq!(one(&once.stdout, "sfunnel_attachment_rules", &base), 2);
     assert_eq!(one(&once.stdout, "sfunnel_detour_info", &base), 1, "a funneling attachment has its detour");
 
-    // The exporter: port 0 picks a free one, which it says on stderr.
-    let mut child = Command::new(BIN)
-        .args(["metrics", "--listen", "127.0.0.1:0", "-n", &ns])
+    // The exporter, in the test's namespace (whose loopback is up; a
+    // vmtest guest's own is not): port 0 picks a free port, which it says
+    // on stderr.
+    // (nsenter, not `ip netns exec`, which remounts /sys without bpffs.)
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={NETNS_DIR}/{ns}"))
+        .args([BIN, "metrics", "--listen", "127.0.0.1:0", "-n", &ns])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -179,7 +183,11 @@ fn metrics_of_a_live_attachment_parse_and_match_status() {
         .and_then(|r| r.strip_suffix("/metrics"))
         .unwrap_or_else(|| panic!("the exporter's first line: {line}"))
         .to_string();
-    let (head, body) = http_get(&addr, "/metrics");
+    let get = |path: &'static str| {
+        let (ns, addr) = (ns.clone(), addr.clone());
+        common::topology::in_ns(&ns.clone(), move || http_get(&addr, path))
+    };
+    let (head, body) = get("/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let (ok, said) = promtool_check(&body);
@@ -187,7 +195,17 @@ fn metrics_of_a_live_attachment_parse_and_match_status() {
     for metric in ["sfunnel_rule_packets_total", "sfunnel_rule_bytes_total", "sfunnel_passed_packets_total"] {
         assert_eq!(samples(&body, metric, &base), samples(&once.stdout, metric, &base), "{metric} served vs printed");
     }
-    let (head, _) = http_get(&addr, "/nothing");
+    // Clients that connect and send nothing do not hold up a scrape (one
+    // server thread would wait out each one's deadline, 7 × 5 s, longer
+    // than http_get waits).
+    let idle: Vec<TcpStream> = {
+        let (ns, addr) = (ns.clone(), addr.clone());
+        common::topology::in_ns(&ns.clone(), move || (0..7).map(|_| TcpStream::connect(&addr).unwrap()).collect())
+    };
+    let (head, _) = get("/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "a scrape beside 7 silent clients: {head}");
+    drop(idle);
+    let (head, _) = get("/nothing");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     drop(server);
 }

@@ -9,6 +9,7 @@ use super::Outcome;
 use crate::cli::CheckArgs;
 use crate::output::outln;
 use crate::ruleset::{self, RulesetError};
+use crate::output::errln;
 
 /// `check --json`'s schema (docs/operations.md).
 pub const SCHEMA: u32 = 1;
@@ -27,10 +28,14 @@ struct Warning {
 pub fn print_errors(origin: &str, errors: &[RulesetError]) {
     let n = errors.len();
     let what = if n == 1 { "1 error".to_string() } else { format!("{n} errors") };
-    let capped = if n == ruleset::parse::MAX_ERRORS { " (the first ones; fix these and check again)" } else { "" };
-    eprintln!("error: invalid ruleset (from {origin}), {what}{capped}; nothing was changed");
+    let capped = if n == ruleset::parse::MAX_ERRORS {
+        " (at most that many are reported: fix these and check again)"
+    } else {
+        ""
+    };
+    errln!("error: invalid ruleset (from {origin}), {what}{capped}; nothing was changed");
     for e in errors {
-        eprintln!("{e}");
+        errln!("{e}");
     }
 }
 
@@ -50,12 +55,18 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
                     .iter()
                     .map(|e| json!({"line": e.line, "col": e.col, "message": e.message, "source_line": e.source_line}))
                     .collect();
+                // The same keys as a valid ruleset's document.
                 let doc = json!({
                     "schema": SCHEMA,
                     "sfunnel": env!("CARGO_PKG_VERSION"),
                     "origin": src.origin,
                     "valid": false,
                     "errors": list,
+                    "warnings": [],
+                    "rules": [],
+                    "uses_funneled": null,
+                    "entries": null,
+                    "address_classes": null,
                 });
                 outln!("{}", serde_json::to_string_pretty(&doc)?);
             }
@@ -82,7 +93,7 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
         })
         .collect();
     if let Some(j) = report.stopped_at {
-        eprintln!(
+        errln!(
             "note: the ruleset is too large to compare every rule with each earlier one: from rule {} (line {}) on, \
              only rules that earlier ones shadow by their classes are found",
             j + 1,
@@ -151,7 +162,7 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
             message: w.message.clone(),
             source_line: lines.get(w.line - 1).copied().unwrap_or("").to_string(),
         };
-        eprintln!("{}: {e}", if args.strict { "error (--strict)" } else { "warning" });
+        errln!("{}: {e}", if args.strict { "error (--strict)" } else { "warning" });
     }
     Ok(if fail { Outcome::Invalid } else { Outcome::Ok })
 }

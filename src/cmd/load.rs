@@ -8,6 +8,7 @@ use crate::loader::{self, LoadOptions, Target};
 use crate::output::outln;
 use crate::pins::{self, Tree};
 use crate::{caps, netns, ruleset};
+use crate::output::errln;
 
 /// The interfaces to act on: those given, or every interface in the
 /// namespace but sfunnel's own helpers (a helper carries no traffic of
@@ -37,10 +38,10 @@ fn targets(args: &TargetArgs, default: DirectionArg, wait: Option<&LoadOptions>)
     for iface in interfaces(args)? {
         let ifindex = match wait {
             Some(o) => loader::wait_for_iface(&iface, o.attempts, o.retry_delay)?,
-            None => match crate::netlink::index_of(iface.as_str()) {
+            None => match crate::netlink::lookup(iface.as_str())? {
                 Some(i) => i,
                 None => {
-                    eprintln!("warning: interface {iface} not found: nothing to unload there");
+                    errln!("warning: interface {iface} not found: nothing to unload there");
                     continue;
                 }
             },

@@ -10,19 +10,21 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use super::status::{gather, Attachment, STAT_NAMES};
 use super::Outcome;
 use crate::cli::{Filter, MetricsArgs};
+use crate::output::errln;
 
 /// The media type of the text format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub fn run(args: &MetricsArgs) -> Result<Outcome> {
-    crate::caps::require_for_load().context("sfunnel metrics reads sfunnel's programs and maps by their ids")?;
+    crate::caps::require_for_read()?;
     match args.listen {
         None => {
             let (text, problems) = render(&args.filter)?;
@@ -75,7 +77,11 @@ pub fn exposition(list: &[Attachment], problems: usize) -> String {
         "gauge",
         "An sfunnel attachment, 1 each; its mode, program, state, version and layout are labels.",
     );
-    let mut live = Family::new("sfunnel_attachment_live", "gauge", "1 if the attachment is on its hook, else 0.");
+    let mut live = Family::new(
+        "sfunnel_attachment_live",
+        "gauge",
+        "1 for each live attachment (on its hook); the series below are of live attachments only.",
+    );
     let mut rules = Family::new("sfunnel_attachment_rules", "gauge", "Rules in the attachment's loaded ruleset.");
     let mut packets = Family::new(
         "sfunnel_rule_packets_total",
@@ -158,7 +164,7 @@ pub fn exposition(list: &[Attachment], problems: usize) -> String {
             passed.add(&labels(&l), a.passed.get(reason).copied().unwrap_or(0));
         }
         if let Some(d) = &a.detour {
-            let back = d.back.describe();
+            let back = d.back.as_str();
             let mut l = base.to_vec();
             l.extend([("out", d.out.as_str()), ("in", d.r#in.as_str()), ("back", back)]);
             detour.add(&labels(&l), 1);
@@ -190,37 +196,76 @@ pub fn exposition(list: &[Attachment], problems: usize) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `addr` until the process is stopped, one
-/// request at a time (a scrape is a few map reads).
+/// Connections answered at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 8;
+
+/// How long a client has to send its request, all of it.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `addr` until the process is stopped.  Each
+/// connection is answered on a thread of its own, at most
+/// [`MAX_CONNECTIONS`] at once, and must send its request within
+/// [`REQUEST_DEADLINE`]: a slow or silent client holds one thread for that
+/// long, never the exporter.
 fn serve(addr: std::net::SocketAddr, filter: &Filter) -> Result<Outcome> {
     let listener = TcpListener::bind(addr)
         .with_context(|| format!("listening on {addr} (is the port in use, or the address not on this host?)"))?;
-    eprintln!("sfunnel: serving metrics at http://{}/metrics", listener.local_addr()?);
+    errln!("sfunnel: serving metrics at http://{}/metrics", listener.local_addr()?);
+    let busy = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let filter = Arc::new(filter.clone());
     for conn in listener.incoming() {
-        match conn {
-            Ok(c) => {
-                if let Err(e) = answer(c, filter) {
-                    eprintln!("warning: a metrics request: {e:#}");
-                }
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                errln!("warning: accepting a metrics connection: {e}");
+                continue;
             }
-            Err(e) => eprintln!("warning: accepting a metrics connection: {e}"),
+        };
+        {
+            let (n, freed) = &*busy;
+            let mut n = freed.wait_while(n.lock().unwrap(), |n| *n >= MAX_CONNECTIONS).unwrap();
+            *n += 1;
         }
+        let (busy, filter) = (busy.clone(), filter.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = answer(conn, &filter) {
+                errln!("warning: a metrics request: {e:#}");
+            }
+            let (n, freed) = &*busy;
+            *n.lock().unwrap() -= 1;
+            freed.notify_one();
+        });
     }
     Ok(Outcome::Ok)
 }
 
-/// Reads one request and answers it.
-fn answer(conn: TcpStream, filter: &Filter) -> Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+/// Reads the request line and headers, each read bounded by what is left
+/// of the deadline.
+fn read_request(conn: &TcpStream) -> Result<String> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut reader = BufReader::new(conn.try_clone()?.take(16 * 1024));
     let mut request = String::new();
-    reader.read_line(&mut request)?;
-    // The headers, which nothing here needs.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
-        header.clear();
+    let mut line = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "the client did not send its request within {REQUEST_DEADLINE:?}");
+        conn.set_read_timeout(Some(left))?;
+        line.clear();
+        // The first line is the request; the headers, which nothing here
+        // needs, end at an empty line.
+        if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+            return Ok(request);
+        }
+        if request.is_empty() {
+            request = line.clone();
+        }
     }
+}
+
+/// Reads one request and answers it.
+fn answer(conn: TcpStream, filter: &Filter) -> Result<()> {
+    conn.set_write_timeout(Some(REQUEST_DEADLINE))?;
+    let request = read_request(&conn)?;
     let mut parts = request.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");

@@ -20,6 +20,7 @@ use crate::datapath::types::sfunnel_meta;
 use crate::datapath::{RuleCounter, RulesetMaps, PROG_NAME};
 use crate::output::outln;
 use crate::pins::{LinkKey, Tree};
+use crate::output::errln;
 
 /// One attachment, as `status --json` shows it (schema 1, see
 /// docs/operations.md).
@@ -211,7 +212,8 @@ fn netns_name(path: &std::path::Path) -> Option<String> {
 }
 
 /// Every attachment the kernel holds, and earlier builds' pins; and what
-/// could not be read at all (programs the kernel would not open).
+/// could not be read at all (programs the kernel would not open, which a
+/// filter cannot tell apart).
 pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
     let tree = Tree::open_existing()?;
     let mut out = Vec::new();
@@ -273,9 +275,18 @@ pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
         if meta.abi_version != SFUNNEL_ABI_VERSION {
             a.problem =
                 Some(format!("made by a build of layout {}; a load of this target replaces it", meta.abi_version));
-        } else if let Err(e) = read(&mut a, &maps) {
-            a.unreadable = true;
-            a.problem = Some(format!("reading its maps: {e:#}"));
+        } else {
+            // A load that updates it in place meanwhile releases the tables
+            // of the generation it leaves: read again.
+            let mut tries = 0;
+            while let Err(e) = read(&mut a, &maps) {
+                tries += 1;
+                if tries == 3 {
+                    a.unreadable = true;
+                    a.problem = Some(format!("reading its maps: {e:#}"));
+                    break;
+                }
+            }
         }
         out.push(a);
     }
@@ -299,16 +310,23 @@ pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
             first_denied.unwrap_or_default()
         ));
     }
-    for a in out.iter().filter(|a| a.unreadable) {
-        problems.push(format!(
-            "{} {} (program {}): {}",
-            if a.iface.is_empty() { "?" } else { &a.iface },
-            a.direction,
-            a.prog_id.map_or("?".into(), |p| p.to_string()),
-            a.problem.as_deref().unwrap_or("")
-        ));
-    }
     Ok((out, problems))
+}
+
+/// What could not be read of `list`'s attachments, one line each.
+fn unreadable_in(list: &[Attachment]) -> Vec<String> {
+    list.iter()
+        .filter(|a| a.unreadable)
+        .map(|a| {
+            format!(
+                "{} {} (program {}): {}",
+                if a.iface.is_empty() { "?" } else { &a.iface },
+                a.direction,
+                a.prog_id.map_or("?".into(), |p| p.to_string()),
+                a.problem.as_deref().unwrap_or("")
+            )
+        })
+        .collect()
 }
 
 /// The attachments `filter` selects.
@@ -321,16 +339,17 @@ pub fn select(list: Vec<Attachment>, filter: &Filter) -> Result<Vec<Attachment>>
         }
         Some(n) => {
             let path = crate::netns::path_of(n);
-            let ino = std::fs::metadata(&path)
-                .with_context(|| {
-                    format!(
-                        "--netns {n}: no namespace at {} (`ip netns list` shows named ones; a cookie is the number \
-                         `status` prints)",
-                        path.display()
-                    )
-                })?
-                .ino();
-            Some((0, Some(ino)))
+            let meta = std::fs::metadata(&path).with_context(|| {
+                format!(
+                    "--netns {n}: no namespace at {} (`ip netns list` shows named ones; a cookie is the number \
+                     `status` prints)",
+                    path.display()
+                )
+            })?;
+            // Namespace files are nsfs's, as this process's own is.
+            let nsfs = std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.dev();
+            anyhow::ensure!(meta.dev() == nsfs, "--netns {n}: {} is not a network namespace", path.display());
+            Some((0, Some(meta.ino())))
         }
     };
     Ok(list
@@ -392,16 +411,17 @@ fn print_text(list: &[Attachment]) {
 
 /// Collects, filters, and says on stderr what could not be read.
 pub fn gather(filter: &Filter) -> Result<(Vec<Attachment>, Vec<String>)> {
-    let (list, problems) = collect()?;
+    let (list, mut problems) = collect()?;
     let list = select(list, filter)?;
+    problems.extend(unreadable_in(&list));
     for p in &problems {
-        eprintln!("sfunnel: could not read: {p}");
+        errln!("sfunnel: could not read: {p}");
     }
     Ok((list, problems))
 }
 
 pub fn run(args: &StatusArgs) -> Result<Outcome> {
-    crate::caps::require_for_load().context("sfunnel status reads sfunnel's programs and maps by their ids")?;
+    crate::caps::require_for_read()?;
     loop {
         let (list, problems) = gather(&args.filter)?;
         let doc = Document { schema: SCHEMA, sfunnel: env!("CARGO_PKG_VERSION"), attachments: &list, problems };

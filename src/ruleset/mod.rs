@@ -17,7 +17,7 @@ pub use parse::{parse, parse_all};
 pub fn load_all(text: &str) -> Result<(Ruleset, Compiled), Vec<RulesetError>> {
     let rs = parse_all(text)?;
     let compiled = compile(&rs).map_err(|mut e| {
-        e.source_line = text.lines().nth(e.line.saturating_sub(1)).unwrap_or("").to_string();
+        e.source_line = text.lines().nth(e.line.saturating_sub(1)).unwrap_or("").trim_end_matches('\r').to_string();
         vec![e]
     })?;
     Ok((rs, compiled))

@@ -45,6 +45,7 @@ pub const MAX_ERRORS: usize = 100;
 pub fn parse_all(input: &str) -> Result<Ruleset, Vec<RulesetError>> {
     let mut errors = Vec::new();
     let mut text = std::borrow::Cow::Borrowed(input);
+    let mut last_pos = None;
     let top = loop {
         match Grammar::parse(G::ruleset, &text) {
             Ok(mut pairs) => break pairs.next().expect("the grammar always yields a ruleset pair"),
@@ -53,8 +54,13 @@ pub fn parse_all(input: &str) -> Result<Ruleset, Vec<RulesetError>> {
                     InputLocation::Pos(p) => p,
                     InputLocation::Span((s, _)) => s,
                 };
-                errors.push(syntax_error(input, e));
-                if errors.len() == MAX_ERRORS || !blank_rule_at(text.to_mut(), pos) {
+                // The same place again: blanking did not get past it.
+                let again = last_pos == Some(pos);
+                last_pos = Some(pos);
+                if !again {
+                    errors.push(syntax_error(input, e));
+                }
+                if again || errors.len() == MAX_ERRORS || !blank_rule_at(text.to_mut(), pos) {
                     return Err(sorted(input, errors));
                 }
             }
@@ -63,7 +69,8 @@ pub fn parse_all(input: &str) -> Result<Ruleset, Vec<RulesetError>> {
     let mut rules = Vec::new();
     for pair in top.into_inner() {
         if pair.as_rule() == G::rule {
-            match build_rule(&text, pair) {
+            // Offsets are the same in both: blanking keeps them.
+            match build_rule(input, pair) {
                 Ok(r) => rules.push(r),
                 Err(e) => errors.push(e),
             }
@@ -87,11 +94,16 @@ fn sorted(input: &str, mut errors: Vec<RulesetError>) -> Vec<RulesetError> {
 }
 
 /// Replaces the rule around byte `pos` with spaces: from the separator
-/// before it to the separator or comment after it.  False when there is
+/// before it to the separator or comment after it (rules end at a newline
+/// or `;`, a comment at the end of the line).  False when there is
 /// nothing left to blank there.
 fn blank_rule_at(text: &mut String, pos: usize) -> bool {
     let pos = pos.min(text.len());
     let line_start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
+    // An error past a comment (a rule with no action, found at the end of
+    // the line) is in the rule before the comment: a `;` in the comment
+    // separates nothing.
+    let pos = text[line_start..pos].find('#').map_or(pos, |i| line_start + i);
     let start = text[line_start..pos].rfind(';').map_or(line_start, |i| line_start + i + 1);
     let end = text[pos..].find(['\n', ';', '#']).map_or(text.len(), |i| pos + i);
     if text[start..end].trim().is_empty() {
