@@ -302,7 +302,11 @@ pub fn normalize_env() {
 /// every variable it read.
 pub fn banner(verb: &str) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |k| k.trim().to_string());
-    let attach = if crate::attach::tcx::supported(1) { "tcx" } else { "clsact (the kernel did not answer a TCX query: before 6.6, or no privileges)" };
+    let attach = if crate::attach::tcx::supported(1) {
+        "tcx"
+    } else {
+        "clsact (the kernel did not answer a TCX query: before 6.6, or no privileges)"
+    };
     let mut line = format!(
         "sfunnel {} (layout {}): {verb} from the environment; kernel {kernel}; attach {attach}; environment:",
         env!("CARGO_PKG_VERSION"),

@@ -655,14 +655,20 @@ impl RulesetMaps {
     /// Per-rule counters of the active generation, summed over CPUs.
     pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
         let gen = self.active_gen()?;
-        let Some(id) = self.counter_maps.lookup(&u32_key(gen), MapFlags::ANY)? else {
-            return Ok(Vec::new());
-        };
         let params = self
             .params
             .lookup(&u32_key(gen), MapFlags::ANY)?
             .map(|v| sfunnel_params::from_bytes(&v))
             .context("the params map has no entry for the active generation")?;
+        let Some(id) = self.counter_maps.lookup(&u32_key(gen), MapFlags::ANY)? else {
+            // No ruleset installed yet: nothing to count.
+            anyhow::ensure!(
+                params.nrules == 0,
+                "the counters of the active generation ({} rules) are gone",
+                params.nrules
+            );
+            return Ok(Vec::new());
+        };
         let counters =
             MapHandle::from_map_id(u32::from_ne_bytes(id[..4].try_into()?)).context("opening the counters map")?;
         let stride = params.counter_stride as usize;

@@ -41,10 +41,10 @@ use crate::detour::{DetourReturn, Pair};
 use crate::log::event;
 use crate::netns;
 use crate::objects;
+use crate::output::errln;
 use crate::pins::{Legacy, LinkKey, Tree};
 use crate::ruleset::Compiled;
 use crate::spread::DetourCpus;
-use crate::output::errln;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -1005,7 +1005,8 @@ pub fn unload(tree: &Tree, t: &Target) -> Result<bool> {
         OnHook::Foreign(id, name) => {
             errln!(
                 "warning: {} {}: the filter in sfunnel's slot holds program {id} ({name}), not sfunnel's: left alone",
-                t.iface, t.direction
+                t.iface,
+                t.direction
             );
             false
         }

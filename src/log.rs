@@ -1,7 +1,7 @@
 //! Verbose logging (--verbose, DEBUG=1) to stderr.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use crate::output::errln;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 

@@ -7,9 +7,9 @@ use serde_json::json;
 
 use super::Outcome;
 use crate::cli::CheckArgs;
+use crate::output::errln;
 use crate::output::outln;
 use crate::ruleset::{self, RulesetError};
-use crate::output::errln;
 
 /// `check --json`'s schema (docs/operations.md).
 pub const SCHEMA: u32 = 1;

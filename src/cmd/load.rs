@@ -5,10 +5,10 @@ use anyhow::{bail, Context, Result};
 use super::Outcome;
 use crate::cli::{DirectionArg, GcArgs, LoadArgs, TargetArgs, UnloadArgs};
 use crate::loader::{self, LoadOptions, Target};
+use crate::output::errln;
 use crate::output::outln;
 use crate::pins::{self, Tree};
 use crate::{caps, netns, ruleset};
-use crate::output::errln;
 
 /// The interfaces to act on: those given, or every interface in the
 /// namespace but sfunnel's own helpers (a helper carries no traffic of

@@ -18,9 +18,9 @@ use crate::cli::{Filter, StatusArgs};
 use crate::datapath::consts::*;
 use crate::datapath::types::sfunnel_meta;
 use crate::datapath::{RuleCounter, RulesetMaps, PROG_NAME};
+use crate::output::errln;
 use crate::output::outln;
 use crate::pins::{LinkKey, Tree};
-use crate::output::errln;
 
 /// One attachment, as `status --json` shows it (schema 1, see
 /// docs/operations.md).
