@@ -21,7 +21,7 @@ use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket
 use std::time::{Duration, Instant};
 
 use common::topology::{
-    attachment, echo_until_eof, env_load, in_ns, nstat, pattern, rule_packets, sa, spawn_in_ns, Topo, TopoOpts,
+    attachment, echo_until_eof, env_load, in_ns, nsh, nstat, pattern, rule_packets, sa, spawn_in_ns, Topo, TopoOpts,
     SERVICE_IP,
 };
 
@@ -134,7 +134,24 @@ fn tcp_echo(t: &Topo, port: u16, len: usize, chunk: usize, seed: usize) -> Resul
 
 /// [`tcp_echo`] to the address `to`.
 fn tcp_echo_to(t: &Topo, to: &str, port: u16, len: usize, chunk: usize, seed: usize) -> Result<(usize, usize), String> {
-    let listener = in_ns(&t.server, move || TcpListener::bind(("::", port)).expect("listen on the server"));
+    // The previous case's connection on this port can hold it a moment
+    // longer in a slow guest (seen once under TCG: EADDRINUSE right after
+    // a case that had ended): say who holds it, and try again.
+    let mut tries = 0;
+    let listener = loop {
+        match in_ns(&t.server, move || TcpListener::bind(("::", port))) {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
+                if tries == 0 {
+                    let held = nsh(&t.server, &["ss", "-tanpe", &format!("sport = :{port}")]);
+                    eprintln!("listen on [::]:{port}: {e}; held by:\n{}", held.stdout);
+                }
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("listen on the server: {e}"),
+        }
+    };
     let data = pattern(seed, len);
     let want = data.clone();
     let server = spawn_in_ns(&t.server, move || -> Result<Vec<u8>, String> {
