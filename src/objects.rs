@@ -27,8 +27,9 @@ fn own(fd: i32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// An object name: NUL-terminated within its 16 bytes, or all 16 long.
-fn name_of(raw: &[std::os::raw::c_char; 16]) -> String {
+/// A name of at most 16 bytes (a BPF object's, or one of sf_meta's): NUL-terminated
+/// within them, or all 16 long.
+pub fn name_of(raw: &[std::os::raw::c_char; 16]) -> String {
     let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
     CStr::from_bytes_until_nul(&bytes)
         .map(|c| c.to_string_lossy().into_owned())

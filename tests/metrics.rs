@@ -62,17 +62,6 @@ fn one(text: &str, metric: &str, want: &[(&str, &str)]) -> u64 {
     *s.values().next().unwrap()
 }
 
-struct Loaded {
-    ns: String,
-    _topo: Topo,
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        let _ = sfunnel(&["unload", "--netns", &self.ns], &[]);
-    }
-}
-
 /// A server we started, killed when dropped.
 struct Server(std::process::Child);
 
@@ -98,12 +87,13 @@ fn metrics_of_a_live_attachment_parse_and_match_status() {
     if !common::require_root("metrics_of_a_live_attachment_parse_and_match_status") {
         return;
     }
+    // Dropped at the end (also on a failure), the topology unloads sfunnel
+    // from its namespace and deletes it.
     let (topo, iface) = Topo::single();
     let ns = topo.client.clone();
     let peer = topo.rc_if.clone();
-    let l = Loaded { ns: ns.clone(), _topo: topo };
     let rules = "udp dport 4739 actions funnel tcp sport 540 dport 80\nudp dport 4740 actions accept";
-    sfunnel(&["load", "--netns", &l.ns, "-i", &iface, "-d", "egress", rules], &[]).expect_ok();
+    sfunnel(&["load", "--netns", &ns, "-i", &iface, "-d", "egress", rules], &[]).expect_ok();
 
     // Traffic out of the interface: the peer's address is set by hand, so
     // that no ARP is needed before the datagrams leave.

@@ -101,6 +101,7 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
         );
     }
     let fail = args.strict && !warnings.is_empty();
+    let dead: std::collections::HashSet<usize> = warnings.iter().map(|w| w.rule).collect();
 
     if args.json {
         let rules: Vec<_> = rs
@@ -114,7 +115,7 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
                     "text": r.to_string(),
                     "line": r.pos.line,
                     "entries": n,
-                    "shadowed": warnings.iter().any(|w| w.rule == i),
+                    "shadowed": dead.contains(&i),
                     "match": r.matches,
                     "action": r.action,
                 })
@@ -135,7 +136,6 @@ pub fn run(args: &CheckArgs) -> Result<Outcome> {
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         let width = rs.rules.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
-        let dead: std::collections::HashSet<usize> = warnings.iter().map(|w| w.rule).collect();
         for (i, (r, n)) in rs.rules.iter().zip(&compiled.entries_per_rule).enumerate() {
             let note = match n {
                 _ if dead.contains(&i) => {

@@ -70,6 +70,11 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",")
 }
 
+/// [`labels`] of the attachment's `base` pairs, then `extra`.
+fn labels_with(base: &[(&str, &str)], extra: &[(&str, &str)]) -> String {
+    labels(&[base, extra].concat())
+}
+
 /// The exposition text of `list`.
 pub fn exposition(list: &[Attachment], problems: usize) -> String {
     let mut info = Family::new(
@@ -126,15 +131,14 @@ pub fn exposition(list: &[Attachment], problems: usize) -> String {
         let mode = a.mode.map_or("", |m| m.as_str());
         let version = a.version.clone().unwrap_or_default();
         let layout = a.layout.map_or(String::new(), |l| l.to_string());
-        let mut l = base.to_vec();
-        l.extend([
+        let extra = [
             ("mode", mode),
             ("program_id", prog.as_str()),
             ("state", a.state.as_str()),
             ("version", version.as_str()),
             ("layout", layout.as_str()),
-        ]);
-        info.add(&labels(&l), 1);
+        ];
+        info.add(&labels_with(&base, &extra), 1);
         // Counters once per attachment: a program a loader is still
         // setting up for the same hook is not counted twice.
         if !a.live || !seen.insert((a.netns_cookie, a.iface.clone(), a.direction)) {
@@ -145,29 +149,21 @@ pub fn exposition(list: &[Attachment], problems: usize) -> String {
         rules.add(&b, a.rules.len() as u64);
         for r in &a.rules {
             let index = r.index.to_string();
-            let mut l = base.to_vec();
-            l.extend([("rule", index.as_str()), ("rule_text", r.text.as_str())]);
-            let rl = labels(&l);
+            let rl = labels_with(&base, &[("rule", index.as_str()), ("rule_text", r.text.as_str())]);
             packets.add(&rl, r.counters.packets);
             bytes.add(&rl, r.counters.bytes);
             over_mtu.add(&rl, r.counters.over_mtu);
             for (cpu, n) in &r.counters.packets_per_cpu {
                 let cpu = cpu.to_string();
-                let mut l = base.to_vec();
-                l.extend([("rule", index.as_str()), ("cpu", cpu.as_str())]);
-                per_cpu.add(&labels(&l), *n);
+                per_cpu.add(&labels_with(&base, &[("rule", index.as_str()), ("cpu", cpu.as_str())]), *n);
             }
         }
         for (reason, _) in STAT_NAMES {
-            let mut l = base.to_vec();
-            l.push(("reason", reason));
-            passed.add(&labels(&l), a.passed.get(reason).copied().unwrap_or(0));
+            passed.add(&labels_with(&base, &[("reason", reason)]), a.passed.get(reason).copied().unwrap_or(0));
         }
         if let Some(d) = &a.detour {
-            let back = d.back.as_str();
-            let mut l = base.to_vec();
-            l.extend([("out", d.out.as_str()), ("in", d.r#in.as_str()), ("back", back)]);
-            detour.add(&labels(&l), 1);
+            let extra = [("out", d.out.as_str()), ("in", d.r#in.as_str()), ("back", d.back.as_str())];
+            detour.add(&labels_with(&base, &extra), 1);
         }
     }
     let mut build = Family::new("sfunnel_build_info", "gauge", "The sfunnel that made this exposition, 1.");

@@ -106,10 +106,6 @@ pub const STAT_NAMES: [(&str, u32); SFUNNEL_STAT_MAX as usize] = [
     ("ipv6_extension_headers", SFUNNEL_STAT_IPV6_EXT),
 ];
 
-fn ifname(meta: &sfunnel_meta) -> String {
-    c_string(&meta.ifname)
-}
-
 /// Whether a program that says it is for `key` is live: on its hook.
 fn state(tree: Option<&Tree>, meta: &sfunnel_meta, key: &LinkKey, prog_id: u32) -> String {
     match meta.mode {
@@ -257,7 +253,7 @@ pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
             netns_ino: meta.netns_ino,
             netns_name: path.as_deref().and_then(netns_name),
             netns: path.map(|p| p.display().to_string()),
-            iface: ifname(&meta),
+            iface: crate::objects::name_of(&meta.ifname),
             ifindex: meta.ifindex,
             direction,
             mode: match meta.mode {
@@ -268,7 +264,7 @@ pub fn collect() -> Result<(Vec<Attachment>, Vec<String>)> {
             prog_id: Some(id),
             live: state == "live",
             state,
-            version: Some(c_string(&meta.version)).filter(|v| !v.is_empty()),
+            version: Some(crate::objects::name_of(&meta.version)).filter(|v| !v.is_empty()),
             layout: Some(meta.abi_version),
             ..Attachment::empty("")
         };
@@ -363,11 +359,6 @@ pub fn select(list: Vec<Attachment>, filter: &Filter) -> Result<Vec<Attachment>>
             Some((_, Some(ino))) => a.netns_ino == ino && a.netns.is_some(),
         })
         .collect())
-}
-
-fn c_string(b: &[std::os::raw::c_char]) -> String {
-    let b: Vec<u8> = b.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&b).into_owned()
 }
 
 fn print_text(list: &[Attachment]) {
